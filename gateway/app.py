@@ -1,0 +1,162 @@
+"""The app factory shared by production and tests: ``create_app(settings) -> web.Application``.
+
+Every resource (catalog, HTTP client session, storage backend, providers, job workers) is opened
+and closed in a ``cleanup_ctx``, reached through typed ``web.AppKey`` constants.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+import aiohttp
+import pluggy
+from aiohttp import web
+
+from gateway.catalog import Catalog
+from gateway.config import ConfigError, Settings
+from gateway.delivery import Deliverer
+from gateway.ingest import Ingestor
+from gateway.jobs import JobQueue
+from gateway.links import LinkSigner
+from gateway.metrics import Metrics
+from gateway.plugins import await_me_maybe, make_manager
+from gateway.providers import Provider, ProviderContext
+from gateway.storage import StorageBackend
+
+log = logging.getLogger("gateway.app")
+
+SETTINGS = web.AppKey("settings", Settings)
+PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
+CATALOG = web.AppKey("catalog", Catalog)
+STORAGE = web.AppKey("storage", StorageBackend)
+PROVIDERS = web.AppKey("providers", dict[str, Provider])
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+QUEUE = web.AppKey("queue", JobQueue)
+METRICS = web.AppKey("metrics", Metrics)
+LINKS = web.AppKey("links", LinkSigner)
+
+
+def gateway_version() -> str:
+    """The installed package version, or ``0+unknown``."""
+    try:
+        return version("chat-media-gateway")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def select_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, Provider]:
+    """Providers offered by the ``register_providers`` hook, by name.
+
+    Raises :class:`ConfigError` for a plugin's bad settings or two providers with one name.
+    """
+    providers: dict[str, Provider] = {}
+    for result in pm.hook.register_providers(settings=settings):
+        for provider in result or []:
+            if provider.name in providers:
+                raise ConfigError(f"providers.{provider.name}: offered by two plugins")
+            providers[provider.name] = provider
+    return providers
+
+
+def select_storage(settings: Settings, pm: pluggy.PluginManager) -> StorageBackend:
+    """The backend named by ``storage.backend``. Raises :class:`ConfigError` if none offers it."""
+    offered: dict[str, StorageBackend] = {}
+    for result in pm.hook.register_storage(settings=settings):
+        for backend in result or []:
+            offered[backend.name] = backend
+    name = settings.storage.backend
+    if name not in offered:
+        raise ConfigError(
+            f"storage.backend: no storage plugin offers {name!r} (loaded: {sorted(offered) or 'none'})"
+        )
+    return offered[name]
+
+
+def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:
+    """Build the daemon's application. Raises :class:`ConfigError` or
+    :class:`gateway.plugins.PluginLoadError` before anything is opened."""
+    from gateway import routes  # the handlers need the AppKeys above
+
+    pm = pm if pm is not None else make_manager()
+    providers = select_providers(settings, pm)
+    storage = select_storage(settings, pm)
+    metrics = Metrics(gateway_version())
+    app = web.Application(
+        client_max_size=settings.server.max_webhook_bytes,
+        middlewares=[routes.observe_middleware],
+    )
+    app[SETTINGS] = settings
+    app[PLUGINS] = pm
+    app[PROVIDERS] = providers
+    app[STORAGE] = storage
+    app[METRICS] = metrics
+    app[CATALOG] = Catalog(settings.catalog.path)
+    app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
+    routes.setup_routes(app)
+    for provider in providers.values():
+        for route in provider.routes():
+            app.router.add_route(route.method, route.path, route.handler)
+    pm.hook.register_routes(app=app)
+    app.cleanup_ctx.extend([_catalog_ctx, _http_ctx, _storage_ctx, _providers_ctx, _queue_ctx,
+                            _plugins_ctx])
+    return app
+
+
+async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[CATALOG].open()
+    yield
+    await app[CATALOG].close()
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession(
+        auto_decompress=False,  # stored bytes are the bytes the provider sent
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=app[SETTINGS].media.fetch_connect_timeout),
+    )
+    app[HTTP] = session
+    yield
+    await session.close()
+
+
+async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[STORAGE].start()
+    yield
+    await app[STORAGE].close()
+
+
+async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    ctx = ProviderContext(
+        http=app[HTTP], max_bytes=s.media.max_bytes,
+        fetch_timeout=aiohttp.ClientTimeout(total=s.media.fetch_timeout,
+                                            sock_connect=s.media.fetch_connect_timeout),
+    )
+    for provider in app[PROVIDERS].values():
+        await provider.start(ctx)
+    yield
+    for provider in app[PROVIDERS].values():
+        await provider.close()
+
+
+async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    ingest = Ingestor(s, app[CATALOG], app[STORAGE], app[PROVIDERS], app[LINKS], app[METRICS],
+                      app[PLUGINS])
+    deliver = Deliverer(s, app[CATALOG], app[HTTP], app[METRICS], app[PLUGINS])
+    queue = JobQueue(app[CATALOG], s.queue, app[METRICS], {"ingest": ingest, "deliver": deliver})
+    app[QUEUE] = queue
+    await queue.start()
+    log.info("gateway ready: %d worker(s), storage %s, providers %s", s.queue.workers,
+             app[STORAGE].name, ", ".join(app[PROVIDERS]) or "none")
+    yield
+    await queue.stop(s.server.shutdown_grace)
+
+
+async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
+    for result in app[PLUGINS].hook.startup(app=app):
+        await await_me_maybe(result)
+    yield
+    for result in app[PLUGINS].hook.shutdown(app=app):
+        await await_me_maybe(result)

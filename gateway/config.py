@@ -1,0 +1,309 @@
+"""Settings: ``gateway.toml`` plus environment overrides, typed and validated at start.
+
+Sources, highest priority first:
+
+1. environment variables ``GATEWAY_<SECTION>__<KEY>`` (``__`` separates nesting levels), e.g.
+   ``GATEWAY_SERVER__PORT=9000`` or ``GATEWAY_PROVIDERS__WAHA__API_KEY=...``;
+2. the TOML file given to :func:`load_settings`.
+
+Any string value may be written as ``${ENV_NAME}`` (or contain such references); they are replaced
+from the environment before validation, and a reference to an unset variable is a config error.
+
+Relative paths (catalog, local storage root) are resolved against the directory of the TOML file,
+so the daemon behaves the same whatever the working directory.
+
+A bad value raises :class:`ConfigError` whose message names the setting in dotted form
+(``server.port: Input should be less than or equal to 65535``); the CLI prints it on one line and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import string
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+DEFAULT_KEY_TEMPLATE = "{provider}/{account}/{yyyy}/{mm}/{dd}/{category}/{id}{ext}"
+KEY_TEMPLATE_FIELDS = {"provider", "account", "yyyy", "mm", "dd", "category", "id", "ext"}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid. ``str(err)`` is one line that starts with the setting name."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    """``[server]``: where the daemon listens and how it names itself in links."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: AnyHttpUrl | None = Field(
+        None, description="Base of the links the gateway hands out; default http://{host}:{port}"
+    )
+    max_webhook_bytes: int = Field(4 * MiB, ge=1024, description="largest webhook body accepted, bytes")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="seconds running jobs get to finish on SIGTERM before they go back to the queue"
+    )
+
+    @property
+    def base_url(self) -> str:
+        """The public base URL without a trailing slash."""
+        if self.public_url is not None:
+            return str(self.public_url).rstrip("/")
+        return f"http://{self.host}:{self.port}"
+
+
+class CatalogSettings(_Section):
+    """``[catalog]``: the SQLite database that holds events, jobs and the media catalog."""
+
+    path: Path = Path("var/gateway.db")
+
+
+class MediaSettings(_Section):
+    """``[media]``: limits and naming for stored media, and the signed links to it."""
+
+    max_bytes: int = Field(100 * MiB, ge=1, description="largest attachment stored, bytes")
+    key_template: str = DEFAULT_KEY_TEMPLATE
+    link_ttl: int = Field(7 * 24 * 3600, ge=1, description="lifetime of signed media links, seconds")
+    link_secret: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC key for media links; empty: a random key kept in <catalog dir>/link.secret",
+    )
+    type_mismatch: Literal["other", "reject"] = Field(
+        "other",
+        description="content contradicts the declared type: store under the sniffed type, or refuse",
+    )
+    fetch_timeout: float = Field(300.0, gt=0, description="seconds one provider download may take")
+    fetch_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to a provider")
+
+    @field_validator("key_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = fields - KEY_TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {sorted(unknown)}; allowed: {sorted(KEY_TEMPLATE_FIELDS)}"
+            )
+        if "id" not in fields:
+            raise ValueError("must contain {id} so that every object gets its own key")
+        return value
+
+
+class StorageSettings(BaseModel):
+    """``[storage]``: ``backend`` names the storage plugin; ``[storage.<backend>]`` is its own section."""
+
+    model_config = ConfigDict(extra="allow")
+
+    backend: str = "local"
+
+
+class QueueSettings(_Section):
+    """``[queue]``: the durable job queue's workers and retry policy."""
+
+    workers: int = Field(4, ge=1, le=256)
+    max_attempts: int = Field(8, ge=1, description="attempts before a job goes dead")
+    backoff_base: float = Field(2.0, gt=0, description="seconds before the first retry; doubles each attempt")
+    backoff_max: float = Field(600.0, gt=0, description="longest wait between attempts, seconds")
+    poll_interval: float = Field(1.0, gt=0, description="seconds between looks for due retries")
+
+
+class TargetSettings(_Section):
+    """``[[targets]]``: one bot webhook that gets every (rewritten) message."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: AnyHttpUrl
+    secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for X-Gateway-Signature")
+    events: list[str] = Field(default_factory=list, description="event names to forward; empty: all")
+    timeout: float = Field(30.0, gt=0, description="seconds one delivery may take")
+
+
+class LogSettings(_Section):
+    """``[log]``: level and format (``auto``: JSON lines unless stderr is a terminal)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+def expand_env_refs(value: Any, path: str = "") -> Any:
+    """Replace ``${NAME}`` references in every string of ``value`` (nested dicts and lists).
+
+    Raises ``ValueError`` naming the setting path when a referenced variable is unset.
+    """
+    if isinstance(value, str):
+        def repl(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ValueError(f"{path or 'value'}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_REF.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: expand_env_refs(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env_refs(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`, not directly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    targets: list[TargetSettings] = Field(default_factory=list)
+    config_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, data: Any) -> Any:
+        return expand_env_refs(data)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        if not self.catalog.path.is_absolute():
+            self.catalog.path = (self.config_dir / self.catalog.path).resolve()
+        names = [t.name for t in self.targets]
+        if len(names) != len(set(names)):
+            raise ValueError("targets: names must be unique")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def resolve_path(self, value: str | Path) -> Path:
+        """A path from the settings, made absolute against the config file's directory."""
+        p = Path(value)
+        return p if p.is_absolute() else (self.config_dir / p).resolve()
+
+    def section(self, *path: str) -> dict[str, Any]:
+        """The raw dict at ``path`` (for plugins' own sections), ``{}`` when absent.
+
+        ``settings.section("providers", "waha")`` is ``[providers.waha]``;
+        ``settings.section("storage", "local")`` is ``[storage.local]``.
+        """
+        node: Any = self.model_dump(exclude={"config_dir"})
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return {}
+            node = node[key]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: must be a table, got {type(node).__name__}")
+        return node
+
+    def link_secret(self) -> bytes:
+        """The media-link HMAC key: the setting, or a random key persisted next to the catalog."""
+        configured = self.media.link_secret.get_secret_value()
+        if configured:
+            return configured.encode()
+        path = self.catalog.path.parent / "link.secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        return path.read_bytes().strip()
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line for a pydantic error: ``<dotted setting>: <message>`` (+ how many more)."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if prefix:
+        loc = f"{prefix}.{loc}" if loc else prefix
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    line = f"{loc}: {msg}" if loc else msg
+    if first["type"] == "extra_forbidden":
+        line = f"{loc}: unknown setting"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more)"
+    return line
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read ``path`` (default ``./gateway.toml`` if it exists) and the environment.
+
+    Raises :class:`ConfigError` with a one-line message naming the bad setting.
+    """
+    if path is None:
+        path = Path("gateway.toml")
+        if not path.exists():
+            path = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file {path} not found")
+    config_dir = path.resolve().parent if path is not None else Path.cwd()
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return _FileSettings(config_dir=config_dir)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    except (ValueError, OSError) as err:  # TOML syntax errors, unreadable file
+        raise ConfigError(f"config: {err}") from None
+
+
+def plugin_settings(settings: Settings, path: tuple[str, ...], model: type[M]) -> M:
+    """Validate a plugin's own section (e.g. ``("providers", "waha")``) with its pydantic model.
+
+    Raises :class:`ConfigError` naming the full dotted setting, e.g. ``providers.waha.base_url: ...``.
+    """
+    try:
+        return model.model_validate(settings.section(*path))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix=".".join(path))) from None

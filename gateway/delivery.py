@@ -1,0 +1,94 @@
+"""Forwarding rewritten events to bot targets (``deliver`` jobs).
+
+Each target gets ``POST {url}`` with the rewritten envelope as JSON and these headers:
+
+- ``X-Gateway-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` (RFC 2104) when the target
+  has a ``secret``;
+- ``X-Gateway-Event-Id`` and ``Idempotency-Key``: the gateway's event id (the same on every
+  retry, so a bot can drop duplicates);
+- ``X-Gateway-Event``: the provider's event name.
+
+A 2xx answer is success. 408, 425, 429, 5xx and network errors are retried with backoff; any
+other 4xx sends the job to the dead letter at once (the bot refused it; retry by hand).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+
+import aiohttp
+import pluggy
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.jobs import Job, PermanentError
+from gateway.metrics import Metrics
+from gateway.plugins import await_me_maybe
+
+log = logging.getLogger("gateway.delivery")
+
+RETRYABLE_STATUS = {408, 425, 429}
+
+
+def sign_body(secret: bytes, body: bytes) -> str:
+    """The ``X-Gateway-Signature`` value for ``body``: ``sha256=`` + hex HMAC-SHA256."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+class DeliveryFailed(Exception):
+    """A delivery attempt failed in a way worth retrying."""
+
+
+class Deliverer:
+    """Handler of ``deliver`` jobs (payload ``{"event_id": ..., "target": <name>}``)."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, http: aiohttp.ClientSession,
+                 metrics: Metrics, pm: pluggy.PluginManager):
+        self.targets = {t.name: t for t in settings.targets}
+        self.catalog = catalog
+        self.http = http
+        self.metrics = metrics
+        self.pm = pm
+
+    async def __call__(self, job: Job) -> None:
+        """POST the event's rewritten payload to the target. Raises to retry."""
+        event_id, name = job.payload["event_id"], job.payload["target"]
+        target = self.targets.get(name)
+        if target is None:
+            raise PermanentError(f"target {name!r} is no longer configured")
+        event = await self.catalog.get_event(event_id)
+        if event is None or event.get("forward") is None:
+            raise PermanentError(f"event {event_id} has no rewritten payload")
+        body = json.dumps(event["forward"], separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "chat-media-gateway",
+            "X-Gateway-Event-Id": event_id,
+            "X-Gateway-Event": event["event"],
+            "Idempotency-Key": event_id,
+        }
+        if target.secret is not None:
+            headers["X-Gateway-Signature"] = sign_body(target.secret.get_secret_value().encode(), body)
+        try:
+            async with self.http.post(str(target.url), data=body, headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=target.timeout)) as resp:
+                status = resp.status
+                text = (await resp.content.read(500)).decode("utf-8", "replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.metrics.deliveries.labels(name, "error").inc()
+            raise DeliveryFailed(f"target {name} unreachable: {type(exc).__name__}: {exc}") from exc
+        if 200 <= status < 300:
+            self.metrics.deliveries.labels(name, "delivered").inc()
+            log.info("event %s delivered to %s (%d)", event_id, name, status,
+                     extra={"event_id": event_id, "target": name})
+            for result in self.pm.hook.message_forwarded(event_id=event_id, target=name, status=status):
+                await await_me_maybe(result)
+            return
+        self.metrics.deliveries.labels(name, f"http_{status // 100}xx").inc()
+        message = f"target {name} answered HTTP {status}: {text[:200]}"
+        if 400 <= status < 500 and status not in RETRYABLE_STATUS:
+            raise PermanentError(message)
+        raise DeliveryFailed(message)

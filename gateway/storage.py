@@ -1,0 +1,122 @@
+"""The storage-backend contract (DESIGN §4). Implementations live in ``plugins/storage_*``.
+
+A backend stores opaque objects under object keys (``a/b/c.jpg``: ``/``-separated, no ``..``, no
+leading ``/``). Every method streams: nothing holds a whole object in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class StorageError(Exception):
+    """A backend operation failed (I/O error, backend unreachable). Retryable."""
+
+
+class ObjectNotFound(StorageError):
+    """No object at that key."""
+
+
+class InvalidKey(StorageError, ValueError):
+    """The object key is not allowed (absolute, ``..``, NUL, empty segment)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What :meth:`StorageBackend.put` stored: ``size`` in bytes; ``etag`` when the backend has one."""
+
+    key: str
+    size: int
+    etag: str | None = None
+    bucket: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStat:
+    """An object's size in bytes, content type, modification time (epoch seconds) and metadata."""
+
+    key: str
+    size: int
+    content_type: str | None
+    modified: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OpenedObject:
+    """A readable object or byte range of it.
+
+    ``start``/``end`` are the first and last byte (inclusive) of ``chunks``; ``size`` is the whole
+    object's size. ``chunks`` yields ``bytes``; call :meth:`close` (or exhaust it) to release it.
+    """
+
+    key: str
+    size: int
+    start: int
+    end: int
+    content_type: str | None
+    chunks: AsyncIterator[bytes]
+
+    @property
+    def length(self) -> int:
+        """Bytes in this range."""
+        return max(0, self.end - self.start + 1)
+
+    async def close(self) -> None:
+        """Release the underlying file or connection (idempotent)."""
+        aclose = getattr(self.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """A storage backend plugin object (returned by the ``register_storage`` hook).
+
+    ``name`` is the value of ``storage.backend`` that selects it. Resources are opened in
+    :meth:`start` and released in :meth:`close` (the host calls both from the app's cleanup_ctx).
+    """
+
+    name: str
+
+    async def start(self) -> None:
+        """Open clients, create directories or buckets."""
+
+    async def close(self) -> None:
+        """Release what :meth:`start` opened."""
+
+    async def put(
+        self,
+        key: str,
+        stream: AsyncIterator[bytes],
+        content_type: str,
+        metadata: dict[str, str],
+    ) -> PutResult:
+        """Store ``stream`` atomically at ``key``: readers see the whole object or none.
+
+        If ``stream`` raises, nothing is left behind and the exception propagates.
+        Raises :class:`InvalidKey`, :class:`StorageError`.
+        """
+
+    async def open(self, key: str, start: int | None = None, end: int | None = None) -> OpenedObject:
+        """Open ``key`` for streaming, optionally bytes ``start``..``end`` (inclusive).
+
+        Raises :class:`ObjectNotFound`, :class:`InvalidKey`, :class:`StorageError`.
+        """
+
+    async def stat(self, key: str) -> ObjectStat:
+        """Size, type and metadata. Raises :class:`ObjectNotFound`."""
+
+    async def delete(self, key: str) -> bool:
+        """Delete ``key``; ``True`` if it existed."""
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
+
+    async def url(self, key: str, expires: int, filename: str | None = None) -> str | None:
+        """A direct (presigned) URL valid ``expires`` seconds, or ``None`` if the backend has none."""
+
+    async def check(self) -> None:
+        """Raise :class:`StorageError` if the backend is not reachable (used by ``/readyz``)."""

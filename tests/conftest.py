@@ -1,0 +1,156 @@
+"""Shared fixtures: the WAHA emulator, the bot sink and a gateway, all real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.app import CATALOG, create_app
+from gateway.config import Settings
+from tests.emulators.sink import BotSink
+from tests.emulators.waha import WahaEmulator
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("GATEWAY_FIXTURES", REPO.parent / "shared" / "fixtures"))
+MEDIA = FIXTURES / "media"
+MANIFEST: dict[str, dict[str, Any]] = json.loads((MEDIA / "MANIFEST.json").read_text())
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, nested dicts merged."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def waha_payload(url: str | None, *, message_id: str, mimetype: str | None = None,
+                 filename: str | None = None, event: str = "message", session: str = "default",
+                 template: str = "message_image.json") -> dict[str, Any]:
+    """A documented WAHA payload from the fixtures with its media pointed at ``url``."""
+    data = json.loads((FIXTURES / "payloads" / "waha" / template).read_text())
+    data["event"] = event
+    data["session"] = session
+    data["payload"]["id"] = message_id
+    data["payload"]["media"]["url"] = url
+    if mimetype is not None:
+        data["payload"]["media"]["mimetype"] = mimetype
+    if filename is not None:
+        data["payload"]["media"]["filename"] = filename
+    return data
+
+
+def waha_hmac(key: str, body: bytes) -> str:
+    """``X-Webhook-Hmac`` as WAHA computes it: hex HMAC-SHA512 of the raw body."""
+    return hmac.new(key.encode(), body, hashlib.sha512).hexdigest()
+
+
+@dataclass
+class Gateway:
+    """A running gateway under test."""
+
+    url: str
+    app: web.Application
+    settings: Settings
+    http: aiohttp.ClientSession
+
+    @property
+    def media_root(self) -> Path:
+        return Path(self.settings.section("storage", "local")["root"])
+
+    def stored_files(self) -> list[Path]:
+        """Every file under the storage root, temp files and sidecars included."""
+        return sorted(p for p in self.media_root.rglob("*") if p.is_file())
+
+    def object_files(self) -> list[Path]:
+        """Stored objects only (no sidecars)."""
+        return [p for p in self.stored_files() if ".meta" not in p.parts]
+
+    async def post_waha(self, payload: dict[str, Any] | bytes, headers: dict[str, str] | None = None
+                        ) -> aiohttp.ClientResponse:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        async with self.http.post(f"{self.url}/webhooks/waha", data=body,
+                                  headers={"Content-Type": "application/json", **(headers or {})}) as r:
+            await r.read()
+            return r
+
+    async def count(self, table: str, where: str | None = None, args: list[Any] | None = None) -> int:
+        return await self.app[CATALOG].count(table, where, args)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+async def waha(aiohttp_server, tmp_path: Path) -> WahaEmulator:
+    emu = WahaEmulator(api_key="waha-key", lifetime=180.0, workdir=tmp_path / "waha-files")
+    server = await aiohttp_server(emu.app, host="127.0.0.1")
+    emu.base_url = str(server.make_url("")).rstrip("/")
+    return emu
+
+
+@pytest.fixture
+async def sink(aiohttp_server) -> BotSink:
+    s = BotSink()
+    server = await aiohttp_server(s.app, host="127.0.0.1")
+    s.url = str(server.make_url("/hook"))  # type: ignore[attr-defined]
+    return s
+
+
+def base_config(tmp_path: Path, port: int, waha: WahaEmulator | None, sink: BotSink | None) -> dict[str, Any]:
+    """The settings every gateway under test starts from (fast retries, real local storage)."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}",
+                   "shutdown_grace": 2},
+        "catalog": {"path": str(tmp_path / "var" / "gateway.db")},
+        "media": {"link_secret": "test-link-secret"},
+        "storage": {"backend": "local", "local": {"root": str(tmp_path / "var" / "media")}},
+        "queue": {"workers": 4, "max_attempts": 3, "backoff_base": 0.05, "backoff_max": 0.2,
+                  "poll_interval": 0.05},
+        "log": {"format": "text", "level": "DEBUG"},
+        "providers": {},
+        "targets": [],
+    }
+    if waha is not None:
+        data["providers"]["waha"] = {"base_url": waha.base_url, "api_key": waha.api_key}
+    if sink is not None:
+        data["targets"] = [{"name": "bot", "url": sink.url, "secret": "bot-secret"}]  # type: ignore[attr-defined]
+    return data
+
+
+@pytest.fixture
+async def start_gateway(aiohttp_server, unused_tcp_port_factory, tmp_path: Path, waha: WahaEmulator,
+                        sink: BotSink, http: aiohttp.ClientSession
+                        ) -> Callable[..., Awaitable[Gateway]]:
+    """``await start_gateway(**overrides)``: a gateway on 127.0.0.1 wired to the emulator and sink."""
+    async def _start(**overrides: Any) -> Gateway:
+        port = unused_tcp_port_factory()
+        data = deep_merge(base_config(tmp_path, port, waha, sink), overrides)
+        settings = Settings(config_dir=tmp_path, **data)
+        app = create_app(settings)
+        server = await aiohttp_server(app, host="127.0.0.1", port=port)
+        return Gateway(str(server.make_url("")).rstrip("/"), app, settings, http)
+
+    return _start
+
+
+@pytest.fixture
+async def gateway(start_gateway) -> Gateway:
+    return await start_gateway()

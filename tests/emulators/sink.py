@@ -1,0 +1,59 @@
+"""A bot sink: an aiohttp app that records every webhook the gateway forwards to it.
+
+``fail_next`` makes the next N deliveries answer ``fail_status`` (default 500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Delivery:
+    """One received POST: its headers, raw body and decoded JSON."""
+
+    headers: dict[str, str]
+    body: bytes
+    json: Any
+
+
+class BotSink:
+    """Records deliveries at ``POST /hook`` (and any other path)."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.fail_next = 0
+        self.fail_status = 500
+        self.attempts = 0
+        self._changed = asyncio.Event()
+        self.app = web.Application()
+        self.app.router.add_post("/{tail:.*}", self._receive)
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        body = await request.read()
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.json_response({"error": "sink told to fail"}, status=self.fail_status)
+        self.deliveries.append(Delivery(dict(request.headers), body, await request.json()))
+        self._changed.set()
+        return web.json_response({"ok": True})
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Delivery]:
+        """Wait until at least ``count`` deliveries arrived; raise TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while len(self.deliveries) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"sink got {len(self.deliveries)} of {count} deliveries")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.deliveries
