@@ -68,9 +68,8 @@ def select_storage(settings: Settings, pm: pluggy.PluginManager) -> StorageBacke
             offered[backend.name] = backend
     name = settings.storage.backend
     if name not in offered:
-        raise ConfigError(
-            f"storage.backend: no storage plugin offers {name!r} (loaded: {sorted(offered) or 'none'})"
-        )
+        raise ConfigError(f"storage.backend: no installed storage plugin offers {name!r} "
+                          "(`gateway plugins` lists what loaded)")
     return offered[name]
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.plugins import PluginLoadError, describe, make_manager
+
+T = TypeVar("T")
 
 CONFIG_OPTION = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -28,6 +32,18 @@ def _settings(config_path: Path | None) -> Settings:
     except ConfigError as exc:
         click.echo(f"gateway: config error: {exc}", err=True)
         sys.exit(2)
+
+
+def _or_exit(build: Callable[[], T]) -> T:
+    """Run ``build``; a config error exits 2, a plugin that fails to load exits 1 (one line each)."""
+    try:
+        return build()
+    except ConfigError as exc:
+        click.echo(f"gateway: config error: {exc}", err=True)
+        sys.exit(2)
+    except PluginLoadError as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(1)
 
 
 @click.group()
@@ -47,14 +63,7 @@ def serve(config_path: Path | None) -> None:
 
     settings = _settings(config_path)
     setup_logging(settings.log)
-    try:
-        app = create_app(settings)
-    except ConfigError as exc:
-        click.echo(f"gateway: config error: {exc}", err=True)
-        sys.exit(2)
-    except PluginLoadError as exc:
-        click.echo(f"gateway: {exc}", err=True)
-        sys.exit(1)
+    app = _or_exit(lambda: create_app(settings))
     log = logging.getLogger("gateway")
     log.info("listening on http://%s:%d (public URL %s)", settings.server.host, settings.server.port,
              settings.server.base_url)
@@ -69,16 +78,9 @@ def check_config(config_path: Path | None) -> None:
     from gateway.app import select_providers, select_storage
 
     settings = _settings(config_path)
-    try:
-        pm = make_manager()
-        providers = select_providers(settings, pm)
-        storage = select_storage(settings, pm)
-    except ConfigError as exc:
-        click.echo(f"gateway: config error: {exc}", err=True)
-        sys.exit(2)
-    except PluginLoadError as exc:
-        click.echo(f"gateway: {exc}", err=True)
-        sys.exit(1)
+    pm = _or_exit(make_manager)
+    providers = _or_exit(lambda: select_providers(settings, pm))
+    storage = _or_exit(lambda: select_storage(settings, pm))
     click.echo(f"ok: storage {storage.name}, providers {', '.join(providers) or 'none'}, "
                f"{len(settings.targets)} target(s), catalog {settings.catalog.path}")
 
@@ -86,11 +88,7 @@ def check_config(config_path: Path | None) -> None:
 @main.command()
 def plugins() -> None:
     """List the plugins that loaded and the hooks each implements."""
-    try:
-        pm = make_manager()
-    except PluginLoadError as exc:
-        click.echo(f"gateway: {exc}", err=True)
-        sys.exit(1)
+    pm = _or_exit(make_manager)
     for info in describe(pm):
         dist = f"{info.distribution} {info.version}" if info.distribution else "-"
         click.echo(f"{info.name:<16} {info.module:<28} {dist:<28} {', '.join(info.hooks) or '(no hooks)'}")

@@ -57,3 +57,33 @@ class BotSink:
             except TimeoutError:
                 pass
         return self.deliveries
+
+
+def main() -> None:
+    """Run a sink that prints every delivery; ``GET /last`` answers the last one as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="bot sink: prints what the gateway forwards")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args()
+    sink = BotSink()
+
+    async def last(request: web.Request) -> web.Response:
+        if not sink.deliveries:
+            return web.json_response({"error": "nothing received yet"}, status=404)
+        return web.json_response(sink.deliveries[-1].json)
+
+    async def show(request: web.Request, response: web.StreamResponse) -> None:
+        if request.method == "POST" and sink.deliveries:
+            print(json.dumps(sink.deliveries[-1].json, indent=2), flush=True)
+
+    sink.app.router.add_get("/last", last)
+    sink.app.on_response_prepare.append(show)
+    print(f"bot sink on http://{args.host}:{args.port}/hook (GET /last for the last delivery)", flush=True)
+    web.run_app(sink.app, host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

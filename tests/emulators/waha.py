@@ -72,7 +72,7 @@ class WahaEmulator:
         self.requests.append((request.path, dict(request.headers)))
         if self.delay:
             await asyncio.sleep(self.delay)
-        if request.headers.get("X-Api-Key") != self.api_key:
+        if self.api_key and request.headers.get("X-Api-Key") != self.api_key:
             return web.json_response({"statusCode": 401, "message": "Unauthorized"}, status=401)
         if self.fail_next > 0:
             self.fail_next -= 1

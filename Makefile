@@ -1,0 +1,27 @@
+# The two commands of the README:
+#   make run    set up .venv and start the daemon on ./gateway.toml
+#   make test   set up .venv with the test extras and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test system-deps clean
+
+$(BIN)/.installed: pyproject.toml
+	@./scripts/system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/gateway serve --config gateway.toml
+
+test: $(BIN)/.installed
+	$(BIN)/pytest
+
+system-deps:
+	@./scripts/system-deps
+
+clean:
+	rm -rf $(VENV) var *.egg-info
