@@ -114,6 +114,10 @@ class MediaSettings(_Section):
             )
         if "id" not in fields:
             raise ValueError("must contain {id} so that every object gets its own key")
+        sample = value.format(provider="p", account="a", yyyy="2000", mm="01", dd="01",
+                              category="image", id="m_1", ext=".jpg")
+        if sample.startswith("/") or any(p in ("", ".", "..") for p in sample.split("/")):
+            raise ValueError("must give a relative key without empty, '.' or '..' segments")
         return value
 
 
@@ -123,6 +127,11 @@ class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     backend: str = "local"
+    serving: Literal["proxy", "redirect"] = Field(
+        "proxy",
+        description="proxy: /media streams through the gateway; redirect: 302 to the backend's "
+                    "presigned URL where it has one (after the gateway's own signature check)",
+    )
 
 
 class QueueSettings(_Section):

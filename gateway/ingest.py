@@ -19,7 +19,7 @@ import pluggy
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.jobs import Job, JobResult, PermanentError
+from gateway.jobs import Job, JobResult, PermanentError, RetryLater
 from gateway.links import LinkSigner
 from gateway.media import (
     DigestMismatch,
@@ -35,7 +35,7 @@ from gateway.media import (
 from gateway.metrics import Metrics
 from gateway.plugins import await_me_maybe
 from gateway.providers import FetchError, MediaOutcome, MediaRef, Provider, WebhookEvent
-from gateway.storage import StorageBackend
+from gateway.storage import InvalidKey, StorageBackend, StorageError
 
 log = logging.getLogger("gateway.ingest")
 
@@ -88,8 +88,13 @@ class Ingestor:
             payload=row["payload"], media=[MediaRef.from_dict(m) for m in row["media"] or []],
             chat=row["chat"], message_id=row["message_id"],
         )
-        outcomes = [await self._ingest_ref(provider, event, event_id, ref, job.last_attempt)
-                    for ref in event.media]
+        try:
+            outcomes = [await self._ingest_ref(provider, event, event_id, ref, job.last_attempt)
+                        for ref in event.media]
+        except InvalidKey as exc:
+            raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
+        except StorageError as exc:
+            raise RetryLater(f"storage unavailable: {exc}") from exc
         forward = provider.rewrite(event, outcomes)
         forward = {**forward, "gateway": {
             "event_id": event_id,
@@ -171,7 +176,8 @@ class Ingestor:
                              account=event.account or "_", category=decision.category,
                              media_id=media_id, ext=ext)
             metadata = {"media-id": media_id, "filename": filename}
-            put = await self.storage.put(key, _sealing(stream, metadata), decision.mimetype, metadata)
+            put = await self.storage.put(key, _sealing(stream, metadata), decision.mimetype, metadata,
+                                         category=decision.category)
         record = {
             "id": media_id, "sha256": stream.sha256, "size": stream.size,
             "mimetype": decision.mimetype, "declared_mimetype": decision.declared,
@@ -184,7 +190,7 @@ class Ingestor:
         }
         record, inserted = await self.catalog.insert_media(record)
         if not inserted:  # another worker stored the same attachment first: keep one object
-            await self.storage.delete(key)
+            await self.storage.delete(key, bucket=put.bucket)
             return record
         self.metrics.media_stored.labels(provider.name, decision.category).inc()
         self.metrics.media_stored_bytes.labels(provider.name, decision.category).inc(stream.size)

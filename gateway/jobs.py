@@ -5,6 +5,7 @@ runs the handler for its ``kind`` and records the outcome:
 
 - success: ``done``, with any follow-up jobs enqueued in the same transaction;
 - :class:`PermanentError`: ``dead`` at once (the dead letter; retry by hand);
+- :class:`RetryLater`: back to ``queued`` after the backoff, however many attempts it took;
 - any other exception: back to ``queued`` after an exponential backoff with jitter
   (``backoff_base * 2**(attempt-1)``, capped at ``backoff_max``, the wait drawn uniformly from
   its upper half), or ``dead`` after ``max_attempts``.
@@ -33,6 +34,11 @@ log = logging.getLogger("gateway.jobs")
 
 class PermanentError(Exception):
     """A job failure that retrying cannot fix: the job goes dead at once."""
+
+
+class RetryLater(Exception):
+    """A failure of the gateway's own infrastructure (storage unreachable), not of the job: it is
+    retried with the usual backoff (capped at ``backoff_max``) and never goes dead for it."""
 
 
 @dataclass(slots=True)
@@ -169,6 +175,12 @@ class JobQueue:
             log.error("job %s failed for good: %s", job.key, exc, extra={"job_id": job.id})
             await self.catalog.fail_job(job.id, str(exc), None)
             self.metrics.jobs_processed.labels(job.kind, "dead").inc()
+            return
+        except RetryLater as exc:
+            delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
+            log.warning("job %s deferred (%s); retry in %.1fs", job.key, exc, delay, extra={"job_id": job.id})
+            await self.catalog.fail_job(job.id, f"deferred: {exc}", time.time() + delay)
+            self.metrics.jobs_processed.labels(job.kind, "retry").inc()
             return
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"

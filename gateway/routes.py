@@ -124,7 +124,9 @@ async def media(request: web.Request) -> web.StreamResponse:
 
 
 async def serve_object(request: web.Request, record: dict) -> web.StreamResponse:
-    """Stream the object of catalog ``record`` with ETag, Range and conditional support."""
+    """Stream the object of catalog ``record`` with ETag, Range and conditional support, or, with
+    ``storage.serving = "redirect"`` and a backend that has direct URLs, answer 302 to a fresh
+    presigned URL (valid for the link TTL, at most an hour)."""
     size = record["size"]
     etag = f'"{record["sha256"]}"'
     headers = {
@@ -156,8 +158,15 @@ async def serve_object(request: web.Request, record: dict) -> web.StreamResponse
                 return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    storage = request.app[STORAGE]
+    if request.app[SETTINGS].storage.serving == "redirect":
+        ttl = min(request.app[SETTINGS].media.link_ttl, 3600)
+        direct = await storage.url(record["key"], ttl, filename=record["filename"],
+                                   bucket=record["bucket"], content_type=record["mimetype"])
+        if direct is not None:
+            return web.Response(status=302, headers={"Location": direct, "Cache-Control": "no-store"})
     try:
-        obj = await request.app[STORAGE].open(record["key"], start, end if size else None)
+        obj = await storage.open(record["key"], start, end if size else None, bucket=record["bucket"])
     except ObjectNotFound:
         log.error("catalog row %s points at a missing object %s", record["id"], record["key"],
                   extra={"media_id": record["id"]})

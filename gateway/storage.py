@@ -75,7 +75,9 @@ class OpenedObject:
 class StorageBackend(Protocol):
     """A storage backend plugin object (returned by the ``register_storage`` hook).
 
-    ``name`` is the value of ``storage.backend`` that selects it. Resources are opened in
+    ``name`` is the value of ``storage.backend`` that selects it. ``bucket`` arguments name where
+    :meth:`put` stored an object (its ``PutResult.bucket``, kept in the catalog); ``None`` means the
+    backend's default, and backends without buckets ignore it. Resources are opened in
     :meth:`start` and released in :meth:`close` (the host calls both from the app's cleanup_ctx).
     """
 
@@ -93,30 +95,36 @@ class StorageBackend(Protocol):
         stream: AsyncIterator[bytes],
         content_type: str,
         metadata: dict[str, str],
+        category: str | None = None,
     ) -> PutResult:
         """Store ``stream`` atomically at ``key``: readers see the whole object or none.
 
-        If ``stream`` raises, nothing is left behind and the exception propagates.
-        Raises :class:`InvalidKey`, :class:`StorageError`.
+        ``metadata`` (``filename``, ``media-id``, ...) is read only after ``stream`` is exhausted:
+        the host adds ``sha256`` to it when the stream ends. ``category`` lets a backend route
+        objects (e.g. a bucket per category). If ``stream`` raises, nothing is left behind and the
+        exception propagates. Raises :class:`InvalidKey`, :class:`StorageError`.
         """
 
-    async def open(self, key: str, start: int | None = None, end: int | None = None) -> OpenedObject:
+    async def open(self, key: str, start: int | None = None, end: int | None = None,
+                   bucket: str | None = None) -> OpenedObject:
         """Open ``key`` for streaming, optionally bytes ``start``..``end`` (inclusive).
 
         Raises :class:`ObjectNotFound`, :class:`InvalidKey`, :class:`StorageError`.
         """
 
-    async def stat(self, key: str) -> ObjectStat:
+    async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
         """Size, type and metadata. Raises :class:`ObjectNotFound`."""
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, bucket: str | None = None) -> bool:
         """Delete ``key``; ``True`` if it existed."""
 
     def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
         """Every object whose key starts with ``prefix``, in no particular order."""
 
-    async def url(self, key: str, expires: int, filename: str | None = None) -> str | None:
-        """A direct (presigned) URL valid ``expires`` seconds, or ``None`` if the backend has none."""
+    async def url(self, key: str, expires: int, filename: str | None = None,
+                  bucket: str | None = None, content_type: str | None = None) -> str | None:
+        """A direct (presigned) URL valid ``expires`` seconds, or ``None`` if the backend has none.
+        ``filename`` and ``content_type`` shape the download's Content-Disposition."""
 
     async def check(self) -> None:
         """Raise :class:`StorageError` if the backend is not reachable (used by ``/readyz``)."""

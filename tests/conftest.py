@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.app import CATALOG, create_app
 from gateway.config import Settings
+from tests.emulators.s3 import SerialMotoServer
 from tests.emulators.sink import BotSink
 from tests.emulators.waha import WahaEmulator
 
@@ -90,6 +91,31 @@ class Gateway:
 
     async def count(self, table: str, where: str | None = None, args: list[Any] | None = None) -> int:
         return await self.app[CATALOG].count(table, where, args)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[SerialMotoServer]:
+    """moto's S3 server on 127.0.0.1: a real HTTP endpoint (see tests/emulators/s3.py)."""
+    server = SerialMotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def s3_config(moto_server, bucket: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A ``[storage.s3]`` section for moto with a fresh bucket per call."""
+    import uuid
+    return {"bucket": bucket or f"gw-{uuid.uuid4().hex[:12]}", "endpoint_url": moto_server.url,
+            "region": "us-east-1", "addressing_style": "path", "access_key_id": "testing",
+            "secret_access_key": "testing", "connect_timeout": 1, "read_timeout": 5,
+            "max_retries": 0, **extra}
+
+
+def boto3_client(endpoint_url: str):
+    """A plain, synchronous boto3 S3 client for reading back what the gateway wrote."""
+    import boto3
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
 @pytest.fixture

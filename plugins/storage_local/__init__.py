@@ -87,8 +87,8 @@ class LocalStorage:
 
     # -- objects ----------------------------------------------------------------------------
     async def put(self, key: str, stream: AsyncIterator[bytes], content_type: str,
-                  metadata: dict[str, str]) -> PutResult:
-        """Write ``stream`` to ``key`` atomically (temp file, fsync, rename).
+                  metadata: dict[str, str], category: str | None = None) -> PutResult:
+        """Write ``stream`` to ``key`` atomically (temp file, fsync, rename). ``category``: unused.
 
         ``metadata`` is read after the stream ends. Raises :class:`InvalidKey`,
         :class:`StorageError`, or whatever ``stream`` raises (then no file is left).
@@ -141,7 +141,8 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"cannot store {key}: {exc}") from exc
 
-    async def open(self, key: str, start: int | None = None, end: int | None = None) -> OpenedObject:
+    async def open(self, key: str, start: int | None = None, end: int | None = None,
+                   bucket: str | None = None) -> OpenedObject:
         """Stream bytes ``start``..``end`` (inclusive) of ``key``. Raises :class:`ObjectNotFound`."""
         path = self.path_for(key)
         try:
@@ -164,7 +165,7 @@ class LocalStorage:
         except (OSError, ValueError):
             return {}
 
-    async def stat(self, key: str) -> ObjectStat:
+    async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
         """Size, mtime, content type and metadata of ``key``. Raises :class:`ObjectNotFound`."""
         path = self.path_for(key)
         try:
@@ -175,7 +176,7 @@ class LocalStorage:
         return ObjectStat(key=key, size=st.st_size, content_type=meta.get("content_type"),
                           modified=st.st_mtime, metadata=meta.get("metadata", {}))
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, bucket: str | None = None) -> bool:
         """Remove ``key`` and its sidecar; ``True`` if the object existed."""
         path = self.path_for(key)
 
@@ -207,7 +208,8 @@ class LocalStorage:
                 elif rel.startswith(prefix):
                     yield ObjectStat(key=rel, size=st_size, content_type=None, modified=st_mtime)
 
-    async def url(self, key: str, expires: int, filename: str | None = None) -> str | None:
+    async def url(self, key: str, expires: int, filename: str | None = None,
+                  bucket: str | None = None, content_type: str | None = None) -> str | None:
         """Local files have no direct URL: ``None``."""
         return None
 

@@ -1,5 +1,392 @@
-"""Storage plugin ``s3`` (aioboto3): not implemented yet (issue 3).
+"""Storage plugin ``s3``: AWS S3, MinIO and other S3-compatible servers, through aioboto3.
 
-It registers through the entry-point group like every plugin and implements no hook, so
-``storage.backend = "s3"`` is refused at start with a clear error.
+Follows the Amazon S3 API reference (PutObject, CreateMultipartUpload / UploadPart /
+CompleteMultipartUpload / AbortMultipartUpload, CopyObject, GetObject with ``Range``, HeadObject,
+DeleteObject, ListObjectsV2, HeadBucket, CreateBucket) and SigV4 presigned URLs.
+
+- ``put`` streams: an object below ``multipart_threshold`` is one PutObject (at most that many
+  bytes in memory); above it, a multipart upload of ``part_size`` parts with at most
+  ``max_concurrency`` parts in flight, so memory stays under ``(max_concurrency + 1) * part_size``.
+  Any failure aborts the multipart upload, so no parts are left behind. The SHA-256 (which the
+  gateway knows only at the end of the stream) and the original filename are stored as object
+  metadata (``x-amz-meta-sha256``, ``x-amz-meta-filename``): a multipart object gets them by a
+  CopyObject onto itself once complete (CopyObject handles objects up to 5 GB).
+- Content-Type and Content-Disposition are set on the object; server-side encryption is
+  ``none``, ``AES256`` or ``aws:kms`` (with ``kms_key_id``).
+- Objects may go to a bucket per category (``[storage.s3.category_buckets]``); the bucket is
+  returned by ``put`` and recorded in the catalog.
+- One client per app, opened in :meth:`S3Storage.start` and closed in :meth:`S3Storage.close`
+  (both called from the app's cleanup_ctx). If S3 is unreachable at start, the daemon starts
+  anyway: ``/readyz`` says not ready, and bucket creation is tried again before the next write.
 """
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any, Literal
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from gateway import hookimpl
+from gateway.config import Settings, plugin_settings
+from gateway.media import CATEGORIES, content_disposition
+from gateway.storage import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
+
+log = logging.getLogger("gateway.storage.s3")
+
+MiB = 1024 * 1024
+READ_CHUNK = 256 * 1024
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+class S3Settings(BaseModel):
+    """``[storage.s3]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=3, max_length=63, description="the default bucket")
+    endpoint_url: AnyHttpUrl | None = Field(None, description="MinIO or another S3-compatible server; absent for AWS")
+    region: str = "us-east-1"
+    prefix: str = Field("", description="prepended to every object key, e.g. 'gateway/'")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="'path' for MinIO and most S3-compatible servers")
+    access_key_id: SecretStr | None = Field(None, description="absent: the standard AWS credential chain")
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = Field(None, description="with sse = 'aws:kms': the KMS key id or ARN")
+    create_bucket: bool = Field(True, description="create missing buckets at start")
+    category_buckets: dict[str, str] = Field(
+        default_factory=dict, description="category -> bucket, e.g. {video = 'gateway-video'}")
+    multipart_threshold: int = Field(8 * MiB, ge=5 * MiB, description="bytes from which multipart is used")
+    part_size: int = Field(8 * MiB, ge=5 * MiB, le=5 * 1024 * MiB, description="multipart part size, bytes")
+    max_concurrency: int = Field(4, ge=1, le=64, description="parts uploaded at once")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds")
+    read_timeout: float = Field(60.0, gt=0, description="seconds")
+    max_retries: int = Field(3, ge=0, description="botocore's own retries of one request")
+
+    @model_validator(mode="after")
+    def _check(self) -> S3Settings:
+        if self.sse == "aws:kms" and not self.kms_key_id:
+            raise ValueError("kms_key_id is required when sse = 'aws:kms'")
+        unknown = set(self.category_buckets) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"category_buckets: unknown categories {sorted(unknown)}; "
+                             f"allowed: {list(CATEGORIES)}")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        if self.prefix.startswith("/"):
+            raise ValueError("prefix must not start with '/'")
+        return self
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Storage:
+    """A :class:`gateway.storage.StorageBackend` on S3 (aioboto3)."""
+
+    name = "s3"
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._ready_buckets: set[str] = set()
+
+    @property
+    def buckets(self) -> list[str]:
+        """The default bucket and the per-category ones, without repeats."""
+        return list(dict.fromkeys([self.settings.bucket, *self.settings.category_buckets.values()]))
+
+    def bucket_for(self, category: str | None) -> str:
+        """The bucket of a category (the default bucket unless configured)."""
+        return self.settings.category_buckets.get(category or "", self.settings.bucket)
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or "\x00" in key or any(p in ("", ".", "..") for p in key.split("/")):
+            raise InvalidKey(f"invalid object key {key!r}")
+        return self.settings.prefix + key
+
+    def _unkey(self, s3_key: str) -> str:
+        return s3_key[len(self.settings.prefix):]
+
+    def _sse(self) -> dict[str, str]:
+        if self.settings.sse == "none":
+            return {}
+        args = {"ServerSideEncryption": self.settings.sse}
+        if self.settings.sse == "aws:kms":
+            args["SSEKMSKeyId"] = self.settings.kms_key_id or ""
+        return args
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the client; create missing buckets (failures are logged, retried before writes)."""
+        s = self.settings
+        session = aioboto3.Session(
+            aws_access_key_id=s.access_key_id.get_secret_value() if s.access_key_id else None,
+            aws_secret_access_key=s.secret_access_key.get_secret_value() if s.secret_access_key else None,
+            aws_session_token=s.session_token.get_secret_value() if s.session_token else None,
+            region_name=s.region,
+        )
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": s.addressing_style},
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            retries={"max_attempts": s.max_retries, "mode": "standard"},
+            max_pool_connections=max(10, s.max_concurrency * 2),
+        )
+        self._stack = AsyncExitStack()
+        self._client = await self._stack.enter_async_context(session.client(
+            "s3", endpoint_url=str(s.endpoint_url).rstrip("/") if s.endpoint_url else None, config=config))
+        try:
+            await self._ensure_buckets()
+        except StorageError as exc:
+            log.warning("S3 not reachable at start (%s); will retry before the first write", exc)
+
+    async def close(self) -> None:
+        """Close the client."""
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack, self._client = None, None
+
+    async def _ensure_buckets(self) -> None:
+        for bucket in self.buckets:
+            if bucket in self._ready_buckets:
+                continue
+            try:
+                await self._client.head_bucket(Bucket=bucket)
+            except ClientError as exc:
+                if _code(exc) not in _NOT_FOUND or not self.settings.create_bucket:
+                    raise StorageError(f"bucket {bucket}: {exc}") from exc
+                args: dict[str, Any] = {"Bucket": bucket}
+                if self.settings.region != "us-east-1":
+                    args["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+                try:
+                    await self._client.create_bucket(**args)
+                except ClientError as cexc:
+                    if _code(cexc) not in ("BucketAlreadyOwnedByYou",):
+                        raise StorageError(f"cannot create bucket {bucket}: {cexc}") from cexc
+                log.info("created bucket %s", bucket)
+            except BotoCoreError as exc:
+                raise StorageError(f"S3 unreachable: {exc}") from exc
+            self._ready_buckets.add(bucket)
+
+    async def check(self) -> None:
+        """HeadBucket on every bucket. Raises :class:`StorageError`."""
+        try:
+            for bucket in self.buckets:
+                await self._client.head_bucket(Bucket=bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"S3 not ready: {exc}") from exc
+
+    # -- objects ----------------------------------------------------------------------------
+    def _object_args(self, content_type: str, metadata: dict[str, str]) -> dict[str, Any]:
+        args: dict[str, Any] = {"ContentType": content_type, **self._sse(),
+                                "Metadata": {k: _ascii(v) for k, v in metadata.items()}}
+        if metadata.get("filename"):
+            args["ContentDisposition"] = content_disposition(metadata["filename"], content_type)
+        return args
+
+    async def put(self, key: str, stream: AsyncIterator[bytes], content_type: str,
+                  metadata: dict[str, str], category: str | None = None) -> PutResult:
+        """Stream into S3 (single PUT or multipart). ``metadata`` is read after the stream ends.
+
+        Raises :class:`InvalidKey`, :class:`StorageError`, or what ``stream`` raises; a failed
+        multipart upload is aborted.
+        """
+        s3_key = self._key(key)
+        bucket = self.bucket_for(category)
+        try:
+            await self._ensure_buckets()
+            it = stream.__aiter__()
+            head, ended = await _read_up_to(it, self.settings.multipart_threshold)
+            if ended:
+                resp = await self._client.put_object(Bucket=bucket, Key=s3_key, Body=head,
+                                                     **self._object_args(content_type, metadata))
+                return PutResult(key=key, size=len(head), etag=resp.get("ETag"), bucket=bucket)
+            size, etag = await self._multipart(bucket, s3_key, head, it, content_type, metadata)
+            return PutResult(key=key, size=size, etag=etag, bucket=bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"S3 put {bucket}/{s3_key}: {exc}") from exc
+
+    async def _multipart(self, bucket: str, s3_key: str, head: bytes, it: AsyncIterator[bytes],
+                         content_type: str, metadata: dict[str, str]) -> tuple[int, str | None]:
+        part_size = self.settings.part_size
+        created = await self._client.create_multipart_upload(
+            Bucket=bucket, Key=s3_key, **self._object_args(content_type, metadata))
+        upload_id = created["UploadId"]
+        parts: dict[int, str] = {}
+        slots = asyncio.Semaphore(self.settings.max_concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def upload(number: int, body: bytes) -> None:
+            try:
+                resp = await self._client.upload_part(Bucket=bucket, Key=s3_key, UploadId=upload_id,
+                                                      PartNumber=number, Body=body)
+                parts[number] = resp["ETag"]
+            finally:
+                slots.release()
+
+        try:
+            buffer, size, number, ended = bytearray(head), 0, 0, False
+            while not ended or buffer:
+                while len(buffer) < part_size and not ended:
+                    try:
+                        buffer += await it.__anext__()
+                    except StopAsyncIteration:
+                        ended = True
+                if not buffer:
+                    break
+                body = bytes(buffer[:part_size])
+                del buffer[:part_size]
+                number += 1
+                size += len(body)
+                await slots.acquire()
+                for t in [t for t in tasks if t.done()]:
+                    tasks.discard(t)
+                    t.result()  # surface a failed part now
+                task = asyncio.create_task(upload(number, body))
+                tasks.add(task)
+                del body
+            await asyncio.gather(*tasks)
+            done = await self._client.complete_multipart_upload(
+                Bucket=bucket, Key=s3_key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]})
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self._client.abort_multipart_upload(Bucket=bucket, Key=s3_key, UploadId=upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("could not abort multipart upload %s of %s/%s: %s", upload_id, bucket, s3_key, exc)
+            raise
+        # Metadata known only now (the SHA-256): rewrite it onto the completed object. If that
+        # fails, remove the object so that a retry does not leave an orphan behind.
+        try:
+            await self._client.copy_object(
+                Bucket=bucket, Key=s3_key, CopySource={"Bucket": bucket, "Key": s3_key},
+                MetadataDirective="REPLACE", **self._object_args(content_type, metadata))
+        except BaseException:
+            try:
+                await self._client.delete_object(Bucket=bucket, Key=s3_key)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("could not remove %s/%s after a failed metadata copy: %s", bucket, s3_key, exc)
+            raise
+        return size, done.get("ETag")
+
+    async def open(self, key: str, start: int | None = None, end: int | None = None,
+                   bucket: str | None = None) -> OpenedObject:
+        """GetObject, with ``Range: bytes=start-end`` when asked. Raises :class:`ObjectNotFound`."""
+        bucket = bucket or self.settings.bucket
+        args: dict[str, Any] = {"Bucket": bucket, "Key": self._key(key)}
+        if start is not None or end is not None:
+            args["Range"] = f"bytes={start or 0}-{'' if end is None else end}"
+        try:
+            resp = await self._client.get_object(**args)
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND or _code(exc) == "InvalidRange":
+                if _code(exc) == "InvalidRange":
+                    raise StorageError(f"range not satisfiable for {key}") from exc
+                raise ObjectNotFound(key) from exc
+            raise StorageError(f"S3 get {bucket}/{key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 get {bucket}/{key}: {exc}") from exc
+        length = resp["ContentLength"]
+        total = length
+        first = start or 0
+        if "ContentRange" in resp:  # bytes first-last/total
+            span, _, total_s = resp["ContentRange"].removeprefix("bytes ").partition("/")
+            first = int(span.split("-")[0])
+            total = int(total_s)
+        return OpenedObject(key=key, size=total, start=first, end=first + length - 1,
+                            content_type=resp.get("ContentType"), chunks=_body_chunks(resp["Body"]))
+
+    async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
+        """HeadObject. Raises :class:`ObjectNotFound`."""
+        bucket = bucket or self.settings.bucket
+        try:
+            resp = await self._client.head_object(Bucket=bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                raise ObjectNotFound(key) from exc
+            raise StorageError(f"S3 head {bucket}/{key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 head {bucket}/{key}: {exc}") from exc
+        return ObjectStat(key=key, size=resp["ContentLength"], content_type=resp.get("ContentType"),
+                          modified=resp["LastModified"].timestamp(), metadata=dict(resp.get("Metadata", {})))
+
+    async def delete(self, key: str, bucket: str | None = None) -> bool:
+        """DeleteObject; ``True`` if the object existed (HeadObject first)."""
+        bucket = bucket or self.settings.bucket
+        try:
+            await self.stat(key, bucket=bucket)
+        except ObjectNotFound:
+            return False
+        try:
+            await self._client.delete_object(Bucket=bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"S3 delete {bucket}/{key}: {exc}") from exc
+        return True
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
+        """ListObjectsV2 (paginated) over every bucket."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for bucket in self.buckets:
+                async for page in paginator.paginate(Bucket=bucket, Prefix=self.settings.prefix + prefix):
+                    for item in page.get("Contents", []):
+                        yield ObjectStat(key=self._unkey(item["Key"]), size=item["Size"], content_type=None,
+                                         modified=item["LastModified"].timestamp(),
+                                         metadata={"bucket": bucket})
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"S3 list: {exc}") from exc
+
+    async def url(self, key: str, expires: int, filename: str | None = None,
+                  bucket: str | None = None, content_type: str | None = None) -> str | None:
+        """A SigV4 presigned GET valid ``expires`` seconds, with response-content-disposition."""
+        params: dict[str, Any] = {"Bucket": bucket or self.settings.bucket, "Key": self._key(key)}
+        if filename:
+            params["ResponseContentDisposition"] = content_disposition(filename, content_type or "")
+        return await self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+
+
+def _ascii(value: str) -> str:
+    """S3 user metadata travels in HTTP headers: keep it ASCII (RFC 2047 is not worth it here)."""
+    return value.encode("ascii", "backslashreplace").decode()
+
+
+async def _read_up_to(it: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:
+    """Read until more than ``limit`` bytes or the end; ``(bytes, ended)``."""
+    buf = bytearray()
+    while len(buf) <= limit:
+        try:
+            buf += await it.__anext__()
+        except StopAsyncIteration:
+            return bytes(buf), True
+    return bytes(buf), False
+
+
+async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body.iter_chunks(READ_CHUNK):
+            yield chunk
+    finally:
+        body.close()
+
+
+@hookimpl
+def register_storage(settings: Settings) -> list[S3Storage] | None:
+    """Offer the ``s3`` backend when ``storage.backend = "s3"``."""
+    if settings.storage.backend != S3Storage.name:
+        return None
+    return [S3Storage(plugin_settings(settings, ("storage", "s3"), S3Settings))]
