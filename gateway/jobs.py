@@ -73,7 +73,8 @@ Handler = Callable[[Job], Awaitable[JobResult | None]]
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based): exponential, capped,
     with "equal jitter" (uniform in the upper half) so retries of many jobs spread out."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    exponent = min(max(0, attempt - 1), 64)  # 2**64 * base is past any cap; no float overflow
+    delay = min(cap, base * 2.0 ** exponent)
     return delay / 2 + (rng or random).uniform(0, delay / 2)
 
 

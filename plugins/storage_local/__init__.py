@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from stat import S_ISREG
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,6 +50,9 @@ class LocalStorage:
     def __init__(self, root: Path, fsync: bool = True):
         self.root = Path(root)
         self.fsync = fsync
+        # Held only for the renames that publish an object, so that concurrent puts of one key
+        # end with one writer's data and metadata together (the data fsync happens before it).
+        self._publish = threading.Lock()
 
     # -- paths ----------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
@@ -125,19 +130,21 @@ class LocalStorage:
             if self.fsync:
                 os.fsync(fh.fileno())
             fh.close()
+            final.parent.mkdir(parents=True, exist_ok=True)
             meta_path = self._meta_path(key)
             meta_path.parent.mkdir(parents=True, exist_ok=True)
             meta_tmp = tmp.with_suffix(".meta")
             meta_tmp.write_text(json.dumps(meta))
-            os.replace(meta_tmp, meta_path)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
+            with self._publish:
+                os.replace(tmp, final)
+                os.replace(meta_tmp, meta_path)
             if self.fsync:
-                dir_fd = os.open(final.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                for directory in {final.parent, meta_path.parent}:
+                    dir_fd = os.open(directory, os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
         except OSError as exc:
             raise StorageError(f"cannot store {key}: {exc}") from exc
 
@@ -147,7 +154,7 @@ class LocalStorage:
         path = self.path_for(key)
         try:
             fh: BinaryIO = await asyncio.to_thread(open, path, "rb")
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
         except OSError as exc:
             raise StorageError(f"cannot open {key}: {exc}") from exc
@@ -170,8 +177,10 @@ class LocalStorage:
         path = self.path_for(key)
         try:
             st = await asyncio.to_thread(os.stat, path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(key) from None
+        if not S_ISREG(st.st_mode):  # a directory: a prefix of other keys, not an object
+            raise ObjectNotFound(key)
         meta = await asyncio.to_thread(self._read_meta, key)
         return ObjectStat(key=key, size=st.st_size, content_type=meta.get("content_type"),
                           modified=st.st_mtime, metadata=meta.get("metadata", {}))
@@ -185,7 +194,7 @@ class LocalStorage:
             try:
                 path.unlink()
                 return True
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return False
         return await asyncio.to_thread(_delete)
 

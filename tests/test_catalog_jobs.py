@@ -1,0 +1,489 @@
+"""gateway.catalog (real SQLite in tmp_path) and gateway.jobs (backoff, the JobQueue end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError
+from gateway.config import QueueSettings
+from gateway.jobs import Job, JobQueue, JobResult, PermanentError, backoff_delay
+from gateway.metrics import Metrics
+from gateway.providers import MediaRef, WebhookEvent
+
+T0 = 1_000_000.0  # an injected clock for the catalog's own ``now`` parameters
+
+
+def _event(key: str, media: int = 1) -> WebhookEvent:
+    return WebhookEvent(
+        idempotency_key=key, event="message", account="default",
+        payload={"id": key, "body": "hi"},
+        media=[MediaRef(path="payload.media", url=f"http://waha/files/{key}-{i}", source_key=f"src:{key}:{i}",
+                        mimetype="image/jpeg") for i in range(media)],
+        chat="123@c.us", message_id=key,
+    )
+
+
+@pytest.fixture
+async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
+    c = Catalog(tmp_path / "var" / "gateway.db")
+    await c.open()
+    yield c
+    await c.close()
+
+
+def _sql(path: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+# -- opening --------------------------------------------------------------------------------------
+
+async def test_catalog_opens_in_wal_mode_with_the_schema_version(tmp_path):
+    path = tmp_path / "sub" / "dir" / "gateway.db"  # directories are created
+    c = Catalog(path)
+    await c.open()
+    try:
+        assert await c.run(lambda db: db.conn.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+        assert await c.run(lambda db: db.conn.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+        assert await c.schema_version() == SCHEMA_VERSION
+        await c.check()
+        assert await c.count("events") == await c.count("jobs") == await c.count("media") == 0
+    finally:
+        await c.close()
+    # persistent on disk, as another connection sees it
+    assert _sql(path, "PRAGMA journal_mode") == [("wal",)]
+    assert _sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_catalog_reopens_with_its_data(tmp_path):
+    path = tmp_path / "gateway.db"
+    c = Catalog(path)
+    await c.open()
+    accepted, _ = await c.record_webhook("waha", b"{}", [_event("k1")], now=T0)
+    await c.close()
+    await c.close()  # idempotent
+
+    c2 = Catalog(path)
+    await c2.open()
+    try:
+        assert await c2.schema_version() == SCHEMA_VERSION
+        assert (await c2.get_event(accepted[0]))["idempotency_key"] == "k1"
+        assert await c2.count("jobs") == 1
+    finally:
+        await c2.close()
+
+
+async def test_catalog_from_a_newer_gateway_is_refused(tmp_path):
+    path = tmp_path / "gateway.db"
+    c = Catalog(path)
+    await c.open()
+    await c.close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    c2 = Catalog(path)
+    with pytest.raises(CatalogError):
+        await c2.open()
+    await c2.close()
+
+
+async def test_a_closed_catalog_raises(tmp_path):
+    c = Catalog(tmp_path / "gateway.db")
+    with pytest.raises(CatalogError):
+        await c.check()
+    await c.close()
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+async def test_record_webhook_commits_events_and_ingest_jobs(catalog, tmp_path):
+    raw = b'{"event":"message"}'
+    accepted, dups = await catalog.record_webhook("waha", raw, [_event("k1", media=2), _event("k2")], now=T0)
+    assert dups == [] and len(accepted) == 2 and len(set(accepted)) == 2
+    ev = await catalog.get_event(accepted[0])
+    assert ev["provider"] == "waha" and ev["raw"] == raw and ev["state"] == "queued"
+    assert ev["payload"] == {"id": "k1", "body": "hi"}
+    assert [MediaRef.from_dict(m).source_key for m in ev["media"]] == ["src:k1:0", "src:k1:1"]
+    assert (ev["account"], ev["chat"], ev["message_id"], ev["received_at"]) == ("default", "123@c.us", "k1", T0)
+    jobs = await catalog.list_jobs()
+    assert [(j["kind"], j["key"], j["payload"], j["state"], j["attempts"], j["run_at"]) for j in jobs] == [
+        ("ingest", f"ingest:{eid}", {"event_id": eid}, "queued", 0, T0) for eid in accepted]
+    # committed: another connection sees them while the catalog is open
+    assert _sql(catalog.path, "SELECT COUNT(*) FROM events") == [(2,)]
+    assert _sql(catalog.path, "SELECT COUNT(*) FROM jobs WHERE kind='ingest'") == [(2,)]
+
+
+async def test_record_webhook_reports_duplicates(catalog):
+    first, _ = await catalog.record_webhook("waha", b"1", [_event("k1")], now=T0)
+    accepted, dups = await catalog.record_webhook("waha", b"2", [_event("k1"), _event("k3")], now=T0 + 1)
+    assert dups == ["k1"] and len(accepted) == 1
+    assert await catalog.count("events") == 2
+    assert await catalog.count("jobs") == 2
+    # the first copy is untouched
+    assert (await catalog.get_event(first[0]))["raw"] == b"1"
+    # a repeat inside one body is a duplicate too
+    accepted, dups = await catalog.record_webhook("waha", b"3", [_event("k4"), _event("k4")], now=T0)
+    assert len(accepted) == 1 and dups == ["k4"]
+
+
+async def test_concurrent_redeliveries_store_one_event(catalog):
+    results = await asyncio.gather(*(catalog.record_webhook("waha", b"x", [_event("same")], now=T0)
+                                     for _ in range(10)))
+    assert sum(len(a) for a, _ in results) == 1
+    assert sum(len(d) for _, d in results) == 9
+    assert await catalog.count("events") == 1 and await catalog.count("jobs") == 1
+
+
+async def test_get_event_unknown(catalog):
+    assert await catalog.get_event("ev_nope") is None
+
+
+# -- jobs in the catalog --------------------------------------------------------------------------
+
+async def test_claim_respects_run_at_and_order(catalog):
+    a, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    b, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
+    assert await catalog.next_run_at() == T0
+    assert await catalog.claim_job(now=T0 - 1) is None
+    job = await catalog.claim_job(now=T0 + 10)
+    assert job["payload"] == {"event_id": a[0]} and job["attempts"] == 1 and job["kind"] == "ingest"
+    assert (await catalog.get_job(job["id"]))["state"] == "running"
+    job2 = await catalog.claim_job(now=T0 + 10)
+    assert job2["payload"] == {"event_id": b[0]}
+    assert await catalog.claim_job(now=T0 + 10) is None
+    assert await catalog.next_run_at() is None
+
+
+async def test_complete_job_with_followups_and_event_update(catalog):
+    [eid], _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    followups = [("deliver", f"deliver:{eid}:bot", {"event_id": eid, "target": "bot"}),
+                 ("deliver", f"deliver:{eid}:bot2", {"event_id": eid, "target": "bot2"})]
+    await catalog.complete_job(job["id"], followups, (eid, {"state": "stored", "forward": {"x": [1]},
+                                                            "notes": ["n1"]}))
+    done = await catalog.get_job(job["id"])
+    assert done["state"] == "done" and done["last_error"] is None and done["attempts"] == 1
+    ev = await catalog.get_event(eid)
+    assert ev["state"] == "stored" and ev["forward"] == {"x": [1]} and ev["notes"] == ["n1"]
+    deliver = await catalog.list_jobs(state="queued", kind="deliver")
+    assert [j["payload"]["target"] for j in deliver] == ["bot", "bot2"]
+    assert all(j["attempts"] == 0 for j in deliver)
+    # follow-ups are idempotent by key
+    assert await catalog.enqueue("deliver", f"deliver:{eid}:bot", {"dup": True}) is False
+    assert await catalog.count("jobs", "kind = ?", ["deliver"]) == 2
+    assert await catalog.job_counts() == {("ingest", "done"): 1, ("deliver", "queued"): 2}
+
+
+async def test_fail_job_retry_then_dead(catalog):
+    await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    await catalog.fail_job(job["id"], "ConnectionError: refused", retry_at=T0 + 30)
+    row = await catalog.get_job(job["id"])
+    assert (row["state"], row["run_at"], row["last_error"], row["attempts"]) == (
+        "queued", T0 + 30, "ConnectionError: refused", 1)
+    assert await catalog.claim_job(now=T0 + 29) is None
+    again = await catalog.claim_job(now=T0 + 30)
+    assert again["id"] == job["id"] and again["attempts"] == 2
+
+    await catalog.fail_job(job["id"], "x" * 5000, retry_at=None)
+    row = await catalog.get_job(job["id"])
+    assert row["state"] == "dead" and row["last_error"] == "x" * 2000  # bounded
+    assert await catalog.claim_job(now=T0 + 10**9) is None
+
+
+async def test_release_job_uncounts_the_attempt(catalog):
+    await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    await catalog.release_job(job["id"])
+    row = await catalog.get_job(job["id"])
+    assert (row["state"], row["attempts"]) == ("queued", 0)
+    await catalog.release_job(job["id"])  # only a running job is released
+    assert (await catalog.get_job(job["id"]))["attempts"] == 0
+
+
+async def test_requeue_running_after_a_crash(tmp_path):
+    path = tmp_path / "gateway.db"
+    c = Catalog(path)
+    await c.open()
+    await c.record_webhook("waha", b"a", [_event("a"), _event("b")], now=T0)
+    claimed = await c.claim_job(now=T0)
+    await c.close()  # "crash": the job is never finished
+
+    c2 = Catalog(path)
+    await c2.open()
+    try:
+        assert (await c2.get_job(claimed["id"]))["state"] == "running"
+        other = await c2.claim_job(now=T0)
+        assert other["id"] != claimed["id"]
+        assert await c2.claim_job(now=T0) is None  # the running one is not handed out twice
+        await c2.release_job(other["id"])
+        assert await c2.requeue_running() == 1
+        assert (await c2.get_job(claimed["id"]))["state"] == "queued"
+        assert await c2.requeue_running() == 0
+        jobs = [await c2.claim_job(now=T0), await c2.claim_job(now=T0)]
+        assert {j["id"] for j in jobs} == {claimed["id"], other["id"]}
+        again = next(j for j in jobs if j["id"] == claimed["id"])
+        assert again["attempts"] == 2  # the crashed attempt counts (a poison job cannot loop forever)
+    finally:
+        await c2.close()
+
+
+# -- backoff --------------------------------------------------------------------------------------
+
+def test_backoff_grows_exponentially_within_its_jitter_band():
+    rng = random.Random(1234)
+    base, cap = 0.5, 1000.0
+    previous = 0.0
+    for attempt in range(1, 12):
+        upper = base * 2 ** (attempt - 1)
+        samples = [backoff_delay(attempt, base, cap, rng) for _ in range(50)]
+        assert all(upper / 2 <= s <= upper for s in samples), attempt
+        assert min(samples) >= previous  # the bands [d/2, d] never go backwards
+        assert max(samples) > upper * 0.9 and min(samples) < upper * 0.6  # jitter spreads the band
+        previous = max(samples)
+
+
+def test_backoff_is_capped():
+    rng = random.Random(7)
+    for attempt in range(10, 60):  # 2.0 * 2**9 = 1024 > 600
+        d = backoff_delay(attempt, 2.0, 600.0, rng)
+        assert 300.0 <= d <= 600.0
+    assert 300.0 <= backoff_delay(10, 2.0, 600.0, rng) <= 600.0
+
+
+def test_backoff_first_attempt_and_determinism():
+    assert 1.0 <= backoff_delay(1, 2.0, 600.0, random.Random(0)) <= 2.0
+    a = [backoff_delay(n, 2.0, 600.0, random.Random(42)) for n in range(1, 15)]
+    b = [backoff_delay(n, 2.0, 600.0, random.Random(42)) for n in range(1, 15)]
+    assert a == b
+
+
+def test_backoff_is_capped_for_any_attempt_number():
+    rng = random.Random(3)
+    for attempt in (1024, 1025, 5000, 10**6):
+        assert 300.0 <= backoff_delay(attempt, 2.0, 600.0, rng) <= 600.0
+
+
+# -- JobQueue end to end --------------------------------------------------------------------------
+
+FAST = dict(workers=2, backoff_base=0.01, backoff_max=0.02, poll_interval=0.05)
+
+
+async def _wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _job_in_state(catalog: Catalog, job_id: int, state: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def check() -> bool:
+        return (await catalog.get_job(job_id))["state"] == state
+    await _wait_for(check, timeout)
+    return await catalog.get_job(job_id)
+
+
+async def _one_job(catalog: Catalog, kind: str = "ingest") -> int:
+    assert await catalog.enqueue(kind, f"{kind}:1", {"n": 1})
+    [job] = await catalog.list_jobs(kind=kind)
+    return job["id"]
+
+
+def _processed(metrics: Metrics, kind: str, outcome: str) -> float:
+    return metrics.registry.get_sample_value(
+        "gateway_jobs_processed_total", {"kind": kind, "outcome": outcome}) or 0.0
+
+
+@pytest.fixture
+async def run_queue(catalog) -> AsyncIterator[Callable[..., Awaitable[tuple[JobQueue, Metrics]]]]:
+    queues: list[JobQueue] = []
+
+    async def _start(handlers: dict[str, Any], **settings: Any) -> tuple[JobQueue, Metrics]:
+        metrics = Metrics()
+        q = JobQueue(catalog, QueueSettings(**{**FAST, **settings}), metrics, handlers)
+        await q.start()
+        queues.append(q)
+        return q, metrics
+
+    yield _start
+    for q in queues:
+        await q.stop(grace=1.0)
+
+
+@pytest.mark.parametrize("failures", [0, 1, 3])
+async def test_queue_retries_until_the_handler_succeeds(catalog, run_queue, failures):
+    job_id = await _one_job(catalog)
+    seen: list[Job] = []
+
+    async def handler(job: Job) -> None:
+        seen.append(job)
+        if len(seen) <= failures:
+            raise ConnectionError(f"try {len(seen)}")
+
+    q, metrics = await run_queue({"ingest": handler}, max_attempts=5)
+    q.notify()
+    row = await _job_in_state(catalog, job_id, "done")
+    assert row["attempts"] == failures + 1
+    assert row["last_error"] is None
+    assert [j.attempts for j in seen] == list(range(1, failures + 2))
+    assert [j.last_attempt for j in seen] == [False] * (failures + 1)
+    assert seen[0].payload == {"n": 1} and seen[0].kind == "ingest" and seen[0].key == "ingest:1"
+    assert _processed(metrics, "ingest", "retry") == failures
+    assert _processed(metrics, "ingest", "done") == 1
+
+
+async def test_queue_handler_that_always_fails_goes_dead(catalog, run_queue):
+    job_id = await _one_job(catalog)
+    calls: list[Job] = []
+
+    async def handler(job: Job) -> None:
+        calls.append(job)
+        raise RuntimeError(f"nope #{job.attempts}")
+
+    _, metrics = await run_queue({"ingest": handler}, max_attempts=3)
+    row = await _job_in_state(catalog, job_id, "dead")
+    assert row["attempts"] == 3
+    assert row["last_error"] == "RuntimeError: nope #3"
+    assert len(calls) == 3 and calls[-1].last_attempt and not calls[-2].last_attempt
+    assert _processed(metrics, "ingest", "retry") == 2
+    assert _processed(metrics, "ingest", "dead") == 1
+
+
+async def test_queue_permanent_error_is_dead_at_once(catalog, run_queue):
+    job_id = await _one_job(catalog)
+    calls = 0
+
+    async def handler(job: Job) -> None:
+        nonlocal calls
+        calls += 1
+        raise PermanentError("media URL is gone for good")
+
+    _, metrics = await run_queue({"ingest": handler}, max_attempts=5)
+    row = await _job_in_state(catalog, job_id, "dead")
+    assert row["attempts"] == 1 and calls == 1
+    assert "media URL is gone for good" in row["last_error"]
+    assert _processed(metrics, "ingest", "dead") == 1 and _processed(metrics, "ingest", "retry") == 0
+
+
+async def test_queue_unknown_kind_is_dead(catalog, run_queue):
+    job_id = await _one_job(catalog, kind="mystery")
+    await run_queue({"ingest": lambda job: None})
+    row = await _job_in_state(catalog, job_id, "dead")
+    assert "mystery" in row["last_error"]
+
+
+async def test_queue_runs_followups(catalog, run_queue):
+    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("f1")])
+    delivered = asyncio.Event()
+
+    async def ingest(job: Job) -> JobResult:
+        return JobResult(followups=[("deliver", f"deliver:{job.payload['event_id']}:bot",
+                                     {"event_id": job.payload["event_id"]})],
+                         event_update=(job.payload["event_id"], {"state": "stored"}))
+
+    async def deliver(job: Job) -> None:
+        assert job.payload == {"event_id": eid}
+        delivered.set()
+
+    q, _ = await run_queue({"ingest": ingest, "deliver": deliver})
+    q.notify()
+    await asyncio.wait_for(delivered.wait(), 5)
+
+    async def all_done() -> bool:
+        return await catalog.job_counts() == {("ingest", "done"): 1, ("deliver", "done"): 1}
+    await _wait_for(all_done)
+    assert (await catalog.get_event(eid))["state"] == "stored"
+
+
+async def test_queue_start_requeues_jobs_left_running(catalog, run_queue):
+    job_id = await _one_job(catalog)
+    await catalog.claim_job()  # a previous process died with it running
+    done = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        done.set()
+
+    await run_queue({"ingest": handler})
+    await asyncio.wait_for(done.wait(), 5)
+    row = await _job_in_state(catalog, job_id, "done")
+    assert row["attempts"] == 2
+
+
+async def test_queue_stop_returns_a_blocked_job_uncounted(catalog):
+    job_id = await _one_job(catalog)
+    entered = asyncio.Event()
+    cancelled = False
+
+    async def handler(job: Job) -> None:
+        nonlocal cancelled
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # never set
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    q = JobQueue(catalog, QueueSettings(**FAST), Metrics(), {"ingest": handler})
+    await q.start()
+    await asyncio.wait_for(entered.wait(), 5)
+    assert (await catalog.get_job(job_id))["state"] == "running"
+    started = time.monotonic()
+    await asyncio.wait_for(q.stop(grace=0.1), 5)
+    assert time.monotonic() - started < 2.0
+    assert cancelled
+    row = await catalog.get_job(job_id)
+    assert (row["state"], row["attempts"]) == ("queued", 0)
+    # and a new queue picks it up
+    done = asyncio.Event()
+
+    async def ok(job: Job) -> None:
+        assert job.attempts == 1
+        done.set()
+
+    q2 = JobQueue(catalog, QueueSettings(**FAST), Metrics(), {"ingest": ok})
+    await q2.start()
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+        await _job_in_state(catalog, job_id, "done")
+    finally:
+        await q2.stop(grace=1.0)
+
+
+async def test_queue_stop_lets_a_job_finish_within_the_grace(catalog):
+    job_id = await _one_job(catalog)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        entered.set()
+        await release.wait()
+
+    q = JobQueue(catalog, QueueSettings(**FAST), Metrics(), {"ingest": handler})
+    await q.start()
+    await asyncio.wait_for(entered.wait(), 5)
+    stopping = asyncio.create_task(q.stop(grace=5.0))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.wait_for(stopping, 5)
+    row = await catalog.get_job(job_id)
+    assert (row["state"], row["attempts"]) == ("done", 1)
+
+
+async def test_queue_stop_takes_no_new_jobs(catalog):
+    q = JobQueue(catalog, QueueSettings(**FAST), Metrics(), {"ingest": lambda job: None})
+    await q.start()
+    await q.stop(grace=0.1)
+    job_id = await _one_job(catalog)
+    q.notify()
+    await asyncio.sleep(0.1)  # nothing to wait for: the workers are gone
+    assert (await catalog.get_job(job_id))["state"] == "queued"

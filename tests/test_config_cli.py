@@ -1,0 +1,265 @@
+"""gateway.config and the ``gateway`` command line (run as a real subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gateway
+from gateway.config import ConfigError, load_settings
+from gateway.plugins import PluginLoadError, describe, make_manager
+from tests.conftest import REPO
+
+CONFIG = REPO / "gateway.toml"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """No GATEWAY_* variable of the outer environment leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
+# -- load_settings --------------------------------------------------------------------------------
+
+def test_the_repository_config_loads():
+    s = load_settings(CONFIG)
+    assert "waha" in s.providers
+    assert s.providers["waha"]["base_url"] == "http://localhost:3000"
+    assert s.storage.backend == "local"
+    assert s.section("storage", "local")["root"] == "var/media"
+    assert s.resolve_path(s.section("storage", "local")["root"]) == REPO / "var" / "media"
+    assert s.catalog.path == REPO / "var" / "gateway.db"  # relative to the file, not the cwd
+    assert s.server.port == 8080 and s.queue.workers == 4
+
+
+def test_relative_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(CONFIG).catalog.path == REPO / "var" / "gateway.db"
+
+
+def test_env_overrides_the_port(monkeypatch):
+    monkeypatch.setenv("GATEWAY_SERVER__PORT", "9000")
+    s = load_settings(CONFIG)
+    assert s.server.port == 9000
+    assert s.server.host == "127.0.0.1"  # the rest of [server] still comes from the file
+
+
+def test_env_overrides_a_nested_provider_setting(monkeypatch):
+    monkeypatch.setenv("GATEWAY_PROVIDERS__WAHA__API_KEY", "from-env")
+    s = load_settings(CONFIG)
+    assert s.providers["waha"]["api_key"] == "from-env"
+    assert s.providers["waha"]["base_url"] == "http://localhost:3000"  # merged, not replaced
+    assert s.section("providers", "waha")["enabled"] is True
+
+
+def test_a_bad_env_override_names_the_setting(monkeypatch):
+    monkeypatch.setenv("GATEWAY_SERVER__PORT", "70000")
+    with pytest.raises(ConfigError) as info:
+        load_settings(CONFIG)
+    assert str(info.value).startswith("server.port")
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_env_references_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_LINK_SECRET", "s3cr3t")
+    monkeypatch.setenv("TEST_WAHA_HOST", "waha.internal")
+    path = _toml(tmp_path, '[media]\nlink_secret = "${TEST_LINK_SECRET}"\n'
+                           '[providers.waha]\nbase_url = "http://${TEST_WAHA_HOST}:3000"\n')
+    s = load_settings(path)
+    assert s.media.link_secret.get_secret_value() == "s3cr3t"
+    assert s.link_secret() == b"s3cr3t"
+    assert s.providers["waha"]["base_url"] == "http://waha.internal:3000"
+
+
+@pytest.mark.parametrize("text,setting", [
+    ('[media]\nlink_secret = "${TEST_SURELY_UNSET_VAR}"\n', "media.link_secret"),
+    ('[providers.waha]\napi_key = "key-${TEST_SURELY_UNSET_VAR}"\n', "providers.waha.api_key"),
+])
+def test_an_unset_env_reference_names_the_setting(tmp_path, monkeypatch, text, setting):
+    monkeypatch.delenv("TEST_SURELY_UNSET_VAR", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_settings(_toml(tmp_path, text))
+    msg = str(info.value)
+    assert msg.startswith(setting + ":"), msg
+    assert "TEST_SURELY_UNSET_VAR" in msg
+    assert "\n" not in msg
+
+
+def test_a_plugin_section_error_names_the_full_setting():
+    from gateway.app import select_providers
+
+    s = load_settings(CONFIG)
+    s.providers["waha"]["base_url"] = "not a url"
+    with pytest.raises(ConfigError) as info:
+        select_providers(s, make_manager())
+    assert str(info.value).startswith("providers.waha.base_url:")
+
+
+def test_a_toml_syntax_error_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_settings(_toml(tmp_path, "[server\nport = 1\n"))
+    assert str(info.value).startswith("config:") and "\n" not in str(info.value)
+
+
+def test_a_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "nope.toml")
+    assert str(info.value).startswith("config")
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+# Every command runs as its own ``python -m gateway`` process. They are independent, so the module
+# starts them all at once (one interpreter start-up each is the slow part) and each test checks
+# the outcome of its own.
+
+BAD_CONFIGS = {
+    "server.port": "[server]\nport = 70000\n",
+    "server.hots": '[server]\nport = 8080\nhots = "0.0.0.0"\n',
+    "media.key_template": '[media]\nkey_template = "{provider}/{account}/{category}{ext}"\n',
+    "queue.workers": "[queue]\nworkers = 0\n",
+    "storage.backend": '[storage]\nbackend = "nope"\n',
+}
+SERVE_BAD = ["server.port", "storage.backend"]  # in load_settings; later, in create_app
+
+
+def _broken_distribution(root: Path) -> None:
+    info = root / "broken_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[gateway]\nbroken = broken_mod\n")
+    (root / "broken_mod.py").write_text('raise ImportError("boom")\n')
+
+
+class CliRun:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        full_env.update(env or {})
+        self.cwd = cwd
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=cwd, env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.returncode: int | None = None
+        self.stdout = self.stderr = ""
+
+    def wait(self, timeout: float) -> CliRun:
+        try:
+            self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.stdout, self.stderr = self.proc.communicate()
+        self.returncode = self.proc.returncode
+        return self
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> dict[str, CliRun]:
+    base = tmp_path_factory.mktemp("cli")
+
+    def workdir(name: str, toml: str | None = None) -> Path:
+        d = base / name.replace("/", "_")
+        d.mkdir()
+        if toml is not None:
+            (d / "gateway.toml").write_text(toml)
+        return d
+
+    runs: dict[str, CliRun] = {}
+    d = workdir("ok")
+    runs["ok"] = CliRun(["check-config", "--config", str(CONFIG)], d)
+    for setting, text in BAD_CONFIGS.items():
+        d = workdir(f"bad-{setting}", text)
+        runs[f"bad:{setting}"] = CliRun(["check-config", "--config", str(d / "gateway.toml")], d)
+    for setting in SERVE_BAD:
+        d = workdir(f"serve-{setting}", BAD_CONFIGS[setting] + '[catalog]\npath = "var/gateway.db"\n')
+        runs[f"serve:{setting}"] = CliRun(["serve", "--config", str(d / "gateway.toml")], d)
+    d = workdir("plugins")
+    runs["plugins"] = CliRun(["plugins"], d)
+    site = base / "broken-site"
+    _broken_distribution(site)
+    d = workdir("broken")
+    runs["broken"] = CliRun(["plugins"], d, env={"PYTHONPATH": str(site)})
+    deadline = time.monotonic() + 30
+    for run in runs.values():
+        run.wait(timeout=max(0.1, deadline - time.monotonic()))
+    return runs
+
+
+def test_check_config_of_the_repository_config(cli):
+    r = cli["ok"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok: storage local, providers waha")
+
+
+@pytest.mark.parametrize("setting", sorted(BAD_CONFIGS))
+def test_check_config_bad_values_exit_2_with_one_line(cli, setting):
+    r = cli[f"bad:{setting}"]
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f" {setting}: " in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("setting", SERVE_BAD)
+def test_serve_with_a_bad_config_exits_2_quickly(cli, setting):
+    r = cli[f"serve:{setting}"]
+    assert r.returncode == 2, (r.stdout, r.stderr)  # a hung daemon was killed: -9
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f" {setting}: " in lines[0], r.stderr
+    assert not (r.cwd / "var").exists()  # nothing was opened
+
+
+def test_plugins_lists_the_builtin_plugins_and_their_hooks(cli):
+    r = cli["plugins"]
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.strip()}
+    assert rows["whatsapp_waha"][1] == "plugins.whatsapp_waha"
+    assert rows["whatsapp_waha"][-1] == "register_providers"
+    assert rows["storage_local"][1] == "plugins.storage_local"
+    assert rows["storage_local"][-1] == "register_storage"
+    assert "chat-media-gateway" in rows["storage_local"]
+
+
+def test_a_plugin_that_fails_to_import_is_named(cli):
+    r = cli["broken"]
+    assert r.returncode != 0
+    assert r.returncode == 1, r.stderr  # a plugin error, not a config error
+    assert "broken" in r.stderr and "boom" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# -- the plugin manager in process ----------------------------------------------------------------
+
+class _Misspelt:
+    @gateway.hookimpl
+    def register_provider(self, settings):  # the hook is register_providers
+        return []
+
+
+class _Good:
+    @gateway.hookimpl
+    def register_providers(self, settings):
+        return []
+
+
+def test_a_misspelt_hook_fails_loudly():
+    with pytest.raises(PluginLoadError) as info:
+        make_manager(load_entrypoints=False, extra=[_Misspelt()])
+    assert "register_provider" in str(info.value)
+
+
+def test_a_correct_extra_plugin_registers():
+    pm = make_manager(load_entrypoints=False, extra=[_Good()])
+    [info] = describe(pm)
+    assert info.hooks == ("register_providers",)
+    assert info.module == __name__
