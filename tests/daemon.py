@@ -74,10 +74,11 @@ class GatewayProcess:
 
     async def start(self, timeout: float = 20.0) -> None:
         """Start the daemon and wait until ``/healthz`` answers."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+        env["PYTHONUNBUFFERED"] = "1"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                                     cwd=REPO, stdout=log, stderr=log, env=env)
+                                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:

@@ -28,7 +28,7 @@ from gateway import hookimpl
 from gateway.config import Settings, plugin_settings
 from gateway.storage import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
 
-WRITE_BATCH = 1024 * 1024  # bytes handed to one write() in a thread
+WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
 READ_CHUNK = 256 * 1024
 TMP_DIR, META_DIR = ".tmp", ".meta"
 

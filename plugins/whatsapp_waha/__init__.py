@@ -49,7 +49,7 @@ from gateway.providers import (
     WebhookEvent,
 )
 
-FETCH_CHUNK = 256 * 1024
+FETCH_CHUNK = 1024 * 1024  # bytes per read from WAHA (bench/stream_1gib.py: best with WRITE_BATCH 4 MiB)
 
 
 class WahaSettings(BaseModel):
