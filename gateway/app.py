@@ -14,6 +14,7 @@ import aiohttp
 import pluggy
 from aiohttp import web
 
+from gateway.auth import ApiKeys
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, Settings
 from gateway.delivery import Deliverer
@@ -36,6 +37,7 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 QUEUE = web.AppKey("queue", JobQueue)
 METRICS = web.AppKey("metrics", Metrics)
 LINKS = web.AppKey("links", LinkSigner)
+API_KEYS = web.AppKey("api_keys", ApiKeys)
 
 
 def gateway_version() -> str:
@@ -93,6 +95,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[METRICS] = metrics
     app[CATALOG] = Catalog(settings.catalog.path)
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
+    app[API_KEYS] = ApiKeys(settings.api)
     routes.setup_routes(app)
     for provider in providers.values():
         for route in provider.routes():

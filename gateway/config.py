@@ -19,6 +19,7 @@ exits with status 2.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -154,6 +155,41 @@ class TargetSettings(_Section):
     timeout: float = Field(30.0, gt=0, description="seconds one delivery may take")
 
 
+class ApiKeySettings(_Section):
+    """``[[api.keys]]``: one API key for the management and send APIs (``Authorization: Bearer``).
+
+    Give the key itself (``key``, ideally ``"${ENV_NAME}"``) or its SHA-256 hex (``key_sha256``,
+    e.g. ``printf %s "$KEY" | sha256sum``). ``scopes``: ``read``, ``write``, ``admin`` (admin
+    implies the others). ``tenant``: the key sees only objects of that tenant.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    scopes: list[Literal["read", "write", "admin"]] = Field(default_factory=lambda: ["read"])
+    tenant: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ApiKeySettings:
+        if (self.key is None or not self.key.get_secret_value()) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key and key_sha256")
+        return self
+
+    def digest(self) -> str:
+        """The key's SHA-256, lower-case hex."""
+        if self.key_sha256:
+            return self.key_sha256.lower()
+        assert self.key is not None
+        return hashlib.sha256(self.key.get_secret_value().encode()).hexdigest()
+
+
+class ApiSettings(_Section):
+    """``[api]``: who may call the HTTP APIs."""
+
+    keys: list[ApiKeySettings] = Field(default_factory=list)
+    metrics_key: bool = Field(False, description="require an API key (any scope) for /metrics")
+
+
 class LogSettings(_Section):
     """``[log]``: level and format (``auto``: JSON lines unless stderr is a terminal)."""
 
@@ -194,6 +230,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     targets: list[TargetSettings] = Field(default_factory=list)
     config_dir: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -210,6 +247,9 @@ class Settings(BaseSettings):
         names = [t.name for t in self.targets]
         if len(names) != len(set(names)):
             raise ValueError("targets: names must be unique")
+        key_names = [k.name for k in self.api.keys]
+        if len(key_names) != len(set(key_names)):
+            raise ValueError("api.keys: names must be unique")
         return self
 
     @classmethod

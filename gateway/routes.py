@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.app import CATALOG, LINKS, METRICS, PROVIDERS, QUEUE, SETTINGS, STORAGE
+from gateway.app import API_KEYS, CATALOG, LINKS, METRICS, PROVIDERS, QUEUE, SETTINGS, STORAGE
+from gateway.auth import Forbidden, Principal, Unauthorized
 from gateway.links import LinkError
 from gateway.media import content_disposition
 from gateway.providers import PayloadError, SignatureError
@@ -24,6 +26,17 @@ STREAM_CHUNK = 256 * 1024
 def error(status: int, message: str, **extra: object) -> web.Response:
     """A JSON error answer ``{"error": message, ...}`` with ``status``."""
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def require(request: web.Request, scope: str) -> Principal:
+    """The API key's principal if it has ``scope``; else raise 401 (no or bad key) or 403."""
+    try:
+        return request.app[API_KEYS].require(request, scope)
+    except Unauthorized as exc:
+        raise web.HTTPUnauthorized(text=json.dumps({"error": str(exc)}), content_type="application/json",
+                                   headers={"WWW-Authenticate": 'Bearer realm="gateway"'}) from None
+    except Forbidden as exc:
+        raise web.HTTPForbidden(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
 
 
 @web.middleware
@@ -204,7 +217,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: Prometheus text format."""
+    """``GET /metrics``: Prometheus text format (behind an API key with ``api.metrics_key``)."""
+    if request.app[SETTINGS].api.metrics_key:
+        require(request, "read")
     m = request.app[METRICS]
     await m.refresh(request.app[CATALOG], ["ingest", "deliver"])
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
