@@ -20,6 +20,7 @@ exits with status 2.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -58,6 +59,33 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PluginSection(BaseModel):
+    """Base of a plugin's settings model (``[providers.<name>]``, ``[storage.<name>]``).
+
+    Unknown keys are errors. List and table settings may come from the environment as JSON
+    (``GATEWAY_PROVIDERS__META__DOWNLOAD_HOSTS='["a.example"]'``): the host cannot type a plugin's
+    section, so such strings are decoded here, for fields whose type is a list or a dict only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_from_env(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            value = out.get(name)
+            origin = getattr(field.annotation, "__origin__", field.annotation)
+            if isinstance(value, str) and origin in (list, dict) and value.strip()[:1] in ("[", "{"):
+                try:
+                    out[name] = json.loads(value)
+                except ValueError:
+                    pass  # left as is: validation names the setting
+        return out
 
 
 class ServerSettings(_Section):

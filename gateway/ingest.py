@@ -111,10 +111,9 @@ class Ingestor:
     async def _ingest_ref(self, provider: Provider, event: WebhookEvent, event_id: str,
                           ref: MediaRef, last_attempt: bool) -> MediaOutcome:
         extra = {"event_id": event_id, "provider": provider.name}
-        if ref.error or not ref.url:
-            reason = ref.error or "the provider did not download this media (no url)"
-            log.info("media at %s not fetched: %s", ref.path, reason, extra=extra)
-            return MediaOutcome(ref, error=reason)
+        if ref.error:
+            log.info("media at %s not fetched: %s", ref.path, ref.error, extra=extra)
+            return MediaOutcome(ref, error=ref.error)
         async with self._locked(ref.source_key):
             existing = await self.catalog.media_by_source(ref.source_key)
             if existing is not None:
@@ -127,8 +126,7 @@ class Ingestor:
                 log.warning("media at %s not stored: %s", ref.path, exc, extra=extra)
                 return MediaOutcome(ref, error=str(exc))
             except (FetchError, DigestMismatch) as exc:
-                reason = "digest_mismatch" if isinstance(exc, DigestMismatch) else (
-                    f"http_{exc.status}" if exc.status else "fetch")
+                reason = "digest_mismatch" if isinstance(exc, DigestMismatch) else exc.reason
                 self.metrics.media_failures.labels(provider.name, reason).inc()
                 final = last_attempt or (isinstance(exc, FetchError) and not exc.retryable)
                 if final:

@@ -6,12 +6,14 @@ reference, and rewrites the payload to point at the stored copies.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+
+from gateway.storage import OpenedObject
 
 
 class SignatureError(Exception):
@@ -27,12 +29,35 @@ class FetchError(Exception):
 
     ``retryable``: the next attempt may succeed (network, 5xx, file not yet/no longer there).
     ``status``: the provider's HTTP status when there was one.
+    ``reason``: a short, bounded label for metrics (``auth``, ``unknown_media``, ``url_expired``...);
+    default ``http_<status>`` or ``fetch``.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True, status: int | None = None):
+    def __init__(self, message: str, *, retryable: bool = True, status: int | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.reason = reason or (f"http_{status}" if status else "fetch")
+
+
+class SendError(Exception):
+    """An outbound send failed. ``status`` is the HTTP status to answer the bot with (the
+    provider's own for a provider 4xx, 502 when it was unreachable); ``body`` is the provider's
+    answer (JSON-able) or a message."""
+
+    def __init__(self, status: int, body: Any):
+        super().__init__(body if isinstance(body, str) else f"provider answered {status}")
+        self.status = status
+        self.body = body
+
+
+class SendRefused(SendError):
+    """The media breaks the provider's documented limits (type, size, codec): HTTP 422, and
+    nothing was sent."""
+
+    def __init__(self, message: str):
+        super().__init__(422, message)
 
 
 @dataclass(slots=True)
@@ -40,11 +65,12 @@ class MediaRef:
     """One media attachment referenced by an event.
 
     - ``path``: where it sits in the payload, dotted (``payload.media``, ``payload.replyTo.media``).
-    - ``url``: where to fetch it, or ``None`` when the provider did not download it.
+    - ``url``: where to fetch it (``None`` when the provider fetches by id, see ``extra``).
     - ``source_key``: stable across redeliveries and across events of the same message, so the
       same attachment is stored once (e.g. ``waha:default:<payload.id>:payload.media``).
     - ``mimetype``, ``filename``, ``size`` (bytes), ``sha256`` (hex): what the provider declares.
     - ``error``: why there is nothing to fetch (the event is forwarded unchanged with a note).
+    - ``extra``: provider-specific (Meta: ``media_id``, ``phone_number_id``).
     """
 
     path: str
@@ -112,6 +138,46 @@ class MediaOutcome:
     error: str | None = None
 
 
+OUTBOUND_TYPES = ("image", "video", "audio", "voice", "document", "sticker")
+
+
+@dataclass(slots=True)
+class OutboundMedia:
+    """A stored object to send.
+
+    ``record``: its catalog row (``id``, ``mimetype``, ``size`` in bytes, ``filename``, ...);
+    ``link``: a signed gateway URL the provider can fetch; ``open(start, end)``: streams the bytes
+    (inclusive range, both ``None`` for all) as a :class:`gateway.storage.OpenedObject`.
+    """
+
+    record: dict[str, Any]
+    link: str
+    open: Callable[[int | None, int | None], Awaitable[OpenedObject]]
+
+
+@dataclass(slots=True)
+class SendRequest:
+    """One outbound media message: to chat ``to`` from ``account`` (WAHA session, Meta
+    ``phone_number_id``), ``type`` one of :data:`OUTBOUND_TYPES`; ``by`` asks Meta-style
+    providers to send by uploaded ``id`` or by ``link`` (``None``: the provider's setting)."""
+
+    account: str
+    to: str
+    type: str
+    media: OutboundMedia
+    caption: str | None = None
+    filename: str | None = None
+    by: str | None = None
+
+
+@dataclass(slots=True)
+class SendResult:
+    """The provider's message id and its whole answer."""
+
+    provider_message_id: str
+    response: Any
+
+
 @dataclass(slots=True)
 class ProviderContext:
     """Shared resources the host hands a provider in :meth:`Provider.start`."""
@@ -159,3 +225,7 @@ class Provider(Protocol):
 
     def rewrite(self, event: WebhookEvent, outcomes: list[MediaOutcome]) -> dict[str, Any]:
         """The payload to forward: each stored ref pointing at its gateway link; failures noted."""
+
+    async def send(self, request: SendRequest) -> SendResult:
+        """Send stored media to a chat. Raises :class:`SendRefused` (422) before sending anything
+        the provider would refuse, :class:`SendError` for provider errors."""

@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from gateway import hookimpl
-from gateway.config import Settings, plugin_settings
+from gateway.config import PluginSection, Settings, plugin_settings
 from gateway.storage import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
 
 WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
@@ -33,10 +33,8 @@ READ_CHUNK = 256 * 1024
 TMP_DIR, META_DIR = ".tmp", ".meta"
 
 
-class LocalSettings(BaseModel):
+class LocalSettings(PluginSection):
     """``[storage.local]``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     root: str = "var/media"
     fsync: bool = Field(True, description="fsync data and directories before a put returns")

@@ -31,10 +31,10 @@ from typing import Any, Literal
 import aioboto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from gateway import hookimpl
-from gateway.config import Settings, plugin_settings
+from gateway.config import PluginSection, Settings, plugin_settings
 from gateway.media import CATEGORIES, content_disposition
 from gateway.storage import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
 
@@ -45,10 +45,8 @@ READ_CHUNK = 256 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
-class S3Settings(BaseModel):
+class S3Settings(PluginSection):
     """``[storage.s3]``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     bucket: str = Field(min_length=3, max_length=63, description="the default bucket")
     endpoint_url: AnyHttpUrl | None = Field(None, description="MinIO or another S3-compatible server; absent for AWS")

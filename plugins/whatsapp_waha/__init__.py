@@ -31,11 +31,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr
 from yarl import URL
 
 from gateway import hookimpl
-from gateway.config import Settings, plugin_settings
+from gateway.config import PluginSection, Settings, plugin_settings
 from gateway.media import base_mime
 from gateway.providers import (
     FetchError,
@@ -52,10 +52,8 @@ from gateway.providers import (
 FETCH_CHUNK = 1024 * 1024  # bytes per read from WAHA (bench/stream_1gib.py: best with WRITE_BATCH 4 MiB)
 
 
-class WahaSettings(BaseModel):
+class WahaSettings(PluginSection):
     """``[providers.waha]``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     base_url: AnyHttpUrl = Field(AnyHttpUrl("http://localhost:3000"),
