@@ -8,29 +8,41 @@ What is measured, all on 127.0.0.1 in one run:
    that libmagic agrees with the declared ``video/mp4``.
 2. The WAHA emulator (``tests/emulators/waha.py``, serving with ``web.FileResponse``, i.e.
    sendfile) and the bot sink (``tests/emulators/sink.py``) run as aiohttp servers inside this
-   process.
+   process. With ``--storage s3``, moto's S3 server (``python -m tests.emulators.s3``) runs in a
+   child process of its own, so that neither this process nor the daemon pays for its CPU and
+   memory.
 3. Baselines: the same URL downloaded to disk by a *separate* Python process with aiohttp
    (``iter_chunked`` + ``write``), once plain and once also hashing (SHA-256) and fsyncing, which
-   is the minimum work the gateway must do; and by ``curl`` when it is on PATH. A separate process
-   is used so that, like the daemon, the client does not share this process's event loop (and
-   CPU) with the emulator.
-4. The gateway daemon runs as a subprocess (``python -m gateway serve --config ...``) with local
-   storage (fsync on) in the temp directory. One WAHA ``message`` webhook referencing the file is
-   posted; the clock starts when the webhook is answered 200 and stops when the sink has received
-   the forwarded message, whose ``payload.media.gateway.sha256``/``size`` must match the file.
-   Throughput is size / elapsed. The catalog is read afterwards to split the time into phases.
-   ``--repeat`` (default 3) webhooks with distinct message ids are sent one after the other (each
-   stores a new object, deleted after it is checked, except the last), and each baseline runs as
-   many times; the summary gives medians.
+   is the minimum work the gateway must do with local storage; and by ``curl`` when it is on PATH.
+   A separate process is used so that, like the daemon, the client does not share this process's
+   event loop (and CPU) with the emulator. With ``--storage s3`` also: boto3's own ``upload_file``
+   of the generated file to the same moto server (default ``TransferConfig``: 8 MiB parts, 10
+   threads; run in a thread so this process's event loop is not blocked), which is what the
+   gateway's multipart upload competes with; and, timed apart, a ``copy_object`` of that object
+   onto itself with new metadata, which is what the S3 plugin does after its multipart upload to
+   add the SHA-256. The objects are read back (HeadObject) and deleted after each run.
+4. The gateway daemon runs as a subprocess (``tests.daemon.GatewayProcess``) with local storage
+   (fsync on) in the temp directory, or with S3 storage on the moto server (bucket ``bench``,
+   path-style, the plugin's default multipart settings). One WAHA ``message`` webhook referencing
+   the file is posted; the clock starts when the webhook is answered 200 and stops when the sink
+   has received the forwarded message, whose ``payload.media.gateway.sha256``/``size`` must match
+   the file. Throughput is size / elapsed. The catalog is read afterwards to split the time into
+   phases, and the stored object is checked: its size on disk, or with S3 a HeadObject by plain
+   boto3 (``x-amz-meta-sha256`` and ``ContentLength``). ``--repeat`` (default 3) webhooks with
+   distinct message ids are sent one after the other (each stores a new object, deleted after it
+   is checked, except the last one on local storage), and each baseline runs as many times; the
+   summary gives medians.
 5. While it works the daemon's ``VmRSS`` is sampled from ``/proc/<pid>/status`` every 50 ms; its
    ``VmHWM`` (peak RSS, authoritative) is read before it is stopped with SIGTERM (it must exit 0).
 
-The run fails (exit status 1) when the peak RSS reaches the limit (150 MB by default), the digest
-or size of the stored object is wrong, or the daemon does not exit 0.
+The run fails (exit status 1) when the peak RSS reaches the limit (by default 150 MB with local
+storage, 200 MB with S3), the digest or size of the stored object is wrong, or the daemon does not
+exit 0.
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.stream_1gib                 # 1 GiB
+    .venv/bin/python -m bench.stream_1gib                 # 1 GiB, local storage
+    .venv/bin/python -m bench.stream_1gib --storage s3    # 1 GiB into moto's S3
     .venv/bin/python -m bench.stream_1gib --size-mib 256 --keep
 """
 
@@ -49,7 +61,6 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +73,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the emulators live in tests/, which is not installed
     sys.path.insert(0, str(REPO))
 
+from tests.daemon import GatewayProcess, write_toml  # noqa: E402
 from tests.emulators.sink import BotSink  # noqa: E402
 from tests.emulators.waha import WahaEmulator  # noqa: E402
 
@@ -74,6 +86,12 @@ DELIVERY_TIMEOUT = 600.0
 API_KEY = "bench-waha-key"
 # An MP4 "ftyp" box: libmagic sniffs video/mp4, so the declared type is not a mismatch.
 MP4_HEAD = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+RSS_LIMIT_MB = {"local": 150.0, "s3": 200.0}  # the default --rss-limit-mb of each --storage
+S3_BUCKET = "bench"
+S3_REGION = "us-east-1"
+S3_SECRET = "testing"  # moto takes any credentials
+S3_READ_TIMEOUT = 300  # seconds: moto answers one request at a time, a 1 GiB CopyObject included
+MOTO_START_TIMEOUT = 60.0
 
 
 class BenchError(Exception):
@@ -138,37 +156,21 @@ async def start_server(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a valid TOML basic string for these values
-    raise TypeError(type(value))
+def gateway_config(*, port: int, workdir: Path, waha_url: str, sink_url: str, max_bytes: int,
+                   storage: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's settings (everything under ``workdir``), for :func:`tests.daemon.write_toml`.
 
-
-def write_config(path: Path, *, port: int, workdir: Path, waha_url: str, sink_url: str,
-                 max_bytes: int) -> Path:
-    """Write the daemon's ``gateway.toml`` (everything under ``workdir``) to ``path``."""
-    tables: dict[str, dict[str, Any]] = {
+    ``storage`` is the ``[storage]`` table, its backend's sub-table included.
+    """
+    return {
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace": 10},
         "catalog": {"path": str(workdir / "var" / "gateway.db")},
         "media": {"max_bytes": max_bytes, "fetch_timeout": 3600, "link_secret": "bench-link-secret"},
-        "storage": {"backend": "local"},
-        "storage.local": {"root": str(workdir / "var" / "media"), "fsync": True},
+        "storage": storage,
         "log": {"level": "WARNING", "format": "json"},
-        "providers.waha": {"base_url": waha_url, "api_key": API_KEY},
+        "providers": {"waha": {"base_url": waha_url, "api_key": API_KEY}},
+        "targets": [{"name": "bench", "url": sink_url, "timeout": 60}],
     }
-    lines: list[str] = []
-    for name, values in tables.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
-        lines.append("")
-    lines += ["[[targets]]", 'name = "bench"', f"url = {_toml(sink_url)}", "timeout = 60", ""]
-    path.write_text("\n".join(lines))
-    tomllib.loads(path.read_text())  # fail here rather than in the daemon
-    return path
 
 
 # -- baselines -----------------------------------------------------------------------------
@@ -277,63 +279,6 @@ class RssSampler:
         return max((r for _, r in self.samples), default=0)
 
 
-class Daemon:
-    """The gateway as a subprocess; its stderr/stdout go to ``log_path``."""
-
-    def __init__(self, config: Path, port: int, log_path: Path):
-        self.config = config
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        """The daemon's process id."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def start(self, timeout: float = 30.0) -> None:
-        """Start ``python -m gateway serve`` and wait until ``GET /healthz`` answers 200."""
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
-                cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self.proc.returncode is not None:
-                    raise BenchError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    async with http.get(f"{self.url}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise BenchError(f"daemon did not answer /healthz within {timeout}s:\n{self.log_tail()}")
-
-    async def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM, wait, return the exit status (SIGKILL and raise if it does not stop)."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            raise BenchError(f"daemon ignored SIGTERM for {timeout}s:\n{self.log_tail()}") from None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last ``lines`` lines of the daemon's log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
 def catalog_phases(db_path: Path, event_id: str) -> dict[str, float]:
     """Epoch times of the pipeline's steps for ``event_id``, read from the catalog.
 
@@ -359,16 +304,6 @@ def catalog_phases(db_path: Path, event_id: str) -> dict[str, float]:
     return phases
 
 
-def stored_object(workdir: Path, event_id: str) -> Path | None:
-    """The file local storage wrote for ``event_id``'s media (from the catalog), or None."""
-    conn = sqlite3.connect(f"file:{workdir / 'var' / 'gateway.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        row = conn.execute("SELECT key FROM media WHERE event_id=?", (event_id,)).fetchone()
-    finally:
-        conn.close()
-    return workdir / "var" / "media" / row[0] if row else None
-
-
 async def wait_phases(db_path: Path, event_id: str, timeout: float = 10.0) -> dict[str, float]:
     """:func:`catalog_phases` once the ``deliver`` job is marked done (the sink sees the POST a
     moment before the daemon commits that), or whatever is there after ``timeout`` seconds."""
@@ -378,6 +313,197 @@ async def wait_phases(db_path: Path, event_id: str, timeout: float = 10.0) -> di
         if "deliver_done" in phases or time.monotonic() > deadline:
             return phases
         await asyncio.sleep(0.05)
+
+
+# -- storage -------------------------------------------------------------------------------
+def media_location(db_path: Path, event_id: str) -> tuple[str | None, str] | None:
+    """``(bucket, key)`` of the object stored for ``event_id``'s media (from the catalog), or None."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        row = conn.execute("SELECT bucket, key FROM media WHERE event_id=?", (event_id,)).fetchone()
+    finally:
+        conn.close()
+    return (row[0], row[1]) if row else None
+
+
+class LocalStorage:
+    """``backend = "local"``: files under the temp directory, fsync on."""
+
+    name = "local"
+    stored_phase = "fetch+hash+write+fsync+rename"
+
+    def __init__(self, workdir: Path):
+        self.root = workdir / "var" / "media"
+
+    def settings(self) -> dict[str, Any]:
+        """The ``[storage]`` table."""
+        return {"backend": "local", "local": {"root": str(self.root), "fsync": True}}
+
+    async def baseline(self, res: Result, src: Path, run: int, say: Callable[[str], None]) -> None:
+        """Nothing beyond the downloads: their "+ sha256 + fsync" variant is this backend's work."""
+
+    async def check(self, res: Result, run: int, location: tuple[str | None, str] | None,
+                    last: bool) -> None:
+        """The stored file must have the file's size; it is deleted unless ``last``."""
+        obj = self.root / location[1] if location else None
+        on_disk = obj.stat().st_size if obj is not None and obj.exists() else None
+        if on_disk != res.size:
+            res.digest_ok = False
+            res.problems.append(f"run {run}: stored object {obj} has {on_disk} bytes")
+        elif obj is not None and not last:
+            # Like the baselines' copies: freed pages are reused by the next run, so every
+            # run writes into the same kind of memory (see bench/README.md).
+            await asyncio.to_thread(obj.unlink)
+
+
+async def _accepts(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` accepts a TCP connection now."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+class MotoProcess:
+    """moto's S3 server, ``python -m tests.emulators.s3``, as a child process of its own (its CPU
+    and memory are neither this process's nor the daemon's); its output goes to ``log_path`` and
+    its spooled objects to ``tmpdir``."""
+
+    def __init__(self, log_path: Path, tmpdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.tmpdir = tmpdir
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = MOTO_START_TIMEOUT) -> None:
+        """Start it and wait until it accepts connections."""
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.emulators.s3", "--port", str(self.port),
+                cwd=REPO, env={**os.environ, "TMPDIR": str(self.tmpdir)},
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        started = time.monotonic()
+        while not await _accepts(self.port):
+            if self.proc.returncode is not None or time.monotonic() - started > timeout:
+                raise BenchError(f"moto did not listen on {self.url} within {timeout:.0f}s "
+                                 f"(exit status {self.proc.returncode}); see {self.log_path}")
+            await asyncio.sleep(0.1)
+
+    def peak_rss(self) -> int:
+        """Its ``VmHWM`` in bytes (0 if it is not running)."""
+        return proc_status(self.proc.pid).get("VmHWM", 0) if self.proc is not None else 0
+
+    async def stop(self) -> None:
+        """SIGTERM (SIGKILL after 10 s) and wait."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def _call_started(context: dict[str, Any], **_: Any) -> None:
+    """botocore ``before-call`` hook: note when the call started in its request context."""
+    context["bench_started"] = time.perf_counter()
+
+
+class S3Storage:
+    """``backend = "s3"`` on a :class:`MotoProcess`, read back and timed with plain boto3."""
+
+    name = "s3"
+    stored_phase = "fetch+hash+multipart upload+CopyObject"
+
+    def __init__(self, moto: MotoProcess):
+        import boto3
+        from botocore.config import Config
+
+        self.moto = moto
+        self.client = boto3.client(
+            "s3", endpoint_url=moto.url, region_name=S3_REGION, aws_access_key_id=S3_SECRET,
+            aws_secret_access_key=S3_SECRET,
+            config=Config(s3={"addressing_style": "path"}, read_timeout=S3_READ_TIMEOUT))
+        self.completes: list[float] = []  # seconds of each CompleteMultipartUpload call
+        self.client.meta.events.register("before-call.s3.CompleteMultipartUpload", _call_started)
+        self.client.meta.events.register("after-call.s3.CompleteMultipartUpload", self._completed)
+
+    def _completed(self, context: dict[str, Any], **_: Any) -> None:
+        """botocore ``after-call`` hook of CompleteMultipartUpload: record its seconds."""
+        self.completes.append(time.perf_counter() - context["bench_started"])
+
+    def settings(self) -> dict[str, Any]:
+        """The ``[storage]`` table: the plugin's default multipart settings."""
+        return {"backend": "s3", "s3": {
+            "bucket": S3_BUCKET, "endpoint_url": self.moto.url, "region": S3_REGION,
+            "addressing_style": "path", "access_key_id": S3_SECRET, "secret_access_key": S3_SECRET,
+            "read_timeout": S3_READ_TIMEOUT}}
+
+    async def create_bucket(self) -> None:
+        """The bucket, made before the baselines (the daemon finds it there)."""
+        await asyncio.to_thread(self.client.create_bucket, Bucket=S3_BUCKET)
+
+    def _head_and_delete(self, bucket: str, key: str) -> tuple[int, str | None]:
+        """HeadObject then DeleteObject; ``(ContentLength, x-amz-meta-sha256)``."""
+        head = self.client.head_object(Bucket=bucket, Key=key)
+        self.client.delete_object(Bucket=bucket, Key=key)
+        return head["ContentLength"], head.get("Metadata", {}).get("sha256")
+
+    async def baseline(self, res: Result, src: Path, run: int, say: Callable[[str], None]) -> None:
+        """boto3's ``upload_file`` of ``src`` (default TransferConfig; its CompleteMultipartUpload
+        call timed apart), then a ``copy_object`` of the result onto itself with the SHA-256 as new
+        metadata, as the plugin does; each timed, in a thread. The object is checked and deleted
+        after."""
+        key = f"baseline/{run}.bin"
+        say(f"baseline {run}: boto3 upload_file to moto ...")
+        started = time.perf_counter()
+        await asyncio.to_thread(self.client.upload_file, str(src), S3_BUCKET, key)
+        res.boto3_upload.append(time.perf_counter() - started)
+        if self.completes:
+            res.s3_complete.append(self.completes.pop())
+        say(f"baseline {run}: boto3 copy_object onto itself (REPLACE metadata) ...")
+        started = time.perf_counter()
+        await asyncio.to_thread(
+            self.client.copy_object, Bucket=S3_BUCKET, Key=key,
+            CopySource={"Bucket": S3_BUCKET, "Key": key}, MetadataDirective="REPLACE",
+            ContentType="video/mp4", Metadata={"sha256": res.sha256})
+        res.s3_copy.append(time.perf_counter() - started)
+        size, sha = await asyncio.to_thread(self._head_and_delete, S3_BUCKET, key)
+        if (size, sha) != (res.size, res.sha256):
+            raise BenchError(f"the boto3 baseline's object has {size} bytes and sha256 {sha}: "
+                             "moto is broken")
+
+    async def check(self, res: Result, run: int, location: tuple[str | None, str] | None,
+                    last: bool) -> None:
+        """HeadObject: ``ContentLength`` and ``x-amz-meta-sha256`` must be the file's; the object
+        is deleted after (moto keeps objects in memory), the last one too."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if location is None:
+            res.digest_ok = False
+            res.problems.append(f"run {run}: no media row in the catalog")
+            return
+        bucket, key = location[0] or S3_BUCKET, location[1]
+        try:
+            size, sha = await asyncio.to_thread(self._head_and_delete, bucket, key)
+        except (BotoCoreError, ClientError) as exc:
+            res.digest_ok = False
+            res.problems.append(f"run {run}: s3://{bucket}/{key}: {exc}")
+            return
+        res.s3_checked += 1
+        if (size, sha) != (res.size, res.sha256):
+            res.digest_ok = False
+            res.problems.append(f"run {run}: s3://{bucket}/{key} has ContentLength {size}, "
+                                f"x-amz-meta-sha256 {sha}; expected {res.size} {res.sha256}")
+
+
+Storage = LocalStorage | S3Storage
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -396,23 +522,30 @@ class Result:
 
     size: int
     sha256: str
+    storage: str = "local"
     aiohttp_plain: list[float] = field(default_factory=list)
     aiohttp_full: list[float] = field(default_factory=list)
     curl: list[float] = field(default_factory=list)
+    boto3_upload: list[float] = field(default_factory=list)  # s3: upload_file to moto
+    s3_complete: list[float] = field(default_factory=list)  # s3: upload_file's CompleteMultipartUpload
+    s3_copy: list[float] = field(default_factory=list)  # s3: copy_object onto itself on moto
     gateway: list[GatewayRun] = field(default_factory=list)
     rss_idle: int = 0
     rss_sampled_max: int = 0
     rss_hwm: int = 0
     samples: int = 0
+    moto_hwm: int = 0
+    s3_checked: int = 0  # gateway objects read back with HeadObject
     daemon_rc: int | None = None
     daemon_log: list[str] = field(default_factory=list)
     digest_ok: bool = False
     problems: list[str] = field(default_factory=list)
 
 
-async def run_baselines(res: Result, url: str, workdir: Path, repeat: int,
-                        say: Callable[[str], None]) -> None:
-    """Download ``url`` ``repeat`` times with each client; record the seconds in ``res``."""
+async def run_baselines(res: Result, url: str, src: Path, workdir: Path, repeat: int,
+                        storage: Storage, say: Callable[[str], None]) -> None:
+    """Download ``url`` ``repeat`` times with each client, and run the storage's own baseline as
+    often; record the seconds in ``res``."""
     out = workdir / "baseline.bin"
     for i in range(repeat):
         say(f"baseline {i + 1}/{repeat}: aiohttp (separate process), plain ...")
@@ -429,21 +562,26 @@ async def run_baselines(res: Result, url: str, workdir: Path, repeat: int,
         seconds = await baseline_curl(url, out)
         if seconds is not None:
             res.curl.append(seconds)
+        await storage.baseline(res, src, i + 1, say)
 
 
 async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_url: str,
-                      workdir: Path, repeat: int, say: Callable[[str], None]) -> None:
+                      workdir: Path, repeat: int, storage: Storage,
+                      say: Callable[[str], None]) -> None:
     """Start the daemon, push ``repeat`` webhooks through it one after the other, measure each
-    and the daemon's memory, check every forwarded digest, stop the daemon."""
+    and the daemon's memory, check every forwarded digest and stored object, stop the daemon."""
     port = free_port()
-    config = write_config(workdir / "gateway.toml", port=port, workdir=workdir,
-                          waha_url=waha_url, sink_url=sink_url,
-                          max_bytes=res.size + MiB)
+    config = write_toml(workdir / "gateway.toml", gateway_config(
+        port=port, workdir=workdir, waha_url=waha_url, sink_url=sink_url,
+        max_bytes=res.size + MiB, storage=storage.settings()))
     db_path = workdir / "var" / "gateway.db"
-    daemon = Daemon(config, port, workdir / "daemon.log")
+    daemon = GatewayProcess(config, port, workdir / "daemon.log")
     say(f"starting the daemon on {daemon.url} ...")
     try:
-        await daemon.start()
+        try:
+            await daemon.start(timeout=30.0)
+        except (RuntimeError, TimeoutError) as exc:
+            raise BenchError(str(exc)) from None
         await asyncio.sleep(0.5)  # let start-up allocations settle
         res.rss_idle = proc_status(daemon.pid).get("VmRSS", 0)
         sampler = RssSampler(daemon.pid)
@@ -478,32 +616,27 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                                         f"size={gw.get('size')}, expected {res.sha256} {res.size}")
                 try:
                     phases = await wait_phases(db_path, event_id)
+                    location = await asyncio.to_thread(media_location, db_path, event_id)
                 except sqlite3.Error as exc:
-                    phases = {}
+                    phases, location = {}, None
                     res.problems.append(f"run {i + 1}: could not read the catalog: {exc}")
                 res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases))
-                obj = await asyncio.to_thread(stored_object, workdir, event_id)
-                on_disk = obj.stat().st_size if obj is not None and obj.exists() else None
-                if on_disk != res.size:
-                    res.digest_ok = False
-                    res.problems.append(f"run {i + 1}: stored object {obj} has {on_disk} bytes")
-                elif i < repeat - 1:
-                    # Like the baselines' copies: freed pages are reused by the next run, so every
-                    # run writes into the same kind of memory (see bench/README.md).
-                    await asyncio.to_thread(obj.unlink)
+                await storage.check(res, i + 1, location, last=i == repeat - 1)
         await sampler.stop()
         res.samples = len(sampler.samples)
         res.rss_sampled_max = sampler.max_rss
         res.rss_hwm = proc_status(daemon.pid).get("VmHWM", 0)
         say("stopping the daemon (SIGTERM) ...")
-        res.daemon_rc = await daemon.terminate()
+        try:
+            res.daemon_rc = await daemon.terminate(timeout=60.0)
+        except TimeoutError as exc:
+            raise BenchError(str(exc)) from None
         res.daemon_log = daemon.log_path.read_text(errors="replace").splitlines()
         if res.daemon_rc != 0:
             res.problems.append(f"daemon exited with {res.daemon_rc} after SIGTERM:\n{daemon.log_tail()}")
     finally:
-        if daemon.proc is not None and daemon.proc.returncode is None:
-            daemon.proc.kill()
-            await daemon.proc.wait()
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
 
 
 async def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None]) -> Result:
@@ -514,20 +647,34 @@ async def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None
     t = time.perf_counter()
     sha = await asyncio.to_thread(generate_file, src, size)
     say(f"  done in {time.perf_counter() - t:.1f}s, sha256 {sha}")
-    res = Result(size=size, sha256=sha)
+    res = Result(size=size, sha256=sha, storage=args.storage)
 
     emu = WahaEmulator(api_key=API_KEY, lifetime=float("inf"), workdir=workdir / "waha-files")
     sink = BotSink()
     runners: list[web.AppRunner] = []
+    moto: MotoProcess | None = None
     try:
         runner, emu.base_url = await start_server(emu.app)
         runners.append(runner)
         runner, sink_base = await start_server(sink.app)
         runners.append(runner)
         url = emu.add_file(src, copy=False)
-        await run_baselines(res, url, workdir, args.repeat, say)
-        await run_gateway(res, emu.base_url, url, sink, f"{sink_base}/hook", workdir, args.repeat, say)
+        storage: Storage
+        if args.storage == "s3":
+            moto = MotoProcess(workdir / "moto.log", workdir / "moto-tmp")
+            say(f"starting moto's S3 server on {moto.url} (separate process) ...")
+            await moto.start()
+            storage = S3Storage(moto)
+            await storage.create_bucket()
+        else:
+            storage = LocalStorage(workdir)
+        await run_baselines(res, url, src, workdir, args.repeat, storage, say)
+        await run_gateway(res, emu.base_url, url, sink, f"{sink_base}/hook", workdir, args.repeat,
+                          storage, say)
     finally:
+        if moto is not None:
+            res.moto_hwm = moto.peak_rss()
+            await moto.stop()
         for runner in reversed(runners):
             await runner.cleanup()
     return res
@@ -548,38 +695,83 @@ def _rate(size: int, times: list[float]) -> str:
     return text
 
 
+def _seconds(times: list[float]) -> str:
+    """``"<median> s"`` plus the range when there are several runs."""
+    text = f"{statistics.median(times):.2f} s"
+    if len(times) > 1:
+        text += f" [median of {len(times)}; {min(times):.2f}-{max(times):.2f}]"
+    return text
+
+
+def _s3_lines(res: Result) -> list[str]:
+    """The S3 baselines' lines of the summary."""
+    from boto3.s3.transfer import TransferConfig
+
+    tc = TransferConfig()
+    lines = [f"baseline boto3 upload_file to moto (default TransferConfig: "
+             f"{tc.multipart_chunksize // MiB} MiB parts, {tc.max_request_concurrency} threads): "
+             f"{_rate(res.size, res.boto3_upload)}"]
+    if res.s3_complete:
+        lines.append(f"  of which CompleteMultipartUpload (moto joins the parts): {_seconds(res.s3_complete)}")
+    if res.s3_copy:
+        lines.append(f"moto CopyObject of the {res.size // MiB} MiB object onto itself (REPLACE "
+                     f"metadata, what the plugin does after its multipart upload): {_seconds(res.s3_copy)}")
+    return lines
+
+
 def summary(res: Result, limit_mb: float) -> list[str]:
     """The printed summary, one string per line. Rates are medians over the runs."""
     size = res.size
+    s3 = res.storage == "s3"
     lines = [f"file: {size // MiB} MiB ({size} bytes), sha256 {res.sha256}"]
+    if s3:
+        from plugins.storage_s3 import S3Settings
+
+        d = {name: f.default for name, f in S3Settings.model_fields.items()}
+        lines.append(f"storage: s3 on moto (separate process), bucket {S3_BUCKET!r}, path-style; "
+                     f"gateway multipart: {d['part_size'] // MiB} MiB parts, "
+                     f"{d['max_concurrency']} in flight (the plugin's defaults)")
     base = statistics.median(res.aiohttp_plain) if res.aiohttp_plain else None
     if res.aiohttp_plain:
         curl = f"; curl: {_rate(size, res.curl)}" if res.curl else "; curl: not on PATH"
         lines.append(f"baseline aiohttp download: {_rate(size, res.aiohttp_plain)}{curl}")
     if res.aiohttp_full:
         lines.append(f"baseline aiohttp download + sha256 + fsync: {_rate(size, res.aiohttp_full)}")
+    if res.boto3_upload:
+        lines.extend(_s3_lines(res))
     if res.gateway:
         g = statistics.median(r.seconds for r in res.gateway)
         ratio = f"{base / g:.2f}" if base else "n/a"
         full = (f", vs +sha256+fsync: {statistics.median(res.aiohttp_full) / g:.2f}"
                 if res.aiohttp_full else "")
+        if res.boto3_upload:
+            full += f", vs boto3 upload_file: {statistics.median(res.boto3_upload) / g:.2f}"
         lines.append(f"gateway webhook->stored->forwarded: {_rate(size, [r.seconds for r in res.gateway])}"
                      f"  ratio vs aiohttp baseline: {ratio}{full}")
+        stored_phase = S3Storage.stored_phase if s3 else LocalStorage.stored_phase
         for i, r in enumerate(res.gateway, 1):
             p = r.phases
             parts = [f"run {i}: {r.seconds:.2f} s, webhook answered in {r.webhook_ms:.0f} ms"]
             if {"received", "stored"} <= p.keys():
-                parts.append(f"received->stored (fetch+hash+write+fsync+rename) {p['stored'] - p['received']:.2f} s")
+                parts.append(f"received->stored ({stored_phase}) {p['stored'] - p['received']:.2f} s")
             if {"stored", "ingest_done"} <= p.keys():
                 parts.append(f"stored->ingest done {(p['ingest_done'] - p['stored']) * 1000:.0f} ms")
             if {"ingest_done", "deliver_done"} <= p.keys():
                 parts.append(f"ingest done->delivered {(p['deliver_done'] - p['ingest_done']) * 1000:.0f} ms")
             lines.append("  " + "; ".join(parts))
+        if s3 and res.s3_copy:
+            rest = g - statistics.median(res.s3_copy)
+            lines.append(f"  without the CopyObject (median run minus median CopyObject above): "
+                         f"{rest:.2f} s, {mib_s(size, rest):.0f} MiB/s")
     verdict = "PASS" if res.rss_hwm and peak_rss(res) < limit_mb * MB else "FAIL"
     lines.append(f"daemon RSS idle: {res.rss_idle / MB:.1f} MB, peak (VmHWM): {res.rss_hwm / MB:.1f} MB "
                  f"(max sampled VmRSS {res.rss_sampled_max / MB:.1f} MB, {res.samples} samples)   "
                  f"limit {limit_mb:.0f} MB: {verdict}")
-    lines.append(f"digest and size of the forwarded media: {'OK' if res.digest_ok else 'WRONG'}; "
+    if s3:
+        lines.append(f"moto (separate process) peak RSS (VmHWM): {res.moto_hwm / MB:.0f} MB")
+    stored = (f"; stored objects read back with HeadObject (x-amz-meta-sha256, ContentLength): "
+              f"{res.s3_checked}/{len(res.gateway)}" if s3 else "")
+    lines.append(f"digest and size of the forwarded media: {'OK' if res.digest_ok else 'WRONG'}{stored}; "
                  f"daemon exit status after SIGTERM: {res.daemon_rc}")
     lines.append(f"daemon log (level WARNING): {len(res.daemon_log)} line(s)")
     lines.extend(f"  {line[:300]}" for line in res.daemon_log[:10])
@@ -599,12 +791,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each baseline and of the gateway; medians are reported (default 3)")
-    parser.add_argument("--rss-limit-mb", type=float, default=150.0,
-                        help="fail when the daemon's peak RSS reaches this (MB, default 150)")
+    parser.add_argument("--storage", choices=sorted(RSS_LIMIT_MB), default="local",
+                        help="the daemon's storage: local (fsync on) or s3 (moto, in a separate "
+                             "process); default local")
+    parser.add_argument("--rss-limit-mb", type=float, default=None,
+                        help="fail when the daemon's peak RSS reaches this (MB; default 150 with "
+                             "local storage, 200 with s3)")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the temp directory")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:
         parser.error("--size-mib and --repeat must be at least 1")
+    if args.rss_limit_mb is None:
+        args.rss_limit_mb = RSS_LIMIT_MB[args.storage]
 
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-", dir=args.tmp))
 

@@ -6,7 +6,8 @@ DeleteObject, ListObjectsV2, HeadBucket, CreateBucket) and SigV4 presigned URLs.
 
 - ``put`` streams: an object below ``multipart_threshold`` is one PutObject (at most that many
   bytes in memory); above it, a multipart upload of ``part_size`` parts with at most
-  ``max_concurrency`` parts in flight, so memory stays under ``(max_concurrency + 1) * part_size``.
+  ``max_concurrency`` parts in flight, so the buffered bytes stay under
+  ``(max_concurrency + 1) * (part_size + one chunk)``.
   Any failure aborts the multipart upload, so no parts are left behind. The SHA-256 (which the
   gateway knows only at the end of the stream) and the original filename are stored as object
   metadata (``x-amz-meta-sha256``, ``x-amz-meta-filename``): a multipart object gets them by a
@@ -23,6 +24,7 @@ DeleteObject, ListObjectsV2, HeadBucket, CreateBucket) and SigV4 presigned URLs.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -141,6 +143,11 @@ class S3Storage:
             read_timeout=s.read_timeout,
             retries={"max_attempts": s.max_retries, "mode": "standard"},
             max_pool_connections=max(10, s.max_concurrency * 2),
+            # Uploads carry CRC32s that S3 verifies. Downloads are not checked against a stored
+            # checksum (a multipart object's is a checksum of checksums, and some servers omit
+            # the "-N" that marks it): the gateway keeps and checks its own SHA-256.
+            request_checksum_calculation="when_supported",
+            response_checksum_validation="when_required",
         )
         self._stack = AsyncExitStack()
         self._client = await self._stack.enter_async_context(session.client(
@@ -206,59 +213,70 @@ class S3Storage:
         try:
             await self._ensure_buckets()
             it = stream.__aiter__()
-            head, ended = await _read_up_to(it, self.settings.multipart_threshold)
+            first, ended = await _fill(io.BytesIO(), it, self.settings.multipart_threshold + 1)
             if ended:
-                resp = await self._client.put_object(Bucket=bucket, Key=s3_key, Body=head,
+                size = first.tell()
+                first.seek(0)
+                resp = await self._client.put_object(Bucket=bucket, Key=s3_key, Body=first,
                                                      **self._object_args(content_type, metadata))
-                return PutResult(key=key, size=len(head), etag=resp.get("ETag"), bucket=bucket)
-            size, etag = await self._multipart(bucket, s3_key, head, it, content_type, metadata)
+                return PutResult(key=key, size=size, etag=resp.get("ETag"), bucket=bucket)
+            pending = [first]  # handed over, so that this frame keeps no reference to part 1
+            del first
+            size, etag = await self._multipart(bucket, s3_key, pending, it, content_type, metadata)
             return PutResult(key=key, size=size, etag=etag, bucket=bucket)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"S3 put {bucket}/{s3_key}: {exc}") from exc
 
-    async def _multipart(self, bucket: str, s3_key: str, head: bytes, it: AsyncIterator[bytes],
+    async def _multipart(self, bucket: str, s3_key: str, pending: list[io.BytesIO], it: AsyncIterator[bytes],
                          content_type: str, metadata: dict[str, str]) -> tuple[int, str | None]:
+        """Upload ``pending[0]`` and the rest of ``it`` as parts of at least ``part_size`` bytes.
+
+        Each part is written into its own ``BytesIO`` (which the HTTP client sends without a copy)
+        and dropped once uploaded; at most ``max_concurrency`` parts are in flight, one more fills.
+        Parts carry a CRC32 checksum that S3 verifies (and that lets MinIO/moto skip rehashing).
+        """
         part_size = self.settings.part_size
         created = await self._client.create_multipart_upload(
-            Bucket=bucket, Key=s3_key, **self._object_args(content_type, metadata))
+            Bucket=bucket, Key=s3_key, ChecksumAlgorithm="CRC32", **self._object_args(content_type, metadata))
         upload_id = created["UploadId"]
-        parts: dict[int, str] = {}
+        parts: dict[int, dict[str, str]] = {}
         slots = asyncio.Semaphore(self.settings.max_concurrency)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def upload(number: int, body: bytes) -> None:
+        async def upload(number: int, body: io.BytesIO) -> None:
             try:
                 resp = await self._client.upload_part(Bucket=bucket, Key=s3_key, UploadId=upload_id,
-                                                      PartNumber=number, Body=body)
-                parts[number] = resp["ETag"]
+                                                      PartNumber=number, Body=body, ChecksumAlgorithm="CRC32")
+                parts[number] = {"PartNumber": number, "ETag": resp["ETag"]}
+                if resp.get("ChecksumCRC32"):
+                    parts[number]["ChecksumCRC32"] = resp["ChecksumCRC32"]
             finally:
+                body.close()
                 slots.release()
 
         try:
-            buffer, size, number, ended = bytearray(head), 0, 0, False
-            while not ended or buffer:
-                while len(buffer) < part_size and not ended:
-                    try:
-                        buffer += await it.__anext__()
-                    except StopAsyncIteration:
-                        ended = True
-                if not buffer:
+            size, number, ended = 0, 0, False
+            part = pending.pop()
+            while True:
+                if not ended and part.tell() < part_size:
+                    part, ended = await _fill(part, it, part_size)
+                if part.tell() == 0:
                     break
-                body = bytes(buffer[:part_size])
-                del buffer[:part_size]
                 number += 1
-                size += len(body)
+                size += part.tell()
+                part.seek(0)
                 await slots.acquire()
                 for t in [t for t in tasks if t.done()]:
                     tasks.discard(t)
                     t.result()  # surface a failed part now
-                task = asyncio.create_task(upload(number, body))
-                tasks.add(task)
-                del body
+                tasks.add(asyncio.create_task(upload(number, part)))
+                part = io.BytesIO()
+                if ended:
+                    break
             await asyncio.gather(*tasks)
             done = await self._client.complete_multipart_upload(
                 Bucket=bucket, Key=s3_key, UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]})
+                MultipartUpload={"Parts": [parts[n] for n in sorted(parts)]})
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -363,15 +381,15 @@ def _ascii(value: str) -> str:
     return value.encode("ascii", "backslashreplace").decode()
 
 
-async def _read_up_to(it: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:
-    """Read until more than ``limit`` bytes or the end; ``(bytes, ended)``."""
-    buf = bytearray()
-    while len(buf) <= limit:
+async def _fill(buf: io.BytesIO, it: AsyncIterator[bytes], target: int) -> tuple[io.BytesIO, bool]:
+    """Append chunks of ``it`` to ``buf`` until it holds at least ``target`` bytes or ``it`` ends;
+    ``(buf, ended)``."""
+    while buf.tell() < target:
         try:
-            buf += await it.__anext__()
+            buf.write(await it.__anext__())
         except StopAsyncIteration:
-            return bytes(buf), True
-    return bytes(buf), False
+            return buf, True
+    return buf, False
 
 
 async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
