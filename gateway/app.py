@@ -21,10 +21,14 @@ from gateway.delivery import Deliverer
 from gateway.ingest import Ingestor
 from gateway.jobs import JobQueue
 from gateway.links import LinkSigner
-from gateway.metrics import Metrics
+from gateway.metrics import MeteredStorage, Metrics
+from gateway.outbound import Outbound
 from gateway.plugins import await_me_maybe, make_manager
 from gateway.providers import Provider, ProviderContext
+from gateway.retention import Retention
+from gateway.safefetch import SafeFetcher
 from gateway.storage import StorageBackend
+from gateway.store import MediaStore
 
 log = logging.getLogger("gateway.app")
 
@@ -38,6 +42,10 @@ QUEUE = web.AppKey("queue", JobQueue)
 METRICS = web.AppKey("metrics", Metrics)
 LINKS = web.AppKey("links", LinkSigner)
 API_KEYS = web.AppKey("api_keys", ApiKeys)
+RETENTION = web.AppKey("retention", Retention)
+MEDIA_STORE = web.AppKey("media_store", MediaStore)
+FETCHER = web.AppKey("fetcher", SafeFetcher)
+OUTBOUND = web.AppKey("outbound", Outbound)
 
 
 def gateway_version() -> str:
@@ -78,7 +86,7 @@ def select_storage(settings: Settings, pm: pluggy.PluginManager) -> StorageBacke
 def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:
     """Build the daemon's application. Raises :class:`ConfigError` or
     :class:`gateway.plugins.PluginLoadError` before anything is opened."""
-    from gateway import routes  # the handlers need the AppKeys above
+    from gateway import api, routes  # the handlers need the AppKeys above
 
     pm = pm if pm is not None else make_manager()
     providers = select_providers(settings, pm)
@@ -91,18 +99,23 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[SETTINGS] = settings
     app[PLUGINS] = pm
     app[PROVIDERS] = providers
-    app[STORAGE] = storage
+    app[STORAGE] = storage = MeteredStorage(storage, metrics)  # every operation counted and timed
     app[METRICS] = metrics
     app[CATALOG] = Catalog(settings.catalog.path)
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
     app[API_KEYS] = ApiKeys(settings.api)
+    app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics)
+    app[MEDIA_STORE] = MediaStore(settings, app[CATALOG], app[STORAGE], pm)
+    app[FETCHER] = SafeFetcher(settings.fetch)
+    app[OUTBOUND] = Outbound(app[CATALOG], storage, app[LINKS], metrics, app[MEDIA_STORE], app[FETCHER])
     routes.setup_routes(app)
+    api.setup_api_routes(app)
     for provider in providers.values():
         for route in provider.routes():
             app.router.add_route(route.method, route.path, route.handler)
     pm.hook.register_routes(app=app)
-    app.cleanup_ctx.extend([_catalog_ctx, _http_ctx, _storage_ctx, _providers_ctx, _queue_ctx,
-                            _plugins_ctx])
+    app.cleanup_ctx.extend([_catalog_ctx, _http_ctx, _fetcher_ctx, _storage_ctx, _providers_ctx,
+                            _queue_ctx, _retention_ctx, _plugins_ctx])
     return app
 
 
@@ -122,6 +135,12 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[FETCHER].start()
+    yield
+    await app[FETCHER].close()
+
+
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[STORAGE].start()
     yield
@@ -134,6 +153,7 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         http=app[HTTP], max_bytes=s.media.max_bytes,
         fetch_timeout=aiohttp.ClientTimeout(total=s.media.fetch_timeout,
                                             sock_connect=s.media.fetch_connect_timeout),
+        outbound=app[OUTBOUND],
     )
     for provider in app[PROVIDERS].values():
         await provider.start(ctx)
@@ -144,8 +164,7 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    ingest = Ingestor(s, app[CATALOG], app[STORAGE], app[PROVIDERS], app[LINKS], app[METRICS],
-                      app[PLUGINS])
+    ingest = Ingestor(s, app[CATALOG], app[MEDIA_STORE], app[PROVIDERS], app[LINKS], app[METRICS])
     deliver = Deliverer(s, app[CATALOG], app[HTTP], app[METRICS], app[PLUGINS])
     queue = JobQueue(app[CATALOG], s.queue, app[METRICS], {"ingest": ingest, "deliver": deliver})
     app[QUEUE] = queue
@@ -154,6 +173,14 @@ async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
              app[STORAGE].name, ", ".join(app[PROVIDERS]) or "none")
     yield
     await queue.stop(s.server.shutdown_grace)
+
+
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The cleanup schedule (APScheduler); stopped, and a run in progress cancelled, before the
+    queue, storage and catalog close."""
+    app[RETENTION].start_scheduler()
+    yield
+    await app[RETENTION].stop()
 
 
 async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,21 +1,28 @@
-"""The command line: ``gateway serve | check-config | plugins`` (also ``python -m gateway``).
+"""The command line: ``gateway serve | check-config | cleanup | plugins`` (also ``python -m gateway``).
 
 Exit status 2: the configuration is invalid (one line on stderr names the setting).
-Exit status 1: a plugin failed to load (the line names the plugin).
+Exit status 1: a plugin failed to load (the line names the plugin); for ``cleanup``, also a run
+that stopped early or could not delete some objects.
+Exit status 3: ``cleanup`` found another cleanup running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.plugins import PluginLoadError, describe, make_manager
+
+if TYPE_CHECKING:
+    from gateway.retention import CleanupItem, CleanupReport
+    from gateway.storage import StorageBackend
 
 T = TypeVar("T")
 
@@ -83,6 +90,128 @@ def check_config(config_path: Path | None) -> None:
     storage = _or_exit(lambda: select_storage(settings, pm))
     click.echo(f"ok: storage {storage.name}, providers {', '.join(providers) or 'none'}, "
                f"{len(settings.targets)} target(s), catalog {settings.catalog.path}")
+
+
+def _size(n: int) -> str:
+    """``n`` bytes, also in binary units: ``1536 bytes (1.5 KiB)``."""
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} bytes" + (f" ({value:.1f} {unit})" if unit != "bytes" else "")
+
+
+class _CleanupDisplay:
+    """Progress for ``gateway cleanup``: a progress bar on stderr when it is a terminal (phases
+    whose size is known), and one line per object on stdout with ``--verbose``."""
+
+    def __init__(self, bar: bool, verbose: bool, dry_run: bool):
+        self.bar_enabled, self.verbose, self.dry_run = bar, verbose, dry_run
+        self._bar = None
+
+    def phase(self, name: str, total: int | None) -> None:
+        self.close()
+        if self.bar_enabled and total:
+            labels = {"expired": "expired objects", "orphans": "orphans"}
+            self._bar = click.progressbar(length=total, label=labels.get(name, name), file=sys.stderr,
+                                          show_pos=True)
+            self._bar.__enter__()
+
+    def item(self, item: CleanupItem) -> None:
+        if self.verbose:
+            verb = {"delete": "would delete" if self.dry_run else "deleted", "failed": "FAILED",
+                    "missing": "missing", "kept": "kept (in use)"}[item.action]
+            where = f"{item.bucket}/{item.key}" if item.bucket else item.key
+            line = f"{verb:<13} {item.reason:<10} {item.size:>12}  {where}"
+            if self._bar is not None:
+                line = "\r\x1b[K" + line  # over the bar's line; the next update draws it below
+            click.echo(line + (f"  {item.error}" if item.error else ""))
+        if self._bar is not None and item.action in ("delete", "failed"):
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+async def _run_cleanup(settings: Settings, storage: StorageBackend, dry_run: bool,
+                       display: _CleanupDisplay) -> CleanupReport:
+    """Open the catalog and the storage backend as the daemon does, run one cleanup, close them."""
+    from gateway.catalog import Catalog
+    from gateway.metrics import MeteredStorage, Metrics
+    from gateway.retention import Retention
+
+    catalog = Catalog(settings.catalog.path)
+    await catalog.open()
+    metrics = Metrics()
+    backend = MeteredStorage(storage, metrics)
+    try:
+        await backend.start()
+        try:
+            return await Retention(settings, catalog, backend, metrics).run(
+                dry_run=dry_run, trigger="cli", progress=display)
+        finally:
+            display.close()
+            await backend.close()
+    finally:
+        await catalog.close()
+
+
+def _print_report(report: CleanupReport) -> None:
+    verb = "would delete" if report.dry_run else "deleted"
+    reasons = ", ".join(f"{r} {d['objects']}" for r, d in sorted(report.deleted.items())) or "none"
+    click.echo(f"{verb} {report.objects} objects, {_size(report.bytes)}; by reason: {reasons}")
+    if report.kept_in_use:
+        click.echo(f"kept {report.kept_in_use} expired objects that queued or running jobs still need")
+    if report.listed is not None:
+        click.echo(f"storage listed {report.listed} objects; {report.orphans_in_grace} orphans within the "
+                   f"grace period, {report.foreign_objects} foreign objects left alone")
+    if report.missing:
+        shown = ", ".join(report.missing_ids[:20]) + (" ..." if report.missing > 20 else "")
+        click.echo(f"{'found' if report.dry_run else 'marked'} {report.missing} rows missing "
+                   f"(object not in storage): {shown}")
+    pruned = "would prune" if report.dry_run else "pruned"
+    click.echo(f"{pruned} {report.pruned['events']} events and {report.pruned['jobs']} done jobs")
+    if report.failed:
+        click.echo(f"failed to delete {report.failed} objects (kept for the next run):", err=True)
+        for line in report.errors:
+            click.echo(f"  {line}", err=True)
+    if report.error:
+        click.echo(f"gateway: cleanup stopped early: {report.error}", err=True)
+    if report.dry_run:
+        click.echo("dry run: nothing was changed")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Change nothing; print what a run would delete.")
+@click.option("-v", "--verbose", is_flag=True, help="Print one line per object (deleted, missing, kept).")
+def cleanup(config_path: Path | None, dry_run: bool, verbose: bool) -> None:
+    """Run the retention cleanup once, as the schedule does ([retention] in gateway.toml), and
+    print what it deleted (objects, bytes). Safe while the daemon runs: one run at a time."""
+    from gateway.app import select_storage
+    from gateway.catalog import CatalogError
+    from gateway.logs import setup_logging
+    from gateway.retention import CleanupBusy
+
+    settings = _settings(config_path)
+    setup_logging(settings.log.model_copy(update={"level": "WARNING"}))  # the report is the output
+    pm = _or_exit(make_manager)
+    storage = _or_exit(lambda: select_storage(settings, pm))
+    display = _CleanupDisplay(bar=sys.stderr.isatty(), verbose=verbose, dry_run=dry_run)
+    try:
+        report = asyncio.run(_run_cleanup(settings, storage, dry_run, display))
+    except CleanupBusy as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(3)
+    except CatalogError as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(1)
+    _print_report(report)
+    if report.error or report.failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -26,7 +26,8 @@ import re
 import secrets
 import string
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AnyHttpUrl,
@@ -183,6 +184,30 @@ class TargetSettings(_Section):
     timeout: float = Field(30.0, gt=0, description="seconds one delivery may take")
 
 
+class FetchSettings(_Section):
+    """``[fetch]``: fetching URLs that callers give (bots' media URLs, upload-from-URL).
+
+    Only public addresses are contacted (checked after DNS resolution and on every redirect),
+    except the networks listed in ``allow_networks``.
+    """
+
+    allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs allowed although not public, e.g. ['10.1.0.0/16']")
+    timeout: float = Field(120.0, gt=0, description="seconds one fetch may take")
+    max_redirects: int = Field(5, ge=0, le=20)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not a network: {exc}") from None
+        return value
+
+
 class ApiKeySettings(_Section):
     """``[[api.keys]]``: one API key for the management and send APIs (``Authorization: Bearer``).
 
@@ -225,6 +250,73 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+MaxAgeDays = Annotated[float, Field(gt=0)] | Literal["forever"]
+"""An age in days (fractions allowed), or ``"forever"``: never by age."""
+
+
+class RetentionSettings(_Section):
+    """``[retention]``: the scheduled cleanup of stored media and of the catalog
+    (:mod:`gateway.retention`; ``gateway cleanup`` and ``POST /api/v1/admin/cleanup`` run it by hand).
+
+    Ages are in days (fractions allowed) or ``"forever"``. An object's maximum age is the longest of
+    its provider's (``provider_max_age_days``) and its category's (``category_max_age_days``) when
+    either is set, else ``max_age_days``: when two rules disagree, keeping wins. An object whose own
+    ``expires_at`` has passed goes whatever its age.
+    """
+
+    enabled: bool = Field(True, description="run on the schedule (the CLI and the admin endpoint work either way)")
+    schedule: str = Field(
+        "17 3 * * *",
+        description="crontab line: minute hour day-of-month month day-of-week (0 or 7 = Sunday, or sun..sat)",
+    )
+    timezone: str = Field("UTC", description="IANA time zone the schedule is read in")
+    max_age_days: MaxAgeDays = Field(90.0, description="maximum age of a stored object when no rule below applies")
+    category_max_age_days: dict[str, MaxAgeDays] = Field(
+        default_factory=dict, description="category (image, video, audio, document, other) -> maximum age")
+    provider_max_age_days: dict[str, MaxAgeDays] = Field(
+        default_factory=dict, description="provider name (waha, meta, ...) -> maximum age")
+    keep_public: bool = Field(True, description="objects marked public are never deleted for their age")
+    batch_size: int = Field(500, ge=1, le=10_000, description="catalog rows read, claimed or deleted per transaction")
+    reconcile: bool = Field(
+        True,
+        description="list the storage on every run: delete orphans (objects without a catalog row) and mark "
+                    "rows whose object is gone as missing",
+    )
+    orphan_grace_hours: float = Field(
+        24.0, ge=0, description="an object without a catalog row is deleted only once it is this old")
+    events_max_age_days: MaxAgeDays = Field(
+        30.0, description="received events (raw webhooks) are pruned after this, once all their jobs are done")
+    done_jobs_max_age_days: MaxAgeDays = Field(7.0, description="finished (done) jobs are pruned after this")
+
+    @field_validator("category_max_age_days")
+    @classmethod
+    def _check_categories(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from gateway.media import CATEGORIES
+
+        unknown = sorted(set(value) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                             f"known: {list(CATEGORIES)}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as 'UTC' or 'Europe/Berlin')") from None
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        from gateway.retention import crontab_trigger
+
+        crontab_trigger(value)  # ValueError names the bad field
+        return value
+
+
 def expand_env_refs(value: Any, path: str = "") -> Any:
     """Replace ``${NAME}`` references in every string of ``value`` (nested dicts and lists).
 
@@ -259,6 +351,8 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     targets: list[TargetSettings] = Field(default_factory=list)
     config_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -15,48 +15,30 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pluggy
-
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.jobs import Job, JobResult, PermanentError, RetryLater
 from gateway.links import LinkSigner
-from gateway.media import (
-    DigestMismatch,
-    MediaStream,
-    MediaTooLarge,
-    decide_type,
-    extension_for,
-    new_media_id,
-    object_key,
-    safe_filename,
-    sniff,
-)
+from gateway.media import DigestMismatch, MediaTooLarge, category_for
 from gateway.metrics import Metrics
-from gateway.plugins import await_me_maybe
 from gateway.providers import FetchError, MediaOutcome, MediaRef, Provider, WebhookEvent
-from gateway.storage import InvalidKey, StorageBackend, StorageError
+from gateway.storage import InvalidKey, StorageError
+from gateway.store import MediaRefused, MediaStore, Origin
 
 log = logging.getLogger("gateway.ingest")
-
-
-class MediaRefused(Exception):
-    """Policy refused the attachment (type mismatch under ``reject``, or a ``check_media`` hook)."""
 
 
 class Ingestor:
     """Handler of ``ingest`` jobs (payload ``{"event_id": ...}``)."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend,
-                 providers: dict[str, Provider], links: LinkSigner, metrics: Metrics,
-                 pm: pluggy.PluginManager):
+    def __init__(self, settings: Settings, catalog: Catalog, media_store: MediaStore,
+                 providers: dict[str, Provider], links: LinkSigner, metrics: Metrics):
         self.settings = settings
         self.catalog = catalog
-        self.storage = storage
+        self.media_store = media_store
         self.providers = providers
         self.links = links
         self.metrics = metrics
-        self.pm = pm
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @asynccontextmanager
@@ -111,24 +93,32 @@ class Ingestor:
     async def _ingest_ref(self, provider: Provider, event: WebhookEvent, event_id: str,
                           ref: MediaRef, last_attempt: bool) -> MediaOutcome:
         extra = {"event_id": event_id, "provider": provider.name}
+        declared_category = category_for(ref.mimetype)  # metrics label until the content is sniffed
         if ref.error:
             log.info("media at %s not fetched: %s", ref.path, ref.error, extra=extra)
+            self.metrics.media_outcome(provider.name, declared_category, "skipped")
             return MediaOutcome(ref, error=ref.error)
         async with self._locked(ref.source_key):
             existing = await self.catalog.media_by_source(ref.source_key)
             if existing is not None:
+                self.metrics.media_outcome(provider.name, existing["category"], "duplicate")
                 return self._outcome(ref, existing)
+            started = time.monotonic()
             try:
                 record = await self._store(provider, event, event_id, ref)
             except (MediaTooLarge, MediaRefused) as exc:
                 reason = "too_large" if isinstance(exc, MediaTooLarge) else "refused"
                 self.metrics.media_failures.labels(provider.name, reason).inc()
+                self.metrics.media_outcome(provider.name, declared_category, "refused",
+                                           seconds=time.monotonic() - started)
                 log.warning("media at %s not stored: %s", ref.path, exc, extra=extra)
                 return MediaOutcome(ref, error=str(exc))
             except (FetchError, DigestMismatch) as exc:
                 reason = "digest_mismatch" if isinstance(exc, DigestMismatch) else exc.reason
                 self.metrics.media_failures.labels(provider.name, reason).inc()
                 final = last_attempt or (isinstance(exc, FetchError) and not exc.retryable)
+                self.metrics.media_outcome(provider.name, declared_category, "failed" if final else "retry",
+                                           seconds=time.monotonic() - started)
                 if final:
                     log.error("media at %s given up: %s; forwarding with the original link",
                               ref.path, exc, extra=extra)
@@ -146,65 +136,18 @@ class Ingestor:
         Raises :class:`FetchError`, :class:`MediaTooLarge`, :class:`DigestMismatch`,
         :class:`MediaRefused`, or a storage error.
         """
-        max_bytes = self.settings.media.max_bytes
         started = time.monotonic()
         async with provider.fetch(ref) as src:
-            if src.size is not None and src.size > max_bytes:
-                raise MediaTooLarge(max_bytes)
-            stream = MediaStream(src.chunks, max_bytes, expected_sha256=ref.sha256 or src.sha256)
-            head = await stream.read_head()
-            sniffed = await asyncio.to_thread(sniff, head)
-            declared = ref.mimetype or src.mimetype
-            decision = decide_type(sniffed, declared, ref.filename or src.filename)
-            if decision.mismatch:
-                log.warning("media at %s declared %s but the content is %s", ref.path, declared,
-                            sniffed, extra={"event_id": event_id, "provider": provider.name})
-                if self.settings.media.type_mismatch == "reject":
-                    raise MediaRefused(f"content is {sniffed}, declared {declared}: refused by policy")
-            media_id = new_media_id()
-            ext = extension_for(decision.mimetype)
-            filename = safe_filename(ref.filename or src.filename, fallback=f"{media_id}{ext}")
-            info = {"provider": provider.name, "account": event.account, "mimetype": decision.mimetype,
-                    "declared_mimetype": decision.declared, "category": decision.category,
-                    "filename": filename, "type_mismatch": decision.mismatch, "head": head}
-            for reason in self.pm.hook.check_media(info=info):
-                if reason:
-                    raise MediaRefused(f"refused by policy: {reason}")
-            key = object_key(self.settings.media.key_template, provider=provider.name,
-                             account=event.account or "_", category=decision.category,
-                             media_id=media_id, ext=ext)
-            metadata = {"media-id": media_id, "filename": filename}
-            put = await self.storage.put(key, _sealing(stream, metadata), decision.mimetype, metadata,
-                                         category=decision.category)
-        record = {
-            "id": media_id, "sha256": stream.sha256, "size": stream.size,
-            "mimetype": decision.mimetype, "declared_mimetype": decision.declared,
-            "category": decision.category, "filename": filename, "backend": self.storage.name,
-            "bucket": put.bucket, "key": key, "provider": provider.name, "account": event.account,
-            "chat": event.chat, "message_id": event.message_id, "direction": "inbound",
-            "source_key": ref.source_key, "source_url": ref.url, "event_id": event_id,
-            "created_at": time.time(), "expires_at": None, "tenant": None, "is_public": 0,
-            "extra": {"type_mismatch": True, "sniffed": decision.sniffed} if decision.mismatch else None,
-        }
-        record, inserted = await self.catalog.insert_media(record)
-        if not inserted:  # another worker stored the same attachment first: keep one object
-            await self.storage.delete(key, bucket=put.bucket)
-            return record
-        self.metrics.media_stored.labels(provider.name, decision.category).inc()
-        self.metrics.media_stored_bytes.labels(provider.name, decision.category).inc(stream.size)
-        self.metrics.fetch_duration.labels(provider.name).observe(time.monotonic() - started)
-        log.info("stored %s (%s, %d bytes) at %s", media_id, decision.mimetype, stream.size, key,
-                 extra={"event_id": event_id, "provider": provider.name, "media_id": media_id})
-        for result in self.pm.hook.media_stored(record=record):
-            await await_me_maybe(result)
+            origin = Origin(
+                provider=provider.name, account=event.account, direction="inbound", chat=event.chat,
+                message_id=event.message_id, event_id=event_id, source_key=ref.source_key,
+                source_url=ref.url, declared_mimetype=ref.mimetype or src.mimetype,
+                declared_size=src.size, declared_sha256=ref.sha256 or src.sha256,
+                filename=ref.filename or src.filename)
+            record, created = await self.media_store.store(src.chunks, origin)
+        if created:
+            self.metrics.media_outcome(provider.name, record["category"], "stored",
+                                       seconds=time.monotonic() - started, size=record["size"])
+        else:
+            self.metrics.media_outcome(provider.name, record["category"], "duplicate")
         return record
-
-
-async def _sealing(stream: MediaStream, metadata: dict[str, str]):
-    """Yield ``stream``; once it ends (digest checked), add ``sha256`` to ``metadata``.
-
-    Backends read ``metadata`` after the stream is exhausted (see ``StorageBackend.put``).
-    """
-    async for chunk in stream:
-        yield chunk
-    metadata["sha256"] = stream.sha256 or ""

@@ -1,12 +1,29 @@
 """Every Prometheus metric, in one registry per app (DESIGN §9).
 
-Names follow Prometheus conventions: ``gateway_`` prefix, ``_total`` for counters, base units
-(``_seconds``, ``_bytes``), bounded labels (route templates, never raw paths or ids).
+Names follow Prometheus conventions (https://prometheus.io/docs/practices/naming/): ``gateway_``
+prefix, ``_total`` for counters, base units (``_seconds``, ``_bytes``), bounded labels (route
+templates, never raw paths or ids; provider, backend, category, kind, state, target and outcome
+names come from the configuration or from short fixed lists). ``promtool check metrics`` accepts
+the output (tests/test_prometheus.py).
+
+Values that live in the catalog (jobs by state, the oldest queued job, stored objects and bytes,
+the last successful cleanup) are read from it at scrape time by :meth:`Metrics.refresh`.
+:class:`MeteredStorage` counts and times every storage operation in the host, so storage plugins
+need no metrics code of their own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -17,20 +34,48 @@ from prometheus_client import (
 )
 
 from gateway.catalog import JOB_STATES, Catalog
+from gateway.media import CATEGORIES
+from gateway.storage import (
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStat,
+    OpenedObject,
+    PutResult,
+    StorageBackend,
+    StorageError,
+)
 
 disable_created_metrics()  # no *_created series: they double the output and nobody alerts on them
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_CLEANUP_BUCKETS = (0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+MEDIA_OUTCOMES = ("stored", "duplicate", "skipped", "refused", "retry", "failed")
+"""``gateway_media_ingested_total`` outcomes: stored (a new object), duplicate (the attachment was
+already stored: reused), skipped (the provider gave nothing to fetch), refused (too large or policy),
+retry (this attempt failed; the job retries), failed (given up: forwarded with the original link)."""
+
+
+def http_method(method: str) -> str:
+    """``method`` if it is a standard one, else ``OTHER`` (clients choose methods: keep labels bounded)."""
+    return method if method in HTTP_METHODS else "OTHER"
 
 
 class Metrics:
-    """The app's metrics. Attributes are prometheus-client metric objects."""
+    """The app's metrics. Attributes are prometheus-client metric objects; the README's Metrics
+    table lists each one with its labels and meaning."""
 
     def __init__(self, version: str = "0"):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.build_info = Info("gateway_build", "Gateway version.", registry=r)
+        # process_* (start time, CPU, memory, fds), python_info, python_gc_*: what every exporter has
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        self.build_info = Info("gateway_build", "Gateway version (the value is always 1).", registry=r)
         self.build_info.info({"version": version})
+
+        # -- HTTP and webhooks
         self.http_requests = Counter(
             "gateway_http_requests_total", "HTTP requests answered, by route template, method and status.",
             ["route", "method", "status"], registry=r)
@@ -42,21 +87,52 @@ class Metrics:
             "Webhook events received, by provider and outcome "
             "(accepted, duplicate, unauthorized, invalid, too_large, unavailable).",
             ["provider", "outcome"], registry=r)
-        self.media_stored = Counter(
-            "gateway_media_stored_total", "Media objects stored, by provider and category.",
+
+        # -- inbound media
+        self.media_ingested = Counter(
+            "gateway_media_ingested_total",
+            "Media attachments handled by ingest jobs, by provider, category and outcome "
+            "(stored, duplicate, skipped, refused, retry, failed).",
+            ["provider", "category", "outcome"], registry=r)
+        self.media_ingested_bytes = Counter(
+            "gateway_media_ingested_bytes_total", "Bytes of media stored, by provider and category.",
             ["provider", "category"], registry=r)
-        self.media_stored_bytes = Counter(
-            "gateway_media_stored_bytes_total", "Bytes of media stored, by provider and category.",
-            ["provider", "category"], registry=r)
+        self.media_ingest_duration = Histogram(
+            "gateway_media_ingest_duration_seconds",
+            "Time to download one attachment and store it (or fail to), by provider, category and outcome.",
+            ["provider", "category", "outcome"], buckets=_DURATION_BUCKETS, registry=r)
         self.media_failures = Counter(
             "gateway_media_fetch_failures_total",
             "Media downloads that failed, by provider and reason.", ["provider", "reason"], registry=r)
-        self.fetch_duration = Histogram(
-            "gateway_media_fetch_duration_seconds",
-            "Time to download one attachment and store it, by provider.",
-            ["provider"], buckets=_DURATION_BUCKETS, registry=r)
+
+        # -- storage
+        self.storage_operations = Counter(
+            "gateway_storage_operations_total",
+            "Storage backend operations, by backend, operation (put, open, stat, delete, list, url, check) "
+            "and outcome (ok, not_found, invalid_key, error, aborted, cancelled).",
+            ["backend", "operation", "outcome"], registry=r)
+        self.storage_duration = Histogram(
+            "gateway_storage_operation_duration_seconds",
+            "Time of one storage operation, by backend and operation (put: the whole streamed upload; "
+            "open: until the first byte can be read; list: the whole listing).",
+            ["backend", "operation"], buckets=_DURATION_BUCKETS, registry=r)
+        self.stored_objects = Gauge(
+            "gateway_stored_objects", "Objects in storage according to the catalog, by backend and category.",
+            ["backend", "category"], registry=r)
+        self.stored_bytes = Gauge(
+            "gateway_stored_bytes", "Bytes in storage according to the catalog, by backend and category.",
+            ["backend", "category"], registry=r)
+        self.missing_objects = Gauge(
+            "gateway_media_missing_objects",
+            "Catalog rows whose object a cleanup did not find in storage, by backend.", ["backend"], registry=r)
+
+        # -- the job queue and deliveries
         self.jobs = Gauge(
             "gateway_jobs", "Jobs in the durable queue, by kind and state.", ["kind", "state"], registry=r)
+        self.jobs_oldest_queued = Gauge(
+            "gateway_jobs_oldest_queued_age_seconds",
+            "Age of the oldest queued job (since it was created, retries included), by kind; 0 when none.",
+            ["kind"], registry=r)
         self.jobs_processed = Counter(
             "gateway_jobs_processed_total", "Job attempts finished, by kind and outcome (done, retry, dead).",
             ["kind", "outcome"], registry=r)
@@ -64,16 +140,191 @@ class Metrics:
             "gateway_job_duration_seconds", "Time one job attempt took, by kind.",
             ["kind"], buckets=_DURATION_BUCKETS, registry=r)
         self.deliveries = Counter(
-            "gateway_deliveries_total", "Deliveries to bot targets, by target and outcome.",
+            "gateway_deliveries_total",
+            "Deliveries to bot targets, by target and outcome (delivered, error, http_4xx, http_5xx).",
             ["target", "outcome"], registry=r)
 
-    async def refresh(self, catalog: Catalog, kinds: list[str]) -> None:
-        """Read the queue's state from the catalog into the ``gateway_jobs`` gauge."""
-        counts = await catalog.job_counts()
-        for kind in sorted(set(kinds) | {k for k, _ in counts}):
+        # -- outbound
+        self.outbound_sends = Counter(
+            "gateway_outbound_sends_total",
+            "Outbound media messages sent through a provider, by provider, media type and outcome "
+            "(sent, refused, unreachable, error).", ["provider", "type", "outcome"], registry=r)
+        self.relay_fallbacks = Counter(
+            "gateway_relay_fallbacks_total",
+            "Relayed sends forwarded with the original media because storing it failed, by provider.",
+            ["provider"], registry=r)
+
+        # -- retention cleanup
+        self.cleanup_runs = Counter(
+            "gateway_cleanup_runs_total",
+            "Cleanup runs in this process, by trigger (schedule, api) and outcome (ok, dry_run, error, busy).",
+            ["trigger", "outcome"], registry=r)
+        self.cleanup_deleted = Counter(
+            "gateway_cleanup_deleted_objects_total",
+            "Objects deleted by cleanup runs, by backend and reason (age, expires_at, orphan).",
+            ["backend", "reason"], registry=r)
+        self.cleanup_deleted_bytes = Counter(
+            "gateway_cleanup_deleted_bytes_total",
+            "Bytes deleted by cleanup runs, by backend and reason (age, expires_at, orphan).",
+            ["backend", "reason"], registry=r)
+        self.cleanup_failures = Counter(
+            "gateway_cleanup_delete_failures_total",
+            "Objects a cleanup could not delete (kept for the next run), by backend.", ["backend"], registry=r)
+        self.cleanup_pruned = Counter(
+            "gateway_cleanup_pruned_rows_total", "Catalog rows pruned by cleanup runs, by table (events, jobs).",
+            ["table"], registry=r)
+        self.cleanup_duration = Histogram(
+            "gateway_cleanup_duration_seconds", "Time of one cleanup run (dry runs included).",
+            buckets=_CLEANUP_BUCKETS, registry=r)
+        self.cleanup_in_progress = Gauge(
+            "gateway_cleanup_in_progress", "1 while this process runs a cleanup, else 0.", registry=r)
+        self.cleanup_last_success = Gauge(
+            "gateway_cleanup_last_success_timestamp_seconds",
+            "When the last successful cleanup run (not a dry run; any process) finished, Unix time; 0: never.",
+            registry=r)
+
+    # -- helpers for the call sites ----------------------------------------------------------
+    def media_outcome(self, provider: str, category: str, outcome: str, *, seconds: float | None = None,
+                      size: int | None = None) -> None:
+        """Count one attachment's ``outcome`` (one of :data:`MEDIA_OUTCOMES`); ``seconds`` (the
+        download-and-store time) goes to the histogram, ``size`` (bytes stored) to the byte counter."""
+        self.media_ingested.labels(provider, category, outcome).inc()
+        if seconds is not None:
+            self.media_ingest_duration.labels(provider, category, outcome).observe(seconds)
+        if size is not None:
+            self.media_ingested_bytes.labels(provider, category).inc(size)
+
+    async def refresh(self, catalog: Catalog, kinds: list[str], now: float | None = None) -> None:
+        """Read the catalog's state into the gauges (jobs by kind and state, the oldest queued job,
+        stored objects and bytes, missing objects, the last successful cleanup).
+
+        All reads happen first, then every gauge is set without yielding to the event loop, so a
+        concurrent scrape never sees half-updated values. Groups that vanished from the catalog
+        disappear from the output.
+        """
+        stats = await catalog.stats()
+        now = now if now is not None else time.time()
+        all_kinds = sorted(set(kinds) | {k for k, _ in stats.jobs})
+        for kind in all_kinds:
             for state in JOB_STATES:
-                self.jobs.labels(kind, state).set(counts.get((kind, state), 0))
+                self.jobs.labels(kind, state).set(stats.jobs.get((kind, state), 0))
+            oldest = stats.oldest_queued.get(kind)
+            self.jobs_oldest_queued.labels(kind).set(max(0.0, now - oldest) if oldest is not None else 0)
+        self.stored_objects.clear()
+        self.stored_bytes.clear()
+        self.missing_objects.clear()
+        backends = {backend for backend, *_ in stats.media}
+        for backend in backends:
+            for category in CATEGORIES:  # every category, so that rate() and absent() behave
+                self.stored_objects.labels(backend, category).set(0)
+                self.stored_bytes.labels(backend, category).set(0)
+            self.missing_objects.labels(backend).set(0)
+        for backend, category, state, count, size in stats.media:
+            if state == "stored":
+                self.stored_objects.labels(backend, category).inc(count)
+                self.stored_bytes.labels(backend, category).inc(size)
+            elif state == "missing":
+                self.missing_objects.labels(backend).inc(count)
+        self.cleanup_last_success.set(stats.last_cleanup or 0)
 
     def render(self) -> bytes:
         """The text exposition format (version 0.0.4)."""
         return generate_latest(self.registry)
+
+
+class MeteredStorage:
+    """A :class:`gateway.storage.StorageBackend` that forwards to ``backend`` and records every
+    operation in ``gateway_storage_operations_total`` and ``gateway_storage_operation_duration_seconds``.
+
+    Outcomes: ``ok``; ``not_found`` (:class:`ObjectNotFound`, or ``delete`` of an absent key);
+    ``invalid_key``; ``error`` (any other :class:`StorageError`); ``aborted`` (the source stream
+    of a ``put`` failed, e.g. a download error or the size limit: the backend stored nothing);
+    ``cancelled``. Exceptions propagate unchanged. Other attributes are the backend's own.
+    """
+
+    def __init__(self, backend: StorageBackend, metrics: Metrics):
+        self.backend = backend
+        self.name = backend.name
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:  # only for names this class does not define
+        if name == "backend":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    @contextmanager
+    def _observe(self, operation: str) -> Iterator[dict[str, str]]:
+        started = time.monotonic()
+        result = {"outcome": "ok"}
+        try:
+            yield result
+        except ObjectNotFound:
+            result["outcome"] = "not_found"
+            raise
+        except InvalidKey:
+            result["outcome"] = "invalid_key"
+            raise
+        except StorageError:
+            result["outcome"] = "error"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            result["outcome"] = "cancelled"
+            raise
+        except Exception:
+            result["outcome"] = "aborted" if operation == "put" else "error"
+            raise
+        finally:
+            m = self._metrics
+            m.storage_operations.labels(self.name, operation, result["outcome"]).inc()
+            m.storage_duration.labels(self.name, operation).observe(time.monotonic() - started)
+
+    async def start(self) -> None:
+        """Start the backend (not counted: it is not an object operation)."""
+        await self.backend.start()
+
+    async def close(self) -> None:
+        """Close the backend."""
+        await self.backend.close()
+
+    async def put(self, key: str, stream: AsyncIterator[bytes], content_type: str, metadata: dict[str, str],
+                  category: str | None = None) -> PutResult:
+        """See :meth:`gateway.storage.StorageBackend.put`."""
+        with self._observe("put"):
+            return await self.backend.put(key, stream, content_type, metadata, category=category)
+
+    async def open(self, key: str, start: int | None = None, end: int | None = None,
+                   bucket: str | None = None) -> OpenedObject:
+        """See :meth:`gateway.storage.StorageBackend.open`."""
+        with self._observe("open"):
+            return await self.backend.open(key, start, end, bucket=bucket)
+
+    async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
+        """See :meth:`gateway.storage.StorageBackend.stat`."""
+        with self._observe("stat"):
+            return await self.backend.stat(key, bucket=bucket)
+
+    async def delete(self, key: str, bucket: str | None = None) -> bool:
+        """See :meth:`gateway.storage.StorageBackend.delete`; an absent key counts as ``not_found``."""
+        with self._observe("delete") as result:
+            existed = await self.backend.delete(key, bucket=bucket)
+            if not existed:
+                result["outcome"] = "not_found"
+            return existed
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
+        """See :meth:`gateway.storage.StorageBackend.list`; counted once, when the listing ends."""
+        with self._observe("list"):
+            async for item in self.backend.list(prefix):
+                yield item
+
+    async def url(self, key: str, expires: int, filename: str | None = None, bucket: str | None = None,
+                  content_type: str | None = None) -> str | None:
+        """See :meth:`gateway.storage.StorageBackend.url`."""
+        with self._observe("url"):
+            return await self.backend.url(key, expires, filename=filename, bucket=bucket,
+                                          content_type=content_type)
+
+    async def check(self) -> None:
+        """See :meth:`gateway.storage.StorageBackend.check`."""
+        with self._observe("check"):
+            await self.backend.check()

@@ -159,7 +159,8 @@ class OutboundMedia:
 class SendRequest:
     """One outbound media message: to chat ``to`` from ``account`` (WAHA session, Meta
     ``phone_number_id``), ``type`` one of :data:`OUTBOUND_TYPES`; ``by`` asks Meta-style
-    providers to send by uploaded ``id`` or by ``link`` (``None``: the provider's setting)."""
+    providers to send by uploaded ``id`` or by ``link`` (``None``: the provider's setting);
+    ``convert`` lets a provider that can (WAHA) convert audio/video it would otherwise refuse."""
 
     account: str
     to: str
@@ -168,6 +169,7 @@ class SendRequest:
     caption: str | None = None
     filename: str | None = None
     by: str | None = None
+    convert: bool = False
 
 
 @dataclass(slots=True)
@@ -180,11 +182,13 @@ class SendResult:
 
 @dataclass(slots=True)
 class ProviderContext:
-    """Shared resources the host hands a provider in :meth:`Provider.start`."""
+    """Shared resources the host hands a provider in :meth:`Provider.start`: the HTTP session,
+    limits, and ``outbound`` (:class:`gateway.outbound.Outbound`) for relays that store media."""
 
     http: aiohttp.ClientSession
     max_bytes: int
     fetch_timeout: aiohttp.ClientTimeout
+    outbound: Any = None
 
 
 @dataclass(slots=True)

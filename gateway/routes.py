@@ -1,4 +1,5 @@
-"""HTTP handlers: webhooks, media serving, health and metrics. Errors are JSON ``{"error": ...}``."""
+"""HTTP handlers: webhooks, media serving, health, metrics and the admin cleanup trigger.
+Errors are JSON ``{"error": ...}``."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.app import API_KEYS, CATALOG, LINKS, METRICS, PROVIDERS, QUEUE, SETTINGS, STORAGE
+from gateway.app import API_KEYS, CATALOG, LINKS, METRICS, PROVIDERS, QUEUE, RETENTION, SETTINGS, STORAGE
 from gateway.auth import Forbidden, Principal, Unauthorized
 from gateway.links import LinkError
 from gateway.media import content_disposition
+from gateway.metrics import http_method
 from gateway.providers import PayloadError, SignatureError
+from gateway.retention import CleanupBusy
 from gateway.storage import ObjectNotFound
 
 log = logging.getLogger("gateway.http")
@@ -65,8 +68,9 @@ async def observe_middleware(request: web.Request,
         return error(500, "internal error")
     finally:
         metrics = request.app[METRICS]
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
-        metrics.http_duration.labels(route, request.method).observe(time.monotonic() - started)
+        method = http_method(request.method)
+        metrics.http_requests.labels(route, method, str(status)).inc()
+        metrics.http_duration.labels(route, method).observe(time.monotonic() - started)
 
 
 async def webhook(request: web.Request) -> web.Response:
@@ -225,6 +229,32 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
+
+
+async def admin_cleanup(request: web.Request) -> web.Response:
+    """``POST /api/v1/admin/cleanup[?dry_run=true]``: run the retention cleanup now and answer its
+    report (:meth:`gateway.retention.CleanupReport.to_dict`). Needs an API key with the ``admin``
+    scope and no tenant (a run covers every tenant's objects).
+
+    200 with the report; 409 if a run is in progress (here or in another process); 503 with the
+    report when storage or the catalog failed during the run (its ``error`` says why); 400 for a
+    ``dry_run`` that is not a boolean; 401/403 for a missing, wrong or tenant-limited key. The run
+    goes on if the client hangs up.
+    """
+    if require(request, "admin").tenant is not None:
+        return error(403, "a cleanup covers every tenant: use an admin key without a tenant")
+    flag = request.query.get("dry_run", "false").lower()
+    if flag not in _TRUE + _FALSE:
+        return error(400, "dry_run must be true or false")
+    try:
+        task = request.app[RETENTION].spawn(dry_run=flag in _TRUE, trigger="api")
+        report = await asyncio.shield(task)
+    except CleanupBusy as exc:
+        return error(409, str(exc))
+    return web.json_response(report.to_dict(), status=503 if report.error else 200)
+
+
 def setup_routes(app: web.Application) -> None:
     """Add the host's routes to ``app``."""
     app.router.add_post("/webhooks/{provider}", webhook)
@@ -232,3 +262,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/api/v1/admin/cleanup", admin_cleanup)

@@ -338,9 +338,9 @@ async def test_metrics_and_health(gateway, waha, sink, http):
     async with http.get(f"{gateway.url}/metrics") as r:
         text = await r.text()
     assert 'gateway_webhooks_received_total{outcome="accepted",provider="waha"} 1.0' in text
-    assert 'gateway_media_stored_total{category="image",provider="waha"} 1.0' in text
-    assert f'gateway_media_stored_bytes_total{{category="image",provider="waha"}} {MANIFEST["photo.jpg"]["size"]}.0' in text
-    assert 'gateway_media_fetch_duration_seconds_count{provider="waha"} 1.0' in text
+    assert 'gateway_media_ingested_total{category="image",outcome="stored",provider="waha"} 1.0' in text
+    assert f'gateway_media_ingested_bytes_total{{category="image",provider="waha"}} {MANIFEST["photo.jpg"]["size"]}.0' in text
+    assert 'gateway_media_ingest_duration_seconds_count{category="image",outcome="stored",provider="waha"} 1.0' in text
     assert 'gateway_jobs{kind="ingest",state="done"} 1.0' in text
     assert 'route="/media/{id}/{filename}"' in text  # templates, never raw paths
     assert "/media/m_" not in text

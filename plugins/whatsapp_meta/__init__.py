@@ -48,7 +48,7 @@ from aiohttp import web
 from pydantic import AnyHttpUrl, Field, SecretStr
 from yarl import URL
 
-from gateway import hookimpl
+from gateway import hookimpl, relay
 from gateway.config import PluginSection, Settings, plugin_settings
 from gateway.media import base_mime
 from gateway.providers import (
@@ -66,6 +66,8 @@ from gateway.providers import (
     SignatureError,
     WebhookEvent,
 )
+from gateway.outbound import MediaUnavailable
+from gateway.store import Origin
 
 log = logging.getLogger("gateway.providers.meta")
 
@@ -91,11 +93,16 @@ class MetaSettings(PluginSection):
     access_token: SecretStr | None = Field(None, description="bearer token for every business number")
     access_tokens: dict[str, SecretStr] = Field(
         default_factory=dict, description="phone_number_id -> bearer token (wins over access_token)")
+    phone_number_ids: list[str] = Field(
+        default_factory=list,
+        description="the business numbers sends may use (with access_tokens' keys); empty: any")
     graph_url: AnyHttpUrl = AnyHttpUrl("https://graph.facebook.com")
     api_version: str = Field("v23.0", pattern=r"^v\d+\.\d+$")
     download_hosts: list[str] = Field(default_factory=lambda: ["lookaside.fbsbx.com"],
                                       description="hosts media download URLs may point at")
     send_by: Literal["id", "link"] = Field("id", description="outbound: upload and send by id, or by link")
+    relay_prefix: str = Field("/meta", pattern=r"^(/[A-Za-z0-9_.-]+)*$",
+                              description="drop-in relay of POST /{version}/{phone-number-id}/messages ('' disables)")
 
 
 def _graph_error(body: Any) -> tuple[int | None, int | None, str]:
@@ -126,11 +133,13 @@ class MetaProvider:
         self._token_hosts = {(self.graph.host or "").lower()} | {h.lower() for h in settings.download_hosts}
         self._http: aiohttp.ClientSession | None = None
         self._timeout: aiohttp.ClientTimeout | None = None
+        self._outbound: Any = None
 
     async def start(self, ctx: ProviderContext) -> None:
         """Keep the shared HTTP session; warn about a setup that accepts unsigned webhooks."""
         self._http = ctx.http
         self._timeout = ctx.fetch_timeout
+        self._outbound = ctx.outbound
         if not self._secret(self.settings.app_secret):
             log.warning("providers.meta.app_secret is empty: webhooks are accepted unsigned")
 
@@ -152,8 +161,12 @@ class MetaProvider:
 
     # -- inbound --------------------------------------------------------------------------
     def routes(self) -> list[RouteDef]:
-        """The verification handshake ``GET /webhooks/meta``."""
-        return [RouteDef("GET", "/webhooks/meta", self.handshake)]
+        """The verification handshake ``GET /webhooks/meta`` and the drop-in messages relay."""
+        routes = [RouteDef("GET", "/webhooks/meta", self.handshake)]
+        if self.settings.relay_prefix:
+            routes.append(RouteDef("POST", f"{self.settings.relay_prefix}/{{version:v\\d+\\.\\d+}}/"
+                                            "{phone_number_id}/messages", self.relay_messages))
+        return routes
 
     async def handshake(self, request: web.Request) -> web.Response:
         """Answer ``hub.challenge`` for ``hub.mode=subscribe`` with the right ``hub.verify_token``."""
@@ -387,10 +400,11 @@ class MetaProvider:
     async def send(self, request: SendRequest) -> SendResult:
         """Check the limits, then upload and send by id, or send by link."""
         assert self._http is not None
-        await self.check_limits(request)
+        known = set(self.settings.access_tokens) | set(self.settings.phone_number_ids)
         token = self.token_for(request.account)
-        if token is None:
-            raise SendError(404, f"no access token for phone_number_id {request.account!r}")
+        if token is None or (known and request.account not in known):
+            raise SendError(404, f"unknown account: no business number {request.account!r} is configured")
+        await self.check_limits(request)
         kind = "audio" if request.type == "voice" else request.type
         by = request.by or self.settings.send_by
         obj: dict[str, Any] = ({"link": request.media.link} if by == "link"
@@ -437,6 +451,54 @@ class MetaProvider:
                 return body
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SendError(502, {"error": f"Graph API unreachable: {type(exc).__name__}: {exc}"}) from exc
+
+    async def relay_messages(self, request: web.Request) -> web.Response:
+        """Drop-in ``POST {relay_prefix}/{version}/{phone-number-id}/messages``: a media ``link`` is
+        stored and replaced by a signed gateway link, then the body goes to the Graph API with the
+        caller's bearer token; the Graph API's status and body are answered unchanged. The caller's
+        token must be one of the configured access tokens (when any is configured)."""
+        assert self._http is not None
+        auth = request.headers.get("Authorization", "")
+        known = [t for t in [self._secret(self.settings.access_token),
+                             *(v.get_secret_value() for v in self.settings.access_tokens.values())] if t]
+        if known and not any(hmac.compare_digest(auth, f"Bearer {t}") for t in known):
+            return web.json_response({"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
+                                                "code": 190}}, status=401)
+        pnid, version = request.match_info["phone_number_id"], request.match_info["version"]
+        try:
+            raw = await relay.read_body(request, 1024 * 1024)
+            body = json.loads(raw)
+        except relay.BodyTooLarge as exc:
+            return web.json_response({"error": {"message": str(exc), "code": 100}}, status=413)
+        except (ValueError, UnicodeDecodeError):
+            body, raw = None, raw
+        kind = body.get("type") if isinstance(body, dict) else None
+        obj = body.get(kind) if isinstance(body, dict) and kind in MEDIA_KINDS else None
+        record = None
+        if isinstance(obj, dict) and isinstance(obj.get("link"), str):
+            origin = Origin(provider=self.name, account=pnid, chat=str(body.get("to") or "") or None,
+                            filename=obj.get("filename") if isinstance(obj.get("filename"), str) else None)
+            try:
+                record = await self._outbound.store_url(obj["link"], origin)
+                obj["link"] = self._outbound.outbound_media(record).link
+            except MediaUnavailable as exc:
+                log.warning("relay: could not store %s (%s); forwarding the original link", obj["link"][:200], exc,
+                            extra={"provider": self.name})
+                self._outbound.count_fallback(self.name)
+        data = json.dumps(body).encode() if record is not None else raw
+        status, answer, ctype = await relay.forward(
+            self._http, "POST", self.graph.joinpath(version, pnid, "messages"),
+            {"Authorization": auth, "Content-Type": "application/json"}, data,
+            self._timeout or aiohttp.ClientTimeout(total=60))
+        self._outbound.count_send(self.name, kind if isinstance(kind, str) and kind in MEDIA_KINDS else "other",
+                                  status)
+        if record is not None and status < 300:
+            try:
+                sent = json.loads(answer)["messages"][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                sent = None
+            await self._outbound.mark_sent(record["id"], body.get("to") and str(body["to"]), sent)
+        return relay.answer(status, answer, ctype)
 
 
 def _animated_webp(head: bytes) -> bool:

@@ -16,25 +16,44 @@ https://waha.devlike.pro/docs/how-to/receive-messages/, .../security/ for the HM
   ``base_url``) get the key; other hosts are refused unless listed in ``media_hosts`` (WAHA's S3
   storage hands out presigned URLs), and those never get the key.
 
+Outbound (https://waha.devlike.pro/docs/how-to/send-messages/): :meth:`WahaProvider.send` posts
+``{session, chatId, file: {mimetype, filename, url | data}, caption}`` to ``/api/sendImage``
+(image, sticker), ``/api/sendVideo``, ``/api/sendVoice`` or ``/api/sendFile`` (audio, document)
+with ``X-Api-Key``; ``file.url`` is a signed gateway link WAHA fetches with a plain GET (so
+``server.public_url`` must be reachable from WAHA), or ``file.data`` (base64) for files up to
+``send_inline_max_bytes``. A voice note must be Ogg/Opus unless ``convert`` is asked for (then WAHA
+converts it). WAHA answers 201 with the sent message.
+
+Drop-in relay: a bot that calls WAHA's ``/api/sendImage``, ``/api/sendFile``, ``/api/sendVoice``,
+``/api/sendVideo`` can call the same paths under ``relay_prefix`` (``/waha/api/sendImage``) with the
+same body and ``X-Api-Key``: the gateway stores the file (from ``file.url`` under the
+upload-from-URL rules, or ``file.data``), puts its own signed link in ``file.url``, forwards to WAHA
+and answers WAHA's status and body unchanged. If storing fails, the original body is forwarded (a
+fallback, logged and counted). Every other path under the prefix is passed through untouched.
+
 Settings ``[providers.waha]``: ``enabled``, ``base_url``, ``api_key``, ``hmac_key``,
-``media_events``, ``media_url_origins``, ``media_hosts``.
+``media_events``, ``media_url_origins``, ``media_hosts``, ``send_inline_max_bytes``,
+``relay_prefix``.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from pydantic import AnyHttpUrl, Field, SecretStr
 from yarl import URL
 
-from gateway import hookimpl
+from gateway import hookimpl, relay
 from gateway.config import PluginSection, Settings, plugin_settings
 from gateway.media import base_mime
 from gateway.providers import (
@@ -45,9 +64,17 @@ from gateway.providers import (
     PayloadError,
     ProviderContext,
     RouteDef,
+    SendError,
+    SendRefused,
+    SendRequest,
+    SendResult,
     SignatureError,
     WebhookEvent,
 )
+from gateway.outbound import MediaUnavailable
+from gateway.store import Origin
+
+log = logging.getLogger("gateway.providers.waha")
 
 FETCH_CHUNK = 1024 * 1024  # bytes per read from WAHA (bench/stream_1gib.py: best with WRITE_BATCH 4 MiB)
 
@@ -66,6 +93,13 @@ class WahaSettings(PluginSection):
         description="other origins WAHA writes into media URLs (its WAHA_BASE_URL); fetched via base_url")
     media_hosts: list[str] = Field(
         default_factory=list, description="extra hosts media may come from (no API key sent), e.g. S3")
+    sessions: list[str] = Field(
+        default_factory=list, description="the sessions sends may use; empty: any (WAHA decides)")
+    send_inline_max_bytes: int = Field(
+        0, ge=0, description="outbound files up to this size go as file.data (base64); larger as file.url")
+    relay_prefix: str = Field(
+        "/waha", pattern=r"^(/[A-Za-z0-9_.-]+)*$",
+        description="drop-in relay of WAHA's API under this path ('' disables it)")
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:
@@ -84,18 +118,23 @@ class WahaProvider:
             _origin(URL(str(u))) for u in settings.media_url_origins}
         self._http: aiohttp.ClientSession | None = None
         self._timeout: aiohttp.ClientTimeout | None = None
+        self._outbound: Any = None
+        self._max_bytes = 0
 
     async def start(self, ctx: ProviderContext) -> None:
-        """Keep the shared HTTP session and the download timeout."""
+        """Keep the shared HTTP session, the download timeout and the outbound service."""
         self._http = ctx.http
         self._timeout = ctx.fetch_timeout
+        self._outbound = ctx.outbound
+        self._max_bytes = ctx.max_bytes
 
     async def close(self) -> None:
         """Nothing of its own to close."""
 
     def routes(self) -> list[RouteDef]:
-        """WAHA needs only ``POST /webhooks/waha`` (added by the host)."""
-        return []
+        """The drop-in relay under ``relay_prefix`` (the webhook route is the host's)."""
+        prefix = self.settings.relay_prefix
+        return [RouteDef("*", f"{prefix}/api/{{tail:.*}}", self.relay_request)] if prefix else []
 
     # -- inbound --------------------------------------------------------------------------
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
@@ -254,6 +293,142 @@ class WahaProvider:
             if outcome.ref.path == "payload.media" and payload.get("mediaUrl") == original:
                 payload["mediaUrl"] = outcome.link
         return envelope
+
+    # -- outbound -------------------------------------------------------------------------
+    def _api_headers(self) -> dict[str, str]:
+        key = self.settings.api_key.get_secret_value() if self.settings.api_key else ""
+        return {"X-Api-Key": key} if key else {}
+
+    async def send(self, request: SendRequest) -> SendResult:
+        """``POST /api/send{Image,Video,Voice,File}``. Raises :class:`SendRefused` (voice that is not
+        Ogg/Opus without ``convert``) or :class:`SendError` (WAHA's status and body; 502 unreachable)."""
+        assert self._http is not None
+        record = request.media.record
+        if self.settings.sessions and request.account not in self.settings.sessions:
+            raise SendError(404, f"unknown account: no WAHA session {request.account!r} is configured")
+        endpoint = SEND_ENDPOINTS.get(request.type)
+        if endpoint is None:
+            raise SendRefused(f"type {request.type!r} cannot be sent through WAHA")
+        if request.type == "voice" and not request.convert and not await _is_ogg_opus(request.media):
+            raise SendRefused(f"a voice note must be audio/ogg with the Opus codec (this is {record['mimetype']}); "
+                              "ask for convert: true to let WAHA convert it")
+        file: dict[str, Any] = {"mimetype": record["mimetype"],
+                                "filename": request.filename or record["filename"]}
+        if record["size"] <= self.settings.send_inline_max_bytes:
+            opened = await request.media.open(None, None)
+            try:
+                file["data"] = base64.b64encode(b"".join([c async for c in opened.chunks])).decode()
+            finally:
+                await opened.close()
+        else:
+            file["url"] = request.media.link
+        body: dict[str, Any] = {"session": request.account, "chatId": request.to, "file": file}
+        if request.caption and endpoint != "sendVoice":
+            body["caption"] = request.caption
+        if request.convert and endpoint in ("sendVoice", "sendVideo"):
+            body["convert"] = True
+        status, raw, _ = await relay.forward(
+            self._http, "POST", self.base.with_path(f"/api/{endpoint}"),
+            {"Content-Type": "application/json", **self._api_headers()}, json.dumps(body).encode(),
+            self._timeout or aiohttp.ClientTimeout(total=60))
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = {"error": raw[:500].decode("utf-8", "replace")}
+        if status >= 300:
+            raise SendError(status, answer)
+        return SendResult(provider_message_id=_message_id(answer) or "", response=answer)
+
+    async def relay_request(self, request: web.Request) -> web.StreamResponse:
+        """The drop-in relay: the send endpoints store and rewrite ``file``; the rest pass through."""
+        assert self._http is not None
+        tail = request.match_info["tail"]
+        target = self.base.with_path(f"/api/{tail}").with_query(request.query)
+        timeout = self._timeout or aiohttp.ClientTimeout(total=300)
+        if request.method != "POST" or tail not in RELAYED_SENDS:
+            return await relay.proxy(self._http, request, target, timeout)
+        expected = self._api_headers().get("X-Api-Key")
+        if expected and not hmac.compare_digest(request.headers.get("X-Api-Key", ""), expected):
+            return web.json_response({"statusCode": 401, "message": "Unauthorized"}, status=401)
+        try:
+            raw = await relay.read_body(request, self._max_bytes * 4 // 3 + 1024 * 1024)
+        except relay.BodyTooLarge as exc:
+            return web.json_response({"error": str(exc)}, status=413)
+        body, record = await self._store_relayed(raw, RELAYED_SENDS[tail])
+        data = json.dumps(body).encode() if record is not None else raw
+        headers = {**relay.forwardable(request.headers), "Content-Type": "application/json"}
+        status, answer, ctype = await relay.forward(self._http, "POST", target, headers, data, timeout)
+        self._outbound.count_send(self.name, RELAYED_SENDS[tail], status)
+        if record is not None and status < 300:
+            try:
+                sent_id = _message_id(json.loads(answer))
+            except ValueError:
+                sent_id = None
+            await self._outbound.mark_sent(record["id"], body.get("chatId"), sent_id)
+        return relay.answer(status, answer, ctype)
+
+    async def _store_relayed(self, raw: bytes, media_type: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Store ``file`` of a relayed send body; ``(body with our link, record)`` or
+        ``(body, None)`` when there is nothing to store or storing failed (the fallback)."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return {}, None  # not JSON: WAHA will say so
+        file = body.get("file") if isinstance(body, dict) else None
+        if not isinstance(file, dict) or not (file.get("url") or file.get("data")):
+            return body if isinstance(body, dict) else {}, None
+        origin = Origin(provider=self.name, account=str(body.get("session") or "default"),
+                        chat=body.get("chatId") if isinstance(body.get("chatId"), str) else None,
+                        declared_mimetype=base_mime(file.get("mimetype")) if isinstance(file.get("mimetype"), str) else None,
+                        filename=file.get("filename") if isinstance(file.get("filename"), str) else None)
+        try:
+            if isinstance(file.get("url"), str) and file["url"]:
+                record = await self._outbound.store_url(file["url"], origin)
+            elif isinstance(file.get("data"), str):
+                record = await self._outbound.store_base64(file["data"], origin)
+            else:
+                return body, None
+        except MediaUnavailable as exc:
+            log.warning("relay: could not store the %s of a WAHA send (%s); forwarding the original",
+                        media_type, exc, extra={"provider": self.name})
+            self._outbound.count_fallback(self.name)
+            return body, None
+        link = self._outbound.outbound_media(record).link
+        body["file"] = {"mimetype": file.get("mimetype") or record["mimetype"],
+                        "filename": file.get("filename") or record["filename"], "url": link}
+        return body, record
+
+
+SEND_ENDPOINTS = {"image": "sendImage", "sticker": "sendImage", "video": "sendVideo", "voice": "sendVoice",
+                  "audio": "sendFile", "document": "sendFile"}
+RELAYED_SENDS = {"sendImage": "image", "sendVideo": "video", "sendVoice": "voice", "sendFile": "document"}
+
+
+def _message_id(answer: Any) -> str | None:
+    """The sent message's id in WAHA's answer: ``id`` as a string (NOWEB, GOWS) or as
+    ``{_serialized}`` (WEBJS), or ``key.id``."""
+    if not isinstance(answer, dict):
+        return None
+    mid = answer.get("id")
+    if isinstance(mid, str):
+        return mid
+    if isinstance(mid, dict) and isinstance(mid.get("_serialized"), str):
+        return mid["_serialized"]
+    key = answer.get("key")
+    if isinstance(key, dict) and isinstance(key.get("id"), str):
+        return key["id"]
+    return None
+
+
+async def _is_ogg_opus(media: Any) -> bool:
+    if media.record["mimetype"] != "audio/ogg":
+        return False
+    opened = await media.open(0, 4095)
+    try:
+        head = b"".join([c async for c in opened.chunks])
+    finally:
+        await opened.close()
+    return b"OpusHead" in head
 
 
 @hookimpl

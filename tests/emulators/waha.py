@@ -6,6 +6,13 @@
 - ``chunked=True`` streams without Content-Length; ``delay`` (seconds) slows every answer;
   ``fail_next`` makes the next N file requests answer 500.
 - ``requests`` records ``(path, headers)`` of every request it got.
+- ``POST /api/sendImage|sendFile|sendVoice|sendVideo`` (https://waha.devlike.pro/docs/how-to/send-messages/)
+  need ``X-Api-Key``; ``{session, chatId, file: {mimetype, filename, url | data}, caption?, convert?}``.
+  ``file.url`` is fetched with a plain GET (no headers), as WAHA does; ``file.data`` is base64.
+  Each accepted send is recorded in ``sent`` (with the sha256 and size of the bytes WAHA got) and
+  answered 201 with the message (``id`` = ``true_<chatId>_<random>``). ``send_error`` =
+  ``(status, body)`` makes the next send answer that instead.
+- ``GET /api/sessions`` and ``POST /api/sendText``: for pass-through tests (``texts`` records).
 
 Run standalone for a manual walkthrough: ``python -m tests.emulators.waha --port 3000 --dir DIR``
 (every file in DIR is served under session ``default``).
@@ -15,12 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import mimetypes
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 
@@ -44,8 +55,15 @@ class WahaEmulator:
         self.delay = 0.0
         self.fail_next = 0
         self.base_url = ""  # set by the test once the server listens
-        self.app = web.Application()
+        self.sent: list[dict] = []
+        self.texts: list[dict] = []
+        self.send_error: tuple[int, dict] | None = None
+        self.app = web.Application(client_max_size=256 * 1024 * 1024)
         self.app.router.add_get("/api/files/{session}/{file}", self._serve_file)
+        for endpoint in ("sendImage", "sendFile", "sendVoice", "sendVideo"):
+            self.app.router.add_post(f"/api/{endpoint}", self._send)
+        self.app.router.add_get("/api/sessions", self._sessions)
+        self.app.router.add_post("/api/sendText", self._send_text)
 
     def add_file(self, src: Path, session: str = "default", name: str | None = None,
                  copy: bool = True) -> str:
@@ -97,6 +115,58 @@ class WahaEmulator:
                 await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self.api_key and request.headers.get("X-Api-Key") != self.api_key:
+            return web.json_response({"statusCode": 401, "message": "Unauthorized"}, status=401)
+        return None
+
+    async def _send(self, request: web.Request) -> web.Response:
+        self.requests.append((request.path, dict(request.headers)))
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if self.send_error is not None:
+            status, body = self.send_error
+            self.send_error = None
+            return web.json_response(body, status=status)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"statusCode": 400, "message": "body is not JSON"}, status=400)
+        file = body.get("file") if isinstance(body, dict) else None
+        if not isinstance(file, dict) or not body.get("chatId") or not (file.get("url") or file.get("data")):
+            return web.json_response({"statusCode": 400, "message": "chatId and file.url or file.data are required"},
+                                     status=400)
+        if file.get("url"):
+            async with aiohttp.ClientSession() as http:  # a plain GET, no auth headers
+                async with http.get(file["url"]) as r:
+                    if r.status != 200:
+                        return web.json_response({"statusCode": 500, "message": f"fetching file.url: {r.status}"},
+                                                 status=500)
+                    data = await r.read()
+        else:
+            data = base64.b64decode(file["data"])
+        record = {"endpoint": request.path.rsplit("/", 1)[1], "session": body.get("session"),
+                  "chatId": body["chatId"], "file": {k: v for k, v in file.items() if k != "data"},
+                  "via": "url" if file.get("url") else "data", "sha256": hashlib.sha256(data).hexdigest(),
+                  "size": len(data), "caption": body.get("caption"), "convert": body.get("convert")}
+        self.sent.append(record)
+        message_id = f"true_{body['chatId']}_{secrets.token_hex(10).upper()}"
+        return web.json_response({"id": message_id, "timestamp": int(time.time()), "fromMe": True,
+                                  "to": body["chatId"], "hasMedia": True}, status=201)
+
+    async def _sessions(self, request: web.Request) -> web.Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        return web.json_response([{"name": "default", "status": "WORKING"}])
+
+    async def _send_text(self, request: web.Request) -> web.Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        body = await request.json()
+        self.texts.append(body)
+        return web.json_response({"id": f"true_{body.get('chatId')}_TEXT", "body": body.get("text")}, status=201)
 
 
 def main() -> None:

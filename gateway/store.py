@@ -1,0 +1,138 @@
+"""Storing one media stream (DESIGN §5): the single path every inbound and outbound file takes.
+
+Hash, count and limit while streaming; sniff the first bytes; reconcile the declared type; ask
+the policy hooks; render the object key; ``storage.put``; then write the catalog row (after the
+object, so a row never points at nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.media import (
+    MediaStream,
+    MediaTooLarge,
+    decide_type,
+    extension_for,
+    new_media_id,
+    object_key,
+    safe_filename,
+    sniff,
+)
+from gateway.plugins import await_me_maybe
+from gateway.storage import StorageBackend
+
+log = logging.getLogger("gateway.store")
+
+
+class MediaRefused(Exception):
+    """Policy refused the attachment (type mismatch under ``reject``, or a ``check_media`` hook)."""
+
+
+@dataclass(slots=True)
+class Origin:
+    """Where a stream comes from, for the catalog row.
+
+    ``direction``: ``inbound`` or ``outbound``; ``source_key``: the idempotency key of the
+    attachment (``None`` for one-off uploads); ``declared_*``: what the sender said.
+    """
+
+    provider: str
+    account: str
+    direction: str = "inbound"
+    chat: str | None = None
+    message_id: str | None = None
+    event_id: str | None = None
+    source_key: str | None = None
+    source_url: str | None = None
+    declared_mimetype: str | None = None
+    declared_size: int | None = None
+    declared_sha256: str | None = None
+    filename: str | None = None
+    tenant: str | None = None
+
+
+class MediaStore:
+    """Streams media into the storage backend and the catalog. Counting is the caller's (ingest
+    counts ingested media, outbound counts sends)."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend,
+                 pm: pluggy.PluginManager):
+        self.settings = settings
+        self.catalog = catalog
+        self.storage = storage
+        self.pm = pm
+
+    async def store(self, chunks: AsyncIterator[bytes], origin: Origin) -> tuple[dict[str, Any], bool]:
+        """Store ``chunks``; return ``(catalog row, created)``. ``created`` is False when
+        ``origin.source_key`` was stored meanwhile by someone else: then that row is returned and
+        the new object deleted again.
+
+        Raises :class:`gateway.media.MediaTooLarge`, :class:`gateway.media.DigestMismatch`
+        (``declared_sha256`` hex differs), :class:`MediaRefused`, and storage errors.
+        """
+        max_bytes = self.settings.media.max_bytes
+        if origin.declared_size is not None and origin.declared_size > max_bytes:
+            raise MediaTooLarge(max_bytes)
+        stream = MediaStream(chunks, max_bytes, expected_sha256=origin.declared_sha256)
+        head = await stream.read_head()
+        sniffed = await asyncio.to_thread(sniff, head)
+        decision = decide_type(sniffed, origin.declared_mimetype, origin.filename)
+        if decision.mismatch:
+            log.warning("media declared %s but the content is %s", origin.declared_mimetype, sniffed,
+                        extra={"event_id": origin.event_id, "provider": origin.provider})
+            if self.settings.media.type_mismatch == "reject":
+                raise MediaRefused(f"content is {sniffed}, declared {origin.declared_mimetype}: refused by policy")
+        media_id = new_media_id()
+        ext = extension_for(decision.mimetype)
+        filename = safe_filename(origin.filename, fallback=f"{media_id}{ext}")
+        info = {"provider": origin.provider, "account": origin.account, "mimetype": decision.mimetype,
+                "declared_mimetype": decision.declared, "category": decision.category,
+                "filename": filename, "type_mismatch": decision.mismatch, "head": head}
+        for reason in self.pm.hook.check_media(info=info):
+            if reason:
+                raise MediaRefused(f"refused by policy: {reason}")
+        key = object_key(self.settings.media.key_template, provider=origin.provider,
+                         account=origin.account or "_", category=decision.category,
+                         media_id=media_id, ext=ext)
+        metadata = {"media-id": media_id, "filename": filename}
+        put = await self.storage.put(key, _sealing(stream, metadata), decision.mimetype, metadata,
+                                     category=decision.category)
+        record = {
+            "id": media_id, "sha256": stream.sha256, "size": stream.size,
+            "mimetype": decision.mimetype, "declared_mimetype": decision.declared,
+            "category": decision.category, "filename": filename, "backend": self.storage.name,
+            "bucket": put.bucket, "key": key, "provider": origin.provider, "account": origin.account,
+            "chat": origin.chat, "message_id": origin.message_id, "direction": origin.direction,
+            "source_key": origin.source_key, "source_url": origin.source_url, "event_id": origin.event_id,
+            "created_at": time.time(), "expires_at": None, "tenant": origin.tenant, "is_public": 0,
+            "extra": {"type_mismatch": True, "sniffed": decision.sniffed} if decision.mismatch else None,
+        }
+        record, inserted = await self.catalog.insert_media(record)
+        if not inserted:  # another worker stored the same attachment first: keep one object
+            await self.storage.delete(key, bucket=put.bucket)
+            return record, False
+        log.info("stored %s (%s, %d bytes) at %s", media_id, decision.mimetype, stream.size, key,
+                 extra={"event_id": origin.event_id, "provider": origin.provider, "media_id": media_id})
+        for result in self.pm.hook.media_stored(record=record):
+            await await_me_maybe(result)
+        return record, True
+
+
+async def _sealing(stream: MediaStream, metadata: dict[str, str]) -> AsyncIterator[bytes]:
+    """Yield ``stream``; once it ends (digest checked), add ``sha256`` to ``metadata``.
+
+    Backends read ``metadata`` after the stream is exhausted (see ``StorageBackend.put``).
+    """
+    async for chunk in stream:
+        yield chunk
+    metadata["sha256"] = stream.sha256 or ""
