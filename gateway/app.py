@@ -22,6 +22,7 @@ from gateway.ingest import Ingestor
 from gateway.jobs import JobQueue
 from gateway.links import LinkSigner
 from gateway.metrics import MeteredStorage, Metrics
+from gateway.notify import Notifier
 from gateway.outbound import Outbound
 from gateway.plugins import await_me_maybe, make_manager
 from gateway.providers import Provider, ProviderContext
@@ -46,6 +47,7 @@ RETENTION = web.AppKey("retention", Retention)
 MEDIA_STORE = web.AppKey("media_store", MediaStore)
 FETCHER = web.AppKey("fetcher", SafeFetcher)
 OUTBOUND = web.AppKey("outbound", Outbound)
+NOTIFIER = web.AppKey("notifier", Notifier)
 
 
 def gateway_version() -> str:
@@ -104,10 +106,12 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[CATALOG] = Catalog(settings.catalog.path)
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
     app[API_KEYS] = ApiKeys(settings.api)
-    app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics)
+    app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm)
     app[MEDIA_STORE] = MediaStore(settings, app[CATALOG], app[STORAGE], pm)
     app[FETCHER] = SafeFetcher(settings.fetch)
     app[OUTBOUND] = Outbound(app[CATALOG], storage, app[LINKS], metrics, app[MEDIA_STORE], app[FETCHER])
+    app[NOTIFIER] = Notifier(lambda record: api.file_view(app, record))
+    pm.register(app[NOTIFIER], name=f"gateway-notifier-{id(app)}")
     routes.setup_routes(app)
     api.setup_api_routes(app)
     for provider in providers.values():

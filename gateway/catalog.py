@@ -487,6 +487,69 @@ class Catalog:
 
         return await self.run(_update)
 
+    async def list_media(self, where: list[str], args: list[Any], sort: str, descending: bool,
+                         after: tuple[Any, str] | None, limit: int) -> list[dict[str, Any]]:
+        """Media rows matching ``where`` (SQL conditions on the ``media`` table, ``?`` params in
+        ``args``), in ``sort`` order (``created_at`` or ``size``) then ``id``, starting after the
+        keyset ``after`` = ``(sort value, id)``: a page that stays correct while rows are added."""
+        if sort not in ("created_at", "size"):
+            raise ValueError(sort)
+        conds, params = list(where), list(args)
+        op = "<" if descending else ">"
+        if after is not None:
+            conds.append(f"({sort}, id) {op} (?, ?)")
+            params.extend(after)
+        direction = "DESC" if descending else "ASC"
+        sql = (f"SELECT * FROM media WHERE {' AND '.join(conds) or '1=1'}"
+               f" ORDER BY {sort} {direction}, id {direction} LIMIT ?")
+        params.append(limit)
+
+        def _list(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+            cur = db.conn.execute(sql, params)
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+        return await self.run(_list)
+
+    async def media_stats(self, tenant: str | None) -> dict[str, list[tuple[str, int, int]]]:
+        """``{"category"|"provider"|"backend": [(value, count, bytes)]}`` over stored media, of one
+        tenant when ``tenant`` is given."""
+        where, args = "state != 'deleting'", []
+        if tenant is not None:
+            where += " AND tenant = ?"
+            args.append(tenant)
+
+        def _stats(db: sqlite_utils.Database) -> dict[str, list[tuple[str, int, int]]]:
+            return {col: [tuple(r) for r in db.conn.execute(
+                f"SELECT COALESCE({col}, ''), COUNT(*), COALESCE(SUM(size), 0) FROM media WHERE {where}"
+                f" GROUP BY 1 ORDER BY 1", args)] for col in ("category", "provider", "backend")}
+
+        return await self.run(_stats)
+
+    async def claim_media_for_delete(self, media_id: str, now: float) -> dict[str, Any] | None:
+        """Mark a visible media row ``deleting`` (so neither ingest nor a cleanup uses it meanwhile)
+        and return it; None if there is no such row or another deletion has it."""
+        def _claim(db: sqlite_utils.Database) -> dict[str, Any] | None:
+            with self._tx(db) as conn:
+                cur = conn.execute(
+                    "UPDATE media SET state = 'deleting', state_at = ?, state_reason = 'api'"
+                    " WHERE id = ? AND state != 'deleting'", (now, media_id))
+                if not cur.rowcount:
+                    return None
+            return next(db["media"].rows_where("id = ?", [media_id]), None)
+
+        return await self.run(_claim)
+
+    async def retry_dead_job(self, job_id: int) -> bool:
+        """Queue a dead job again (attempts reset). ``True`` if it was dead."""
+        def _retry(db: sqlite_utils.Database) -> bool:
+            with self._tx(db) as conn:
+                return conn.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+                    " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount > 0
+
+        return await self.run(_retry)
+
     async def media_totals(self) -> list[tuple[str, str, str, int, int]]:
         """``(backend, provider, category, count, bytes)`` for every stored group."""
         return await self.run(lambda db: list(db.conn.execute(

@@ -60,6 +60,18 @@ def media_stored(record: dict[str, Any]) -> Any:
 
 
 @hookspec
+def media_updated(record: dict[str, Any]) -> Any:
+    """Notification: a media object's catalog row changed (filename, metadata, is_public,
+    expires_at through the files API); ``record`` is the new row. May return an awaitable."""
+
+
+@hookspec
+def media_deleted(record: dict[str, Any]) -> Any:
+    """Notification: a media object and its row were deleted (files API or retention cleanup);
+    ``record`` is the row as it was. May return an awaitable."""
+
+
+@hookspec
 def message_forwarded(event_id: str, target: str, status: int) -> Any:
     """Notification: event ``event_id`` was delivered to bot target ``target``, which answered
     HTTP ``status``. May return an awaitable."""

@@ -47,7 +47,9 @@ class LinkSigner:
             exp_i = int(exp)
         except ValueError:
             raise LinkError("link expiry is not a number") from None
-        if not hmac.compare_digest(self._sig(media_id, filename, exp_i), sig):
+        # compare_digest refuses non-ASCII str (TypeError): a signature is base64url, so such a
+        # one is simply wrong
+        if not sig.isascii() or not hmac.compare_digest(self._sig(media_id, filename, exp_i), sig):
             raise LinkError("link signature is wrong")
         if exp_i < (now if now is not None else time.time()):
             raise LinkError("link has expired")

@@ -67,16 +67,17 @@ class Outbound:
             log.error("storage unavailable while storing outbound media: %s", exc)
             raise MediaUnavailable(503, f"storage unavailable: {exc}") from exc
 
-    async def store_stream(self, chunks: AsyncIterator[bytes], origin: Origin) -> dict[str, Any]:
+    async def store_stream(self, chunks: AsyncIterator[bytes], origin: Origin,
+                           direction: str = "outbound") -> dict[str, Any]:
         """Store an uploaded stream. Raises :class:`MediaUnavailable`."""
-        record, _ = await self._guard(self.media_store.store(chunks, replace(origin, direction="outbound")))
+        record, _ = await self._guard(self.media_store.store(chunks, replace(origin, direction=direction)))
         return record
 
-    async def store_url(self, url: str, origin: Origin) -> dict[str, Any]:
+    async def store_url(self, url: str, origin: Origin, direction: str = "outbound") -> dict[str, Any]:
         """Fetch ``url`` under the upload-from-URL rules and store it. Raises :class:`MediaUnavailable`."""
         async def _do() -> dict[str, Any]:
             async with self.fetcher.open(url) as src:
-                o = replace(origin, direction="outbound", source_url=url,
+                o = replace(origin, direction=direction, source_url=url,
                             declared_mimetype=origin.declared_mimetype or src.mimetype,
                             declared_size=src.size, filename=origin.filename or src.filename)
                 record, _ = await self.media_store.store(src.chunks, o)

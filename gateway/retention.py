@@ -46,12 +46,14 @@ from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+import pluggy
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from gateway.catalog import Catalog, ExpiryRule
 from gateway.config import MaxAgeDays, RetentionSettings, Settings
 from gateway.metrics import Metrics
+from gateway.plugins import await_me_maybe
 from gateway.storage import StorageBackend, StorageError
 
 log = logging.getLogger("gateway.retention")
@@ -291,7 +293,8 @@ class Retention:
     """
 
     def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend, metrics: Metrics,
-                 clock: Clock = time.time):
+                 clock: Clock = time.time, pm: pluggy.PluginManager | None = None):
+        self.pm = pm  # fires media_deleted for each deleted object when given
         self.settings = settings.retention
         self.catalog = catalog
         self.storage = storage
@@ -469,6 +472,10 @@ class Retention:
             for row in rows:
                 group.create_task(delete(row))
         await self.catalog.forget_media([row["id"] for row, _ in done])
+        if self.pm is not None:
+            for row, _ in done:
+                for result in self.pm.hook.media_deleted(record=row):
+                    await await_me_maybe(result)
         for row, existed in done:
             size = row["size"] if existed else 0
             report.count_deleted(row["reason"], size)

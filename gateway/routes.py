@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.app import API_KEYS, CATALOG, LINKS, METRICS, PROVIDERS, QUEUE, RETENTION, SETTINGS, STORAGE
@@ -60,6 +61,9 @@ async def observe_middleware(request: web.Request,
         if exc.status >= 400 and exc.content_type != "application/json":
             return error(exc.status, exc.reason)
         raise
+    except HttpProcessingError as exc:  # malformed input the HTTP parser found late (multipart headers)
+        status = 400
+        return error(400, f"malformed request: {exc.message}")
     except (asyncio.CancelledError, ConnectionResetError):
         status = 499
         raise
@@ -202,6 +206,15 @@ async def serve_object(request: web.Request, record: dict) -> web.StreamResponse
     return response
 
 
+async def public_media(request: web.Request) -> web.StreamResponse:
+    """``GET|HEAD /public/{id}/{filename}``: a stable, unsigned link to an object marked public
+    (``is_public``); 404 for any other object."""
+    record = await request.app[CATALOG].get_media(request.match_info["id"])
+    if record is None or not record.get("is_public") or record.get("state", "stored") != "stored":
+        return error(404, "no such public file")
+    return await serve_object(request, record)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: the process answers."""
     return web.json_response({"status": "ok"})
@@ -258,7 +271,9 @@ async def admin_cleanup(request: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     """Add the host's routes to ``app``."""
     app.router.add_post("/webhooks/{provider}", webhook)
-    app.router.add_get("/media/{id}/{filename}", media)  # also answers HEAD
+    # {filename:[^/]+}: aiohttp's default [^{}/]+ would not route a stored name with a brace
+    app.router.add_get("/media/{id}/{filename:[^/]+}", media)  # also answers HEAD
+    app.router.add_get("/public/{id}/{filename:[^/]+}", public_media)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

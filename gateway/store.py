@@ -42,7 +42,7 @@ class MediaRefused(Exception):
 class Origin:
     """Where a stream comes from, for the catalog row.
 
-    ``direction``: ``inbound`` or ``outbound``; ``source_key``: the idempotency key of the
+    ``direction``: ``inbound``, ``outbound`` or ``upload``; ``source_key``: the idempotency key of the
     attachment (``None`` for one-off uploads); ``declared_*``: what the sender said.
     """
 
@@ -59,6 +59,9 @@ class Origin:
     declared_sha256: str | None = None
     filename: str | None = None
     tenant: str | None = None
+    is_public: bool = False
+    expires_at: float | None = None  # epoch seconds; retention deletes the object after it
+    metadata: dict[str, Any] | None = None  # the caller's own, kept in the row's extra
 
 
 class MediaStore:
@@ -114,8 +117,8 @@ class MediaStore:
             "bucket": put.bucket, "key": key, "provider": origin.provider, "account": origin.account,
             "chat": origin.chat, "message_id": origin.message_id, "direction": origin.direction,
             "source_key": origin.source_key, "source_url": origin.source_url, "event_id": origin.event_id,
-            "created_at": time.time(), "expires_at": None, "tenant": origin.tenant, "is_public": 0,
-            "extra": {"type_mismatch": True, "sniffed": decision.sniffed} if decision.mismatch else None,
+            "created_at": time.time(), "expires_at": origin.expires_at, "tenant": origin.tenant,
+            "is_public": int(origin.is_public), "extra": _extra(decision, origin.metadata),
         }
         record, inserted = await self.catalog.insert_media(record)
         if not inserted:  # another worker stored the same attachment first: keep one object
@@ -126,6 +129,15 @@ class MediaStore:
         for result in self.pm.hook.media_stored(record=record):
             await await_me_maybe(result)
         return record, True
+
+
+def _extra(decision: Any, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    extra: dict[str, Any] = {}
+    if decision.mismatch:
+        extra.update(type_mismatch=True, sniffed=decision.sniffed)
+    if metadata:
+        extra["metadata"] = metadata
+    return extra or None
 
 
 async def _sealing(stream: MediaStream, metadata: dict[str, str]) -> AsyncIterator[bytes]:

@@ -1,0 +1,74 @@
+"""Live notices of catalog changes for ``GET /api/v1/events`` (a WebSocket).
+
+:class:`Notifier` is registered as a pluggy plugin: the ``media_stored``, ``media_updated`` and
+``media_deleted`` hooks become ``created``, ``updated`` and ``deleted`` notices, each delivered to
+the subscribers whose API key may see the object (same tenant, or a key without a tenant). A
+subscriber that falls ``QUEUE_SIZE`` notices behind is dropped rather than slowing the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from gateway.auth import Principal
+from gateway.hookspecs import hookimpl
+
+QUEUE_SIZE = 1000
+
+
+class Subscription:
+    """One listener: ``queue`` yields notices ``{"type", "file"}``; ``overflowed`` once dropped."""
+
+    def __init__(self, principal: Principal):
+        self.principal = principal
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
+        self.overflowed = False
+
+
+class Notifier:
+    """Fans media notices out to subscriptions. ``view(record)`` turns a catalog row into the
+    JSON object a notice carries."""
+
+    def __init__(self, view: Callable[[dict[str, Any]], dict[str, Any]]):
+        self.view = view
+        self._subs: set[Subscription] = set()
+
+    def subscribe(self, principal: Principal) -> Subscription:
+        """A new subscription for a caller."""
+        sub = Subscription(principal)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forget a subscription."""
+        self._subs.discard(sub)
+
+    def publish(self, kind: str, record: dict[str, Any]) -> None:
+        """Queue a ``kind`` notice about ``record`` for every subscription that may see it."""
+        notice = None
+        for sub in list(self._subs):
+            tenant = sub.principal.tenant
+            if tenant is not None and record.get("tenant") != tenant:
+                continue
+            notice = notice or {"type": kind, "file": self.view(record)}
+            try:
+                sub.queue.put_nowait(notice)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+                self._subs.discard(sub)
+                sub.queue.get_nowait()
+                sub.queue.put_nowait(None)  # wake the reader so it can close
+
+    @hookimpl
+    def media_stored(self, record: dict[str, Any]) -> None:
+        self.publish("created", record)
+
+    @hookimpl
+    def media_updated(self, record: dict[str, Any]) -> None:
+        self.publish("updated", record)
+
+    @hookimpl
+    def media_deleted(self, record: dict[str, Any]) -> None:
+        self.publish("deleted", record)
