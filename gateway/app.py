@@ -193,3 +193,5 @@ async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     for result in app[PLUGINS].hook.shutdown(app=app):
         await await_me_maybe(result)
+    if app[PLUGINS].is_registered(app[NOTIFIER]):  # the manager may outlive this app
+        app[PLUGINS].unregister(app[NOTIFIER])
