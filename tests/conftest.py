@@ -23,7 +23,7 @@ from tests.emulators.sink import BotSink
 from tests.emulators.waha import WahaEmulator
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("GATEWAY_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("GATEWAY_FIXTURES", REPO / "tests" / "fixtures"))
 MEDIA = FIXTURES / "media"
 MANIFEST: dict[str, dict[str, Any]] = json.loads((MEDIA / "MANIFEST.json").read_text())
 
