@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 
 from gateway.api import FORM_FIELDS
 from gateway.app import CATALOG
-from tests.conftest import FIXTURES, MANIFEST, MEDIA, waha_hmac
-from tests.emulators.graph import GraphEmulator
-from tests.emulators.waha import WahaEmulator
+from tests.conftest import FIXTURES, waha_hmac
+from tests.hostile import DELETE, paths_of, real_media_templates, replace_at
 from tests.test_files_api import KEYS
 from tests.test_meta import APP_SECRET, meta_settings, sign
 from tests.test_meta import graph  # noqa: F401  (fixture)
@@ -33,10 +32,7 @@ PROFILE = settings(max_examples=150, deadline=None, derandomize=True, database=N
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                           HealthCheck.data_too_large, HealthCheck.filter_too_much])
 WAHA_HMAC_KEY = "waha-hmac-key"
-WAHA_TEMPLATES = [json.loads((FIXTURES / "payloads" / "waha" / n).read_text())
-                  for n in ("message_image.json", "message_document.json")]
-META_TEMPLATES = [json.loads((FIXTURES / "payloads" / "meta" / n).read_text())
-                  for n in ("webhook_image.json", "webhook_document.json", "webhook_status_sent.json")]
+STATUS_TEMPLATE = json.loads((FIXTURES / "payloads" / "meta" / "webhook_status_sent.json").read_text())
 # the failures a job may meet and retry: a provider's or the bot's, never ours
 EXPECTED_JOB_ERRORS = ("FetchError", "DeliveryFailed", "DigestMismatch")
 
@@ -50,15 +46,6 @@ TEXT = st.text(ANY_CHAR, max_size=20) | SPECIAL_TEXT
 SCALAR = (st.none() | st.booleans() | st.integers() | st.floats() | TEXT)
 JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
                     max_leaves=12)
-
-
-def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every key path in a JSON document (containers included)."""
-    out = [prefix] if prefix else []
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
-    for key, child in items:
-        out.extend(_paths(child, (*prefix, key)))
-    return out
 
 
 def _fresh_ids(data: Any, n: int) -> None:
@@ -81,18 +68,9 @@ def mutated(draw, templates: list[dict[str, Any]]) -> Any:
     or removed."""
     data = copy.deepcopy(draw(st.sampled_from(templates)))
     _fresh_ids(data, draw(st.integers(0, 10**9)))
-    paths = _paths(data)
+    paths = paths_of(data)
     for path in draw(st.lists(st.sampled_from(paths), max_size=4)):
-        parent: Any = data
-        try:
-            for key in path[:-1]:
-                parent = parent[key]
-            if draw(st.integers(0, 4)) == 0:
-                del parent[path[-1]]
-            else:
-                parent[path[-1]] = draw(JSON)
-        except (KeyError, IndexError, TypeError):
-            continue
+        replace_at(data, path, DELETE if draw(st.integers(0, 4)) == 0 else draw(JSON))
     return data
 
 
@@ -160,23 +138,11 @@ async def settle(gw, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def real_media_templates(waha: WahaEmulator, graph: GraphEmulator) -> tuple[list[dict], list[dict]]:
-    """The documented payloads, their media pointed at files the emulators really serve."""
-    waha_templates = copy.deepcopy(WAHA_TEMPLATES)
-    for template, name in zip(waha_templates, ("photo.jpg", "invoice.pdf")):
-        template["payload"]["media"]["url"] = waha.add_file(MEDIA / name)
-    meta_templates = copy.deepcopy(META_TEMPLATES)
-    for template, name in zip(meta_templates, ("photo.jpg", "invoice.pdf")):
-        msg = template["entry"][0]["changes"][0]["value"]["messages"][0]
-        msg[msg["type"]].update(id=graph.add_media(MEDIA / name, MANIFEST[name]["mime"]),
-                                sha256=MANIFEST[name]["sha256_base64"])
-    return waha_templates, meta_templates
-
-
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 async def test_any_webhook_gets_below_500_and_every_accepted_event_is_forwarded(
         start_gateway, waha, graph, sink, signed):  # noqa: F811
-    templates = dict(zip(("waha", "meta"), real_media_templates(waha, graph)))
+    templates = real_media_templates(waha, graph)
+    templates["meta"].append(STATUS_TEMPLATE)
     meta = meta_settings(graph, app_secret=APP_SECRET if signed else "")
     gw = await start_gateway(providers={"meta": meta, "waha": {"hmac_key": WAHA_HMAC_KEY} if signed else {}})
     watcher = JobErrors()
