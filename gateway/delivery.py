@@ -6,7 +6,9 @@ Each target gets ``POST {url}`` with the rewritten envelope as JSON and these he
   has a ``secret``;
 - ``X-Gateway-Event-Id`` and ``Idempotency-Key``: the gateway's event id (the same on every
   retry, so a bot can drop duplicates);
-- ``X-Gateway-Event``: the provider's event name.
+- ``X-Gateway-Event``: the provider's event name, made header-safe (:func:`header_value`: every
+  byte outside printable ASCII, and ``%``, percent-encoded as UTF-8; at most 200 characters). The
+  body keeps the name exactly as the provider sent it.
 
 A 2xx answer is success. 408, 425, 429, 5xx and network errors are retried with backoff; any
 other 4xx sends the job to the dead letter at once (the bot refused it; retry by hand).
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+from urllib.parse import quote
 
 import aiohttp
 import pluggy
@@ -31,6 +34,17 @@ from gateway.plugins import await_me_maybe
 log = logging.getLogger("gateway.delivery")
 
 RETRYABLE_STATUS = {408, 425, 429}
+HEADER_VALUE_MAX = 200  # characters of a header value taken from a provider's body
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_value(text: str, limit: int = HEADER_VALUE_MAX) -> str:
+    """``text`` as a safe HTTP field value (RFC 9110 §5.5): printable ASCII kept, anything else
+    (control characters, CR/LF, non-ASCII, ``%``) percent-encoded as UTF-8 (RFC 3986 §2.1), cut
+    to ``limit`` characters without splitting an escape. ``message.any`` stays ``message.any``."""
+    encoded = quote(text[:limit], safe=_HEADER_SAFE, errors="backslashreplace")[:limit]
+    cut = encoded.rfind("%", max(0, len(encoded) - 2))
+    return encoded[:cut] if cut != -1 and len(encoded) - cut < 3 else encoded
 
 
 def sign_body(secret: bytes, body: bytes) -> str:
@@ -67,7 +81,7 @@ class Deliverer:
             "Content-Type": "application/json",
             "User-Agent": "chat-media-gateway",
             "X-Gateway-Event-Id": event_id,
-            "X-Gateway-Event": event["event"],
+            "X-Gateway-Event": header_value(event["event"]),
             "Idempotency-Key": event_id,
         }
         if target.secret is not None:

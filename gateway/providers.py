@@ -2,11 +2,18 @@
 
 A provider turns a webhook's raw body into :class:`WebhookEvent` objects, downloads the media they
 reference, and rewrites the payload to point at the stored copies.
+
+The helpers here are the shared defences every provider uses on hostile input:
+:func:`load_json` (a depth limit, :data:`MAX_JSON_DEPTH`), :func:`storable` (the strings kept
+from a body can be stored and logged), :func:`signature_matches` (a constant-time comparison
+that any header value survives) and :func:`copy_path` (a rewrite copies only what it changes).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -22,6 +29,84 @@ class SignatureError(Exception):
 
 class PayloadError(Exception):
     """The webhook body is not what the provider documents (HTTP 400, message names the field)."""
+
+
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of arrays and objects a webhook body may have (the top-level object is
+level 1). WAHA's and Meta's documented payloads stay under 10; a deeper body is refused with 400
+before anything is stored, so nothing downstream (catalog, rewrite, delivery) recurses deeply."""
+
+
+def load_json(body: bytes) -> Any:
+    """Decode a webhook body (RFC 8259 JSON, UTF-8) at most :data:`MAX_JSON_DEPTH` levels deep.
+
+    Raises :class:`PayloadError` for a body that is not JSON or is nested deeper (the
+    interpreter's own limit, about 1,000 levels, is caught too). Strings may hold lone surrogates
+    (``"\\ud800"`` is valid JSON): pass what you keep through :func:`storable`.
+    """
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise PayloadError(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"body is not JSON: {exc}") from None
+    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:  # iterative: a deep body cannot exhaust the stack here
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_JSON_DEPTH:
+                    raise PayloadError(f"body is nested deeper than {MAX_JSON_DEPTH} levels")
+                stack.append((child, depth + 1))
+    return data
+
+
+def storable(text: str) -> str:
+    """``text`` if it encodes as UTF-8, else with each lone surrogate (U+D800..U+DFFF, which JSON
+    escapes can carry but SQLite, logs and headers cannot) written as the escape ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _storable_or_none(value: Any) -> Any:
+    return storable(value) if isinstance(value, str) else value
+
+
+def signature_matches(expected: str, given: str) -> bool:
+    """Constant-time ``expected == given`` (RFC 2104 §5 advice) for any header value, non-ASCII
+    included (``hmac.compare_digest`` refuses non-ASCII ``str`` with ``TypeError``): both sides
+    are compared as UTF-8 bytes, lone surrogates passed through."""
+    return hmac.compare_digest(expected.encode("utf-8", "surrogatepass"),
+                               given.encode("utf-8", "surrogatepass"))
+
+
+def copy_path(root: dict[str, Any], path: Sequence[str | int]) -> tuple[dict[str, Any], Any]:
+    """A shallow copy of ``root`` in which every container along ``path`` (keys and list
+    indexes) is a fresh shallow copy too, and that copy of the container at the end of ``path``.
+
+    The end is ``None`` when the path does not lead through dicts and lists. Nothing else is
+    copied, so a rewrite costs the path's length and no recursion, however deep the payload.
+    """
+    new_root = dict(root)
+    parent: Any = new_root
+    for key in path:
+        try:
+            child = parent[key]
+        except (KeyError, IndexError, TypeError):
+            return new_root, None
+        if isinstance(child, dict):
+            child = dict(child)
+        elif isinstance(child, list):
+            child = list(child)
+        else:
+            return new_root, None
+        parent[key] = child
+        parent = child
+    return new_root, parent
 
 
 class FetchError(Exception):
@@ -71,6 +156,8 @@ class MediaRef:
     - ``mimetype``, ``filename``, ``size`` (bytes), ``sha256`` (hex): what the provider declares.
     - ``error``: why there is nothing to fetch (the event is forwarded unchanged with a note).
     - ``extra``: provider-specific (Meta: ``media_id``, ``phone_number_id``).
+
+    Its strings (and ``extra``'s string values) pass through :func:`storable`.
     """
 
     path: str
@@ -82,6 +169,11 @@ class MediaRef:
     sha256: str | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("path", "url", "source_key", "mimetype", "filename", "sha256", "error"):
+            setattr(self, name, _storable_or_none(getattr(self, name)))
+        self.extra = {k: _storable_or_none(v) for k, v in self.extra.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (stored with the event)."""
@@ -103,6 +195,8 @@ class WebhookEvent:
     - ``chat``, ``message_id``: for the catalog, when known.
     - ``payload``: the JSON object forwarded to bots (after rewriting).
     - ``media``: the attachments to store.
+
+    The strings (not ``payload``, which is stored as escaped JSON) pass through :func:`storable`.
     """
 
     idempotency_key: str
@@ -112,6 +206,10 @@ class WebhookEvent:
     media: list[MediaRef] = field(default_factory=list)
     chat: str | None = None
     message_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("idempotency_key", "event", "account", "chat", "message_id"):
+            setattr(self, name, _storable_or_none(getattr(self, name)))
 
 
 @dataclass(slots=True)

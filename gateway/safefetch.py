@@ -3,7 +3,9 @@
 Only ``http`` and ``https``. Every address a host name resolves to must be public
 (``ipaddress``' ``is_global``: not loopback, private, link-local — which includes the cloud
 metadata address 169.254.169.254 —, unique-local, CGNAT, multicast or reserved; IPv4-mapped IPv6
-addresses are judged as their IPv4 address) unless it falls in ``fetch.allow_networks``. The check
+addresses are judged as their IPv4 address) unless it falls in ``fetch.allow_networks``. A host that
+is an IPv4 address in a legacy, non-canonical form (``2130706433``, ``127.1``, ``0x7f.0.0.1``,
+``0177.0.0.1``, which ``inet_aton`` and some resolvers read as an address) is refused outright. The check
 runs in the connector's resolver, so the connection goes to the very addresses that were checked
 (no DNS rebinding between check and connect). Redirects are followed by hand, at most
 ``fetch.max_redirects``, each hop checked again.
@@ -100,9 +102,13 @@ class SafeFetcher:
         """Scheme and (for IP literals) address checks. Raises :class:`FetchRefused`."""
         if url.scheme not in ("http", "https") or not url.host:
             raise FetchRefused(f"only http and https URLs are fetched, not {str(url)[:100]!r}")
+        host = url.host.strip("[]")
         try:
-            literal = ipaddress.ip_address(url.host.strip("[]"))
+            literal = ipaddress.ip_address(host)
         except ValueError:
+            if _legacy_ipv4(host):
+                raise FetchRefused(f"host {host!r} is an IPv4 address in a non-canonical form; "
+                                   "write it as a dotted quad") from None
             return  # a name: checked by the resolver after resolution
         self.policy.check(literal)
 
@@ -138,6 +144,18 @@ class SafeFetcher:
                                   size=resp.content_length, filename=_filename(current, resp))
                 return
         raise RemoteFetchError(f"more than {self.settings.max_redirects} redirects")
+
+
+def _legacy_ipv4(host: str) -> bool:
+    """Whether ``inet_aton`` (POSIX; what ``getaddrinfo`` falls back to) reads ``host`` as an IPv4
+    address: one to four numbers, decimal, octal (``0``-prefixed) or hex (``0x``)."""
+    if not host or not all(c.isalnum() or c == "." for c in host) or not host.isascii():
+        return False
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
 
 
 def _filename(url: URL, resp: Any) -> str | None:

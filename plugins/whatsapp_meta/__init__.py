@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import hashlib
 import hmac
 import json
@@ -65,6 +64,9 @@ from gateway.providers import (
     SendResult,
     SignatureError,
     WebhookEvent,
+    copy_path,
+    load_json,
+    signature_matches,
 )
 from gateway.outbound import MediaUnavailable
 from gateway.store import Origin
@@ -173,7 +175,7 @@ class MetaProvider:
         expected = self._secret(self.settings.verify_token)
         mode, token = request.query.get("hub.mode"), request.query.get("hub.verify_token", "")
         challenge = request.query.get("hub.challenge")
-        if expected and mode == "subscribe" and challenge and hmac.compare_digest(token, expected):
+        if expected and mode == "subscribe" and challenge and signature_matches(expected, token):
             return web.Response(text=challenge, content_type="text/plain")
         log.warning("Meta verification handshake refused (mode=%r)", mode)
         return web.json_response({"error": "verification failed"}, status=403)
@@ -189,17 +191,15 @@ class MetaProvider:
         if not given.startswith("sha256="):
             raise SignatureError("X-Hub-Signature-256 must start with 'sha256='")
         expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given[len("sha256="):].strip().lower()):
+        if not signature_matches(expected, given[len("sha256="):].strip().lower()):
             raise SignatureError("X-Hub-Signature-256 does not match the body")
 
     def parse(self, body: bytes) -> list[WebhookEvent]:
         """Every message, status and other change of the batch, each its own event.
 
-        Raises :class:`PayloadError` naming the bad field."""
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PayloadError(f"body is not JSON: {exc}") from None
+        The body is read with :func:`gateway.providers.load_json` (at most ``MAX_JSON_DEPTH``
+        levels). Raises :class:`PayloadError` naming the bad field."""
+        data = load_json(body)
         if not isinstance(data, dict):
             raise PayloadError("body must be a JSON object")
         entries = data.get("entry")
@@ -357,13 +357,12 @@ class MetaProvider:
     def rewrite(self, event: WebhookEvent, outcomes: list[MediaOutcome]) -> dict[str, Any]:
         """The one-message envelope with each stored media's ``url`` = its gateway link and
         ``gateway`` = ``{id, sha256, size, mimetype, category, original_id}``."""
-        envelope = copy.deepcopy(event.payload)
+        envelope = dict(event.payload)  # copy_path copies only what changes: no deep copy
         for outcome in outcomes:
             if outcome.record is None or outcome.link is None:
                 continue
             kind = outcome.ref.path.rsplit(".", 1)[-1]
-            msg = envelope["entry"][0]["changes"][0]["value"]["messages"][0]
-            obj = msg.get(kind)
+            envelope, obj = copy_path(envelope, ["entry", 0, "changes", 0, "value", "messages", 0, kind])
             if not isinstance(obj, dict):
                 continue
             rec = outcome.record
@@ -461,7 +460,7 @@ class MetaProvider:
         auth = request.headers.get("Authorization", "")
         known = [t for t in [self._secret(self.settings.access_token),
                              *(v.get_secret_value() for v in self.settings.access_tokens.values())] if t]
-        if known and not any(hmac.compare_digest(auth, f"Bearer {t}") for t in known):
+        if known and not any(signature_matches(f"Bearer {t}", auth) for t in known):
             return web.json_response({"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
                                                 "code": 190}}, status=401)
         pnid, version = request.match_info["phone_number_id"], request.match_info["version"]

@@ -39,7 +39,6 @@ Settings ``[providers.waha]``: ``enabled``, ``base_url``, ``api_key``, ``hmac_ke
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import hmac
 import json
@@ -70,6 +69,9 @@ from gateway.providers import (
     SendResult,
     SignatureError,
     WebhookEvent,
+    copy_path,
+    load_json,
+    signature_matches,
 )
 from gateway.outbound import MediaUnavailable
 from gateway.store import Origin
@@ -149,15 +151,13 @@ class WahaProvider:
             raise SignatureError(f"X-Webhook-Hmac-Algorithm {algorithm!r} is not sha512")
         expected = hmac.new(self.settings.hmac_key.get_secret_value().encode(), body,
                             hashlib.sha512).hexdigest()
-        if not hmac.compare_digest(expected, given.strip().lower()):
+        if not signature_matches(expected, given.strip().lower()):
             raise SignatureError("X-Webhook-Hmac does not match the body")
 
     def parse(self, body: bytes) -> list[WebhookEvent]:
-        """One event per body. Raises :class:`PayloadError` naming the missing or bad field."""
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PayloadError(f"body is not JSON: {exc}") from None
+        """One event per body (:func:`gateway.providers.load_json`: at most ``MAX_JSON_DEPTH``
+        levels). Raises :class:`PayloadError` naming the missing or bad field."""
+        data = load_json(body)
         if not isinstance(data, dict):
             raise PayloadError("body must be a JSON object")
         event, session = data.get("event"), data.get("session")
@@ -273,23 +273,25 @@ class WahaProvider:
     def rewrite(self, event: WebhookEvent, outcomes: list[MediaOutcome]) -> dict[str, Any]:
         """The envelope with each stored media's ``url`` replaced by its gateway link and
         ``gateway`` = ``{id, sha256, size, mimetype, category, original_url}``."""
-        envelope = copy.deepcopy(event.payload)
-        payload = envelope.get("payload") if isinstance(envelope.get("payload"), dict) else {}
+        envelope = dict(event.payload)  # copy_path copies only what changes: no deep copy
         for outcome in outcomes:
             if outcome.record is None or outcome.link is None:
                 continue
             rec, original = outcome.record, outcome.ref.url
             if outcome.ref.path == "payload.mediaUrl":
-                payload["mediaUrl"] = outcome.link
+                envelope, payload = copy_path(envelope, ["payload"])
+                if isinstance(payload, dict):
+                    payload["mediaUrl"] = outcome.link
                 continue
-            node = payload.get("media") if outcome.ref.path == "payload.media" else \
-                (payload.get("replyTo") or {}).get("media")
+            where = ["payload", "media"] if outcome.ref.path == "payload.media" else ["payload", "replyTo", "media"]
+            envelope, node = copy_path(envelope, where)
             if not isinstance(node, dict):
                 continue
             node["url"] = outcome.link
             node["gateway"] = {"id": rec["id"], "sha256": rec["sha256"], "size": rec["size"],
                                "mimetype": rec["mimetype"], "category": rec["category"],
                                "original_url": original}
+            payload = envelope["payload"]
             if outcome.ref.path == "payload.media" and payload.get("mediaUrl") == original:
                 payload["mediaUrl"] = outcome.link
         return envelope
@@ -348,7 +350,7 @@ class WahaProvider:
         if request.method != "POST" or tail not in RELAYED_SENDS:
             return await relay.proxy(self._http, request, target, timeout)
         expected = self._api_headers().get("X-Api-Key")
-        if expected and not hmac.compare_digest(request.headers.get("X-Api-Key", ""), expected):
+        if expected and not signature_matches(expected, request.headers.get("X-Api-Key", "")):
             return web.json_response({"statusCode": 401, "message": "Unauthorized"}, status=401)
         try:
             raw = await relay.read_body(request, self._max_bytes * 4 // 3 + 1024 * 1024)
