@@ -508,6 +508,12 @@ def _animated_webp(head: bytes) -> bool:
 
 
 @hookimpl
+def settings_sections() -> dict[str, type[MetaSettings]]:
+    """``[providers.meta]`` is this plugin's section."""
+    return {"providers.meta": MetaSettings}
+
+
+@hookimpl
 def register_providers(settings: Settings) -> list[MetaProvider] | None:
     """Offer the Cloud API provider when ``[providers.meta]`` is present and enabled."""
     if "meta" not in settings.providers:

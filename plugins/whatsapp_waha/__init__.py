@@ -432,6 +432,12 @@ async def _is_ogg_opus(media: Any) -> bool:
 
 
 @hookimpl
+def settings_sections() -> dict[str, type[WahaSettings]]:
+    """``[providers.waha]`` is this plugin's section."""
+    return {"providers.waha": WahaSettings}
+
+
+@hookimpl
 def register_providers(settings: Settings) -> list[WahaProvider] | None:
     """Offer the WAHA provider when ``[providers.waha]`` is present and enabled."""
     if "waha" not in settings.providers:
