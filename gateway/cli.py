@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -96,7 +97,8 @@ def serve(config_path: Path | None) -> None:
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:
-        click.echo(f"gateway: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        click.echo(f"gateway: cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}",
+                   err=True)
         sys.exit(2)
     log = logging.getLogger("gateway")
     log.info("listening on http://%s:%d (public URL %s)", host, sock.getsockname()[1],
