@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import string
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -53,6 +54,7 @@ KEY_TEMPLATE_FIELDS = {"provider", "account", "yyyy", "mm", "dd", "category", "i
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 M = TypeVar("M", bound=BaseModel)
+_UNSET: ContextVar[dict[str, str]] = ContextVar("gateway_unset_env", default={})
 
 
 class ConfigError(Exception):
@@ -384,6 +386,7 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         unset: dict[str, str] = {}
+        _UNSET.set(unset)  # read by load_settings when validation fails
         out = {k: expand_env_refs(v, k, unset) if k != "config_dir" else v
                for k, v in data.items() if k != "unset_env"}
         out["unset_env"] = unset
@@ -483,6 +486,8 @@ def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
     current: Any = model
     for part in loc:
+        if isinstance(part, int):  # a list index: the item type was reached with the list
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(part) if isinstance(part, str) else None
@@ -572,10 +577,14 @@ def load_settings(path: str | Path | None = None, uses: tuple[str, ...] | None =
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
+    _UNSET.set({})
     try:
         settings = _FileSettings(config_dir=config_dir)
     except ValidationError as err:
-        raise ConfigError("\n".join(validation_lines(err, model=Settings))) from None
+        lines = validation_lines(err, model=Settings)
+        lines += [f"{p}: environment variable {n} is not set" for p, n in _UNSET.get().items()
+                  if not any(line.startswith(p + ":") for line in lines)]
+        raise ConfigError("\n".join(lines)) from None
     except (ValueError, OSError) as err:  # TOML syntax errors, unreadable file
         raise ConfigError(f"config: {err}") from None
     settings.require_env(*(uses or ()))
@@ -610,13 +619,14 @@ def check_plugin_sections(settings: Settings, models: dict[str, type[BaseModel]]
     Raises :class:`ConfigError`, one line per problem, each naming the closest valid name.
     """
     lines: list[str] = []
-    present: list[tuple[str, Any]] = [(f"providers.{k}", v) for k, v in settings.providers.items()]
+    present: list[tuple[str, Any]] = []
     for key, value in (settings.storage.model_extra or {}).items():
         if isinstance(value, dict):
             present.append((f"storage.{key}", value))
         else:
             owned = [m.split(".", 1)[1] for m in models if m.startswith("storage.")]
             lines.append(unknown_setting(f"storage.{key}", key, [*StorageSettings.model_fields, *owned]))
+    present += [(f"providers.{k}", v) for k, v in settings.providers.items()]
     for path, value in present:
         table, name = path.split(".", 1)
         if path not in models:
