@@ -42,6 +42,11 @@ class RedactFilter(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        for name, value in list(vars(record).items()):  # extras too (aiohttp's first_request_line, ...)
+            if isinstance(value, str) and name != "msg":
+                setattr(record, name, redact(value))
+            elif isinstance(value, dict):
+                setattr(record, name, {k: redact(v) if isinstance(v, str) else v for k, v in value.items()})
         return True
 
 
