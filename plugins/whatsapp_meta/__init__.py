@@ -162,10 +162,13 @@ class MetaProvider:
     # -- inbound --------------------------------------------------------------------------
     def routes(self) -> list[RouteDef]:
         """The verification handshake ``GET /webhooks/meta`` and the drop-in messages relay."""
-        routes = [RouteDef("GET", "/webhooks/meta", self.handshake)]
+        routes = [RouteDef("GET", "/webhooks/meta", self.handshake,
+                           "Meta's webhook verification handshake: hub.challenge for the right hub.verify_token")]
         if self.settings.relay_prefix:
             routes.append(RouteDef("POST", f"{self.settings.relay_prefix}/{{version:v\\d+\\.\\d+}}/"
-                                            "{phone_number_id}/messages", self.relay_messages))
+                                            "{phone_number_id}/messages", self.relay_messages,
+                                   "The Graph API's messages endpoint, relayed: media links are stored "
+                                   "and replaced by gateway links"))
         return routes
 
     async def handshake(self, request: web.Request) -> web.Response:
