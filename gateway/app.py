@@ -96,6 +96,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     :class:`gateway.plugins.PluginLoadError` before anything is opened."""
     from gateway import api, routes  # the handlers need the AppKeys above
 
+    settings.require_env()  # the daemon uses every setting: no "${NAME}" may stay unexpanded
     pm = pm if pm is not None else make_manager()
     check_sections(settings, pm)
     providers = select_providers(settings, pm)
