@@ -352,3 +352,15 @@ def test_a_correct_extra_plugin_registers():
     [info] = describe(pm)
     assert info.hooks == ("register_providers",)
     assert info.module == __name__
+
+
+def test_the_app_refuses_an_unexpanded_reference_however_the_settings_were_built(tmp_path, monkeypatch):
+    from gateway.app import create_app
+    from gateway.config import Settings
+
+    monkeypatch.delenv("TEST_SURELY_UNSET_BOT_KEY", raising=False)
+    settings = Settings(config_dir=tmp_path, api={"keys": [{"name": "bot", "key": "${TEST_SURELY_UNSET_BOT_KEY}"}]})
+    assert settings.unset_env == {"api.keys[0].key": "TEST_SURELY_UNSET_BOT_KEY"}
+    with pytest.raises(ConfigError) as info:
+        create_app(settings)  # the literal "${...}" never becomes an accepted key
+    assert str(info.value) == "api.keys[0].key: environment variable TEST_SURELY_UNSET_BOT_KEY is not set"
