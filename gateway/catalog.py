@@ -471,16 +471,17 @@ class Catalog:
 
         return await self.run(_requeue)
 
+    @staticmethod
+    def _job_row(db: sqlite_utils.Database, job_id: int) -> dict[str, Any] | None:
+        rows = list(db["jobs"].rows_where("id = ?", [job_id]))
+        if not rows:
+            return None
+        rows[0]["payload"] = json.loads(rows[0]["payload"])
+        return rows[0]
+
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
         """The job row (``payload`` decoded), or None."""
-        def _get(db: sqlite_utils.Database) -> dict[str, Any] | None:
-            rows = list(db["jobs"].rows_where("id = ?", [job_id]))
-            if not rows:
-                return None
-            rows[0]["payload"] = json.loads(rows[0]["payload"])
-            return rows[0]
-
-        return await self.run(_get)
+        return await self.run(self._job_row, job_id)
 
     async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         """Jobs filtered by ``state`` and ``kind``, oldest first."""
@@ -601,13 +602,16 @@ class Catalog:
 
         return await self.run(_claim)
 
-    async def retry_dead_job(self, job_id: int) -> bool:
-        """Queue a dead job again (attempts reset). ``True`` if it was dead."""
-        def _retry(db: sqlite_utils.Database) -> bool:
+    async def retry_dead_job(self, job_id: int) -> dict[str, Any] | None:
+        """Queue a dead job again (attempts reset). The row as queued again (read in the same
+        transaction, before a worker can claim it), or None if the job was not dead."""
+        def _retry(db: sqlite_utils.Database) -> dict[str, Any] | None:
             with self._tx(db) as conn:
-                return conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
-                    " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount > 0
+                if not conn.execute(
+                        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+                        " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount:
+                    return None
+                return self._job_row(db, job_id)
 
         return await self.run(_retry)
 
