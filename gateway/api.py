@@ -701,10 +701,11 @@ async def retry_job(request: web.Request) -> web.Response:
     """``POST /jobs/{id}/retry``: queue a dead job again (admin); 409 unless it is dead."""
     _require_operator(request)
     job = await _job(request)
-    if not await request.app[CATALOG].retry_dead_job(job["id"]):
+    queued = await request.app[CATALOG].retry_dead_job(job["id"])  # as queued, before a worker claims it
+    if queued is None:
         return error(409, f"job {job['id']} is {job['state']}, not dead")
     request.app[QUEUE].notify()
-    return web.json_response(job_view(await _job(request)))
+    return web.json_response(job_view(queued))
 
 
 # -- live events ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.auth import ApiKeys
 from gateway.catalog import Catalog
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, Settings, check_plugin_sections
 from gateway.delivery import Deliverer
 from gateway.ingest import Ingestor
 from gateway.jobs import JobQueue
@@ -24,7 +24,7 @@ from gateway.links import LinkSigner
 from gateway.metrics import MeteredStorage, Metrics
 from gateway.notify import Notifier
 from gateway.outbound import Outbound
-from gateway.plugins import await_me_maybe, make_manager
+from gateway.plugins import await_me_maybe, make_manager, section_models
 from gateway.providers import Provider, ProviderContext
 from gateway.retention import Retention
 from gateway.safefetch import SafeFetcher
@@ -72,6 +72,12 @@ def select_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, 
     return providers
 
 
+def check_sections(settings: Settings, pm: pluggy.PluginManager) -> None:
+    """Refuse plugin sections no plugin owns and bad keys in those present (see
+    :func:`gateway.config.check_plugin_sections`). Raises :class:`ConfigError`."""
+    check_plugin_sections(settings, section_models(pm))
+
+
 def select_storage(settings: Settings, pm: pluggy.PluginManager) -> StorageBackend:
     """The backend named by ``storage.backend``. Raises :class:`ConfigError` if none offers it."""
     offered: dict[str, StorageBackend] = {}
@@ -90,7 +96,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     :class:`gateway.plugins.PluginLoadError` before anything is opened."""
     from gateway import api, routes  # the handlers need the AppKeys above
 
+    settings.require_env()  # the daemon uses every setting: no "${NAME}" may stay unexpanded
     pm = pm if pm is not None else make_manager()
+    check_sections(settings, pm)
     providers = select_providers(settings, pm)
     storage = select_storage(settings, pm)
     metrics = Metrics(gateway_version())
@@ -103,7 +111,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[PROVIDERS] = providers
     app[STORAGE] = storage = MeteredStorage(storage, metrics)  # every operation counted and timed
     app[METRICS] = metrics
-    app[CATALOG] = Catalog(settings.catalog.path)
+    app[CATALOG] = Catalog(settings.catalog.path, exclusive=True)  # one daemon per catalog
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
     app[API_KEYS] = ApiKeys(settings.api)
     app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm)

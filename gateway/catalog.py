@@ -11,7 +11,9 @@ Schema changes are numbered migrations; ``PRAGMA user_version`` holds the schema
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -143,6 +145,18 @@ class CatalogError(Exception):
     """The catalog could not be opened or is from a newer gateway."""
 
 
+class CatalogLocked(CatalogError):
+    """Another process holds the catalog's exclusive lock (a daemon already runs on it).
+
+    ``pid`` is the holder's process id as written in the lock file (None if unreadable).
+    """
+
+    def __init__(self, path: Path, pid: int | None):
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"catalog {path} is in use by {holder} (a gateway daemon already runs on it)")
+        self.path, self.pid = path, pid
+
+
 @dataclass(frozen=True, slots=True)
 class ExpiryRule:
     """Which media rows a cleanup deletes (:meth:`Catalog.expired_media`). Times are epoch
@@ -188,10 +202,47 @@ class Catalog:
     on the catalog thread.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, exclusive: bool = False):
         self.path = Path(path)
+        self.exclusive = exclusive
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
         self._db: sqlite_utils.Database | None = None
+        self._lock_fd: int | None = None
+
+    # -- the daemon's lock ----------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        """The lock file beside the database: ``<path>.lock``, holding the holder's PID."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def lock(self) -> None:
+        """Take the catalog's exclusive lock for this process (``flock`` on :attr:`lock_path`,
+        which then holds our PID), without waiting. One daemon per catalog: the lock lives as long
+        as the catalog is open (:meth:`close` releases it; so does the process's death).
+        ``gateway cleanup`` and other readers do not take it. Idempotent.
+
+        Raises :class:`CatalogLocked` naming the holder's PID if another process holds it.
+        (A PostgreSQL catalog would use leases instead; the lock stays the catalog's business.)
+        """
+        if self._lock_fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CatalogLocked(self.path, int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.ftruncate(fd, 0)
+            os.close(fd)  # releases the flock
 
     # -- plumbing -------------------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -217,10 +268,15 @@ class Catalog:
         conn.execute("COMMIT")
 
     async def open(self) -> None:
-        """Create the file and directory if needed, enable WAL, apply migrations.
+        """Create the file and directory if needed, enable WAL, apply migrations. An ``exclusive``
+        catalog (the daemon's) first takes :meth:`lock`, so nothing is touched while another
+        daemon runs on it.
 
-        Raises :class:`CatalogError` if the schema is newer than this gateway knows.
+        Raises :class:`CatalogLocked` (see :meth:`lock`), :class:`CatalogError` if the schema is
+        newer than this gateway knows.
         """
+        if self.exclusive:
+            self.lock()
         def _open() -> sqlite_utils.Database:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
@@ -240,7 +296,11 @@ class Catalog:
             return db
 
         loop = asyncio.get_running_loop()
-        self._db = await loop.run_in_executor(self._executor, _open)
+        try:
+            self._db = await loop.run_in_executor(self._executor, _open)
+        except BaseException:
+            self._unlock()
+            raise
 
     async def close(self) -> None:
         """Close the connection and stop the catalog thread."""
@@ -249,6 +309,7 @@ class Catalog:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, db.conn.close)
         self._executor.shutdown(wait=True)
+        self._unlock()
 
     async def check(self) -> None:
         """Raise if the catalog cannot answer a query (for ``/readyz``)."""
@@ -410,16 +471,17 @@ class Catalog:
 
         return await self.run(_requeue)
 
+    @staticmethod
+    def _job_row(db: sqlite_utils.Database, job_id: int) -> dict[str, Any] | None:
+        rows = list(db["jobs"].rows_where("id = ?", [job_id]))
+        if not rows:
+            return None
+        rows[0]["payload"] = json.loads(rows[0]["payload"])
+        return rows[0]
+
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
         """The job row (``payload`` decoded), or None."""
-        def _get(db: sqlite_utils.Database) -> dict[str, Any] | None:
-            rows = list(db["jobs"].rows_where("id = ?", [job_id]))
-            if not rows:
-                return None
-            rows[0]["payload"] = json.loads(rows[0]["payload"])
-            return rows[0]
-
-        return await self.run(_get)
+        return await self.run(self._job_row, job_id)
 
     async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         """Jobs filtered by ``state`` and ``kind``, oldest first."""
@@ -540,13 +602,16 @@ class Catalog:
 
         return await self.run(_claim)
 
-    async def retry_dead_job(self, job_id: int) -> bool:
-        """Queue a dead job again (attempts reset). ``True`` if it was dead."""
-        def _retry(db: sqlite_utils.Database) -> bool:
+    async def retry_dead_job(self, job_id: int) -> dict[str, Any] | None:
+        """Queue a dead job again (attempts reset). The row as queued again (read in the same
+        transaction, before a worker can claim it), or None if the job was not dead."""
+        def _retry(db: sqlite_utils.Database) -> dict[str, Any] | None:
             with self._tx(db) as conn:
-                return conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
-                    " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount > 0
+                if not conn.execute(
+                        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+                        " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount:
+                    return None
+                return self._job_row(db, job_id)
 
         return await self.run(_retry)
 

@@ -1,6 +1,7 @@
 """The command line: ``gateway serve | check-config | cleanup | plugins`` (also ``python -m gateway``).
 
-Exit status 2: the configuration is invalid (one line on stderr names the setting).
+Exit status 2: the configuration is invalid (one line on stderr per problem, naming the setting);
+for ``serve``, also a catalog another daemon holds (the line names its PID) or an address in use.
 Exit status 1: a plugin failed to load (the line names the plugin); for ``cleanup``, also a run
 that stopped early or could not delete some objects.
 Exit status 3: ``cleanup`` found another cleanup running.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +36,19 @@ CONFIG_OPTION = click.option(
 )
 
 
-def _settings(config_path: Path | None) -> Settings:
+def _config_error(exc: ConfigError) -> None:
+    """Print every problem, one line each, and exit 2."""
+    for line in str(exc).splitlines():
+        click.echo(f"gateway: config error: {line}", err=True)
+    sys.exit(2)
+
+
+def _settings(config_path: Path | None, uses: tuple[str, ...] | None = None) -> Settings:
     try:
-        return load_settings(config_path)
+        return load_settings(config_path, uses=uses)
     except ConfigError as exc:
-        click.echo(f"gateway: config error: {exc}", err=True)
-        sys.exit(2)
+        _config_error(exc)
+        raise  # not reached
 
 
 def _or_exit(build: Callable[[], T]) -> T:
@@ -46,8 +56,8 @@ def _or_exit(build: Callable[[], T]) -> T:
     try:
         return build()
     except ConfigError as exc:
-        click.echo(f"gateway: config error: {exc}", err=True)
-        sys.exit(2)
+        _config_error(exc)
+        raise  # not reached
     except PluginLoadError as exc:
         click.echo(f"gateway: {exc}", err=True)
         sys.exit(1)
@@ -62,30 +72,50 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 def serve(config_path: Path | None) -> None:
-    """Start the daemon. SIGTERM or Ctrl-C stops it gracefully."""
+    """Start the daemon. SIGTERM or Ctrl-C stops it gracefully.
+
+    Order: settings, the catalog's exclusive lock, the listening socket, then (in the app's
+    startup) the catalog, the requeue of jobs a crash left running, and the workers; so a daemon
+    that cannot run touches nothing. A catalog in use by another daemon, or an address in use,
+    is one line on stderr and exit status 2.
+    """
     from aiohttp import web
 
-    from gateway.app import create_app
+    from gateway.app import CATALOG, create_app
+    from gateway.catalog import CatalogLocked
     from gateway.logs import setup_logging
 
     settings = _settings(config_path)
     setup_logging(settings.log)
     app = _or_exit(lambda: create_app(settings))
+    try:
+        app[CATALOG].lock()
+    except CatalogLocked as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(2)
+    host, port = settings.server.host, settings.server.port
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        click.echo(f"gateway: cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}",
+                   err=True)
+        sys.exit(2)
     log = logging.getLogger("gateway")
-    log.info("listening on http://%s:%d (public URL %s)", settings.server.host, settings.server.port,
+    log.info("listening on http://%s:%d (public URL %s)", host, sock.getsockname()[1],
              settings.server.base_url)
-    web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
-                shutdown_timeout=settings.server.shutdown_grace, handle_signals=True)
+    web.run_app(app, sock=sock, print=None, shutdown_timeout=settings.server.shutdown_grace,
+                handle_signals=True)
 
 
 @main.command("check-config")
 @CONFIG_OPTION
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration (including the plugins' sections) and exit."""
-    from gateway.app import select_providers, select_storage
+    from gateway.app import check_sections, select_providers, select_storage
 
     settings = _settings(config_path)
     pm = _or_exit(make_manager)
+    _or_exit(lambda: check_sections(settings, pm))
     providers = _or_exit(lambda: select_providers(settings, pm))
     storage = _or_exit(lambda: select_storage(settings, pm))
     click.echo(f"ok: storage {storage.name}, providers {', '.join(providers) or 'none'}, "
@@ -184,6 +214,11 @@ def _print_report(report: CleanupReport) -> None:
         click.echo("dry run: nothing was changed")
 
 
+CLEANUP_USES = ("catalog", "storage", "retention", "log", "media")
+"""The settings ``gateway cleanup`` reads: a secret only the daemon needs (an API key, a provider's
+token) may be unset in cron's environment."""
+
+
 @main.command()
 @CONFIG_OPTION
 @click.option("--dry-run", is_flag=True, help="Change nothing; print what a run would delete.")
@@ -191,14 +226,15 @@ def _print_report(report: CleanupReport) -> None:
 def cleanup(config_path: Path | None, dry_run: bool, verbose: bool) -> None:
     """Run the retention cleanup once, as the schedule does ([retention] in gateway.toml), and
     print what it deleted (objects, bytes). Safe while the daemon runs: one run at a time."""
-    from gateway.app import select_storage
+    from gateway.app import check_sections, select_storage
     from gateway.catalog import CatalogError
     from gateway.logs import setup_logging
     from gateway.retention import CleanupBusy
 
-    settings = _settings(config_path)
+    settings = _settings(config_path, uses=CLEANUP_USES)
     setup_logging(settings.log.model_copy(update={"level": "WARNING"}))  # the report is the output
     pm = _or_exit(make_manager)
+    _or_exit(lambda: check_sections(settings, pm))
     storage = _or_exit(lambda: select_storage(settings, pm))
     display = _CleanupDisplay(bar=sys.stderr.isatty(), verbose=verbose, dry_run=dry_run)
     try:

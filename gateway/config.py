@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import string
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -32,6 +33,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -52,6 +54,7 @@ KEY_TEMPLATE_FIELDS = {"provider", "account", "yyyy", "mm", "dd", "category", "i
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 M = TypeVar("M", bound=BaseModel)
+_UNSET: ContextVar[dict[str, str]] = ContextVar("gateway_unset_env", default={})
 
 
 class ConfigError(Exception):
@@ -249,8 +252,21 @@ class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
 
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
-MaxAgeDays = Annotated[float, Field(gt=0)] | Literal["forever"]
+
+def _max_age_days(value: Any) -> Any:
+    if value == "forever":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f'must be a number of days above 0 or "forever", got {value!r}')
+    return float(value)
+
+
+MaxAgeDays = Annotated[float | str, BeforeValidator(_max_age_days)]
 """An age in days (fractions allowed), or ``"forever"``: never by age."""
 
 
@@ -317,23 +333,27 @@ class RetentionSettings(_Section):
         return value
 
 
-def expand_env_refs(value: Any, path: str = "") -> Any:
+def expand_env_refs(value: Any, path: str = "", unset: dict[str, str] | None = None) -> Any:
     """Replace ``${NAME}`` references in every string of ``value`` (nested dicts and lists).
 
-    Raises ``ValueError`` naming the setting path when a referenced variable is unset.
+    A reference to an unset variable raises ``ValueError`` naming the setting path, unless
+    ``unset`` is given: then it is left as written and recorded there (``{path: NAME}``).
     """
     if isinstance(value, str):
         def repl(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
-                raise ValueError(f"{path or 'value'}: environment variable {name} is not set")
+                if unset is None:
+                    raise ValueError(f"{path or 'value'}: environment variable {name} is not set")
+                unset.setdefault(path, name)
+                return match.group(0)
             return os.environ[name]
 
         return _ENV_REF.sub(repl, value)
     if isinstance(value, dict):
-        return {k: expand_env_refs(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: expand_env_refs(v, f"{path}.{k}" if path else str(k), unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env_refs(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [expand_env_refs(v, f"{path}[{i}]", unset) for i, v in enumerate(value)]
     return value
 
 
@@ -356,11 +376,34 @@ class Settings(BaseSettings):
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     targets: list[TargetSettings] = Field(default_factory=list)
     config_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    unset_env: dict[str, str] = Field(default_factory=dict, exclude=True)
+    """Settings whose ``${NAME}`` reference names an unset variable: ``{path: NAME}``. They keep
+    the reference as written; :meth:`require_env` refuses them for the commands that use them."""
 
     @model_validator(mode="before")
     @classmethod
     def _expand(cls, data: Any) -> Any:
-        return expand_env_refs(data)
+        if not isinstance(data, dict):
+            return data
+        unset: dict[str, str] = {}
+        _UNSET.set(unset)  # read by load_settings when validation fails
+        out = {k: expand_env_refs(v, k, unset) if k != "config_dir" else v
+               for k, v in data.items() if k != "unset_env"}
+        out["unset_env"] = unset
+        return out
+
+    def require_env(self, *prefixes: str) -> None:
+        """Raise :class:`ConfigError` (one line per setting) if a setting under one of
+        ``prefixes`` (all settings when none is given) refers to an unset environment variable.
+        ``gateway cleanup`` requires only what it uses, so a bot's key missing from cron's
+        environment does not stop it; the daemon requires everything."""
+        def used(path: str) -> bool:
+            return not prefixes or any(path == p or path.startswith((p + ".", p + "[")) for p in prefixes)
+
+        lines = [f"{path}: environment variable {name} is not set"
+                 for path, name in self.unset_env.items() if used(path)]
+        if lines:
+            raise ConfigError("\n".join(lines))
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
@@ -400,7 +443,7 @@ class Settings(BaseSettings):
         ``settings.section("providers", "waha")`` is ``[providers.waha]``;
         ``settings.section("storage", "local")`` is ``[storage.local]``.
         """
-        node: Any = self.model_dump(exclude={"config_dir"})
+        node: Any = self.model_dump(exclude={"config_dir", "unset_env"})
         for key in path:
             if not isinstance(node, dict) or key not in node:
                 return {}
@@ -425,28 +468,101 @@ class Settings(BaseSettings):
         return path.read_bytes().strip()
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line for a pydantic error: ``<dotted setting>: <message>`` (+ how many more)."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if prefix:
-        loc = f"{prefix}.{loc}" if loc else prefix
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    line = f"{loc}: {msg}" if loc else msg
-    if first["type"] == "extra_forbidden":
-        line = f"{loc}: unknown setting"
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more)"
-    return line
+def format_loc(loc: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
+    """A setting's path in one style: ``targets[0].name``, ``api.keys[1].key``."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
+def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class reached from ``model`` along ``loc`` (list indexes and dict keys
+    step into the item type), or None when ``loc`` leaves the typed settings."""
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):  # a list index: the item type was reached with the list
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        current = field.annotation
+        while True:  # unwrap Optional[...], list[...], dict[str, ...] to the model they hold
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if models:
+                current = models[-1]
+            elif len(args) == 1:
+                current = args[0]
+            else:
+                break
+            if isinstance(current, type) and issubclass(current, BaseModel):
+                break
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def closest(name: str, candidates: Any) -> str | None:
+    """The candidate closest to ``name`` (difflib's ratio), or None when there is none."""
+    import difflib
+
+    ranked = sorted(candidates, key=lambda c: difflib.SequenceMatcher(None, name, c).ratio(), reverse=True)
+    return ranked[0] if ranked else None
+
+
+def unknown_setting(path: str, name: str, candidates: Any, what: str = "setting") -> str:
+    """``<path>: unknown <what>; did you mean <closest>?`` (one line)."""
+    best = closest(name, candidates)
+    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+    return f"{path}: unknown {what}" + (f"; did you mean {parent}{best}?" if best else "")
+
+
+def _unset_refs(value: Any) -> list[str]:
+    return [n for n in _ENV_REF.findall(value) if n not in os.environ] if isinstance(value, str) else []
+
+
+def validation_lines(err: ValidationError, prefix: str = "", model: Any = None) -> list[str]:
+    """One line per pydantic error: ``<setting path>: <message>``. Unknown keys name the closest
+    valid one when ``model`` (the validated class) is given; a value still holding an unset
+    ``${ENV}`` reference says so."""
+    lines: list[str] = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        path = format_loc(loc, prefix)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1]) if model is not None else None
+            line = unknown_setting(path, str(loc[-1]), owner.model_fields if owner else [])
+        elif _unset_refs(e.get("input")):
+            line = f"{path}: environment variable {_unset_refs(e['input'])[0]} is not set"
+        else:
+            line = f"{path}: {msg}" if path else msg
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", model: Any = None,
+                            sep: str = "; ") -> str:
+    """Every error of ``err`` (see :func:`validation_lines`), joined with ``sep``."""
+    return sep.join(validation_lines(err, prefix, model))
+
+
+def load_settings(path: str | Path | None = None, uses: tuple[str, ...] | None = None) -> Settings:
     """Read ``path`` (default ``./gateway.toml`` if it exists) and the environment.
 
-    Raises :class:`ConfigError` with a one-line message naming the bad setting.
+    ``uses``: the top-level sections (or dotted settings) the caller needs; a ``${NAME}``
+    reference to an unset variable elsewhere is left as written (see :meth:`Settings.require_env`).
+    None: every setting is needed.
+
+    Raises :class:`ConfigError` whose message has one line per bad setting, each naming it
+    (an unknown one with the closest valid name).
     """
     if path is None:
         path = Path("gateway.toml")
@@ -461,20 +577,66 @@ def load_settings(path: str | Path | None = None) -> Settings:
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
+    _UNSET.set({})
     try:
-        return _FileSettings(config_dir=config_dir)
+        settings = _FileSettings(config_dir=config_dir)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        lines = validation_lines(err, model=Settings)
+        lines += [f"{p}: environment variable {n} is not set" for p, n in _UNSET.get().items()
+                  if not any(line.startswith(p + ":") for line in lines)]
+        raise ConfigError("\n".join(lines)) from None
     except (ValueError, OSError) as err:  # TOML syntax errors, unreadable file
         raise ConfigError(f"config: {err}") from None
+    settings.require_env(*(uses or ()))
+    return settings
 
 
 def plugin_settings(settings: Settings, path: tuple[str, ...], model: type[M]) -> M:
-    """Validate a plugin's own section (e.g. ``("providers", "waha")``) with its pydantic model.
+    """Validate a plugin's own section (e.g. ``("providers", "waha")``) with its pydantic model
+    (a :class:`PluginSection`: unknown keys are refused, naming the closest valid one).
 
-    Raises :class:`ConfigError` naming the full dotted setting, e.g. ``providers.waha.base_url: ...``.
+    Raises :class:`ConfigError` naming the full dotted setting, e.g. ``providers.waha.base_url: ...``,
+    one line per problem.
     """
     try:
         return model.model_validate(settings.section(*path))
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix=".".join(path))) from None
+        raise ConfigError("\n".join(validation_lines(err, prefix=".".join(path), model=model))) from None
+
+
+PLUGIN_TABLES = ("providers", "storage")
+"""The top-level tables whose sub-tables belong to plugins (``[providers.<name>]``,
+``[storage.<name>]``)."""
+
+
+def check_plugin_sections(settings: Settings, models: dict[str, type[BaseModel]]) -> None:
+    """Refuse plugin sections no installed plugin owns, and validate every present one with its
+    owner's model (also when its plugin is not selected, so a typo in ``[storage.s3]`` shows while
+    the backend is still ``local``). ``models``: ``{"providers.waha": WahaSettings, ...}``
+    (:func:`gateway.plugins.section_models`). Also refuses non-table keys of ``[storage]`` that
+    are not settings.
+
+    Raises :class:`ConfigError`, one line per problem, each naming the closest valid name.
+    """
+    lines: list[str] = []
+    present: list[tuple[str, Any]] = []
+    for key, value in (settings.storage.model_extra or {}).items():
+        if isinstance(value, dict):
+            present.append((f"storage.{key}", value))
+        else:
+            owned = [m.split(".", 1)[1] for m in models if m.startswith("storage.")]
+            lines.append(unknown_setting(f"storage.{key}", key, [*StorageSettings.model_fields, *owned]))
+    present += [(f"providers.{k}", v) for k, v in settings.providers.items()]
+    for path, value in present:
+        table, name = path.split(".", 1)
+        if path not in models:
+            owned = [m.split(".", 1)[1] for m in models if m.startswith(table + ".")]
+            lines.append(unknown_setting(path, name, owned, what="section (no installed plugin owns it)"))
+            continue
+        try:
+            models[path].model_validate(settings.section(table, name))
+        except ValidationError as err:
+            lines.extend(line for line in validation_lines(err, prefix=path, model=models[path])
+                         if line.split(":", 1)[0] not in settings.unset_env)  # see require_env
+    if lines:
+        raise ConfigError("\n".join(lines))

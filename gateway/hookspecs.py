@@ -30,6 +30,16 @@ def register_providers(settings: Any) -> list[Any] | None:
 
 
 @hookspec
+def settings_sections() -> dict[str, Any] | None:
+    """Return the settings sections this plugin owns, as ``{"<table>.<name>": model}`` with
+    ``<table>`` ``providers`` or ``storage`` and ``model`` a :class:`gateway.config.PluginSection`
+    subclass, e.g. ``{"providers.waha": WahaSettings}``. At start the host refuses sections that no
+    plugin owns (a typo such as ``[storage.lcoal]``) and validates every present section with its
+    model, so unknown keys inside it are refused too.
+    """
+
+
+@hookspec
 def register_storage(settings: Any) -> list[Any] | None:
     """Return storage backend objects (:class:`gateway.storage.StorageBackend`). The host uses the
     one whose ``name`` equals ``settings.storage.backend``; return yours only when selected.

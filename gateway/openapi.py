@@ -9,14 +9,16 @@ below and kept honest by ``tests/test_openapi.py``, which checks ``file_view()``
 and ``CleanupReport.to_dict()`` against them and runs schemathesis against a live gateway.
 
 What the app itself decides is taken from it: the configured provider names (``/webhooks/{provider}``
-and a message's ``provider``), and whether ``/metrics`` needs a key. Routes that providers or
-plugins add (the WAHA and Meta drop-in relays, Meta's verification handshake) speak their
-provider's own API and are not described here.
+and a message's ``provider``), and whether ``/metrics`` needs a key. Routes that providers add
+(:meth:`gateway.providers.Provider.routes`: the WAHA and Meta drop-in relays, Meta's verification
+handshake) speak their provider's own API: they are described as pass-through operations (tag
+``pass-through``, any answer, bodies as the provider documents them).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from aiohttp import web
@@ -551,6 +553,34 @@ def _paths(app: web.Application, requests: dict[str, Any]) -> dict[str, Any]:
     })
 
 
+_TEMPLATE_PART = re.compile(r"\{(\w+)(?::((?:[^{}]|\{[^{}]*\})*))?\}")
+PASS_THROUGH_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _pass_through(app: web.Application) -> dict[str, Any]:
+    """The providers' own routes as pass-through operations: their path parameters, any answer."""
+    from gateway.app import PROVIDERS
+
+    paths: dict[str, Any] = {}
+    for name, provider in sorted(app[PROVIDERS].items()):
+        for route in provider.routes():
+            params = [{"name": m.group(1), "in": "path", "required": True,
+                       "schema": {**STR, **({"pattern": f"^{m.group(2)}$"} if m.group(2) else {})}}
+                      for m in _TEMPLATE_PART.finditer(route.path)]
+            path = _TEMPLATE_PART.sub(lambda m: "{" + m.group(1) + "}", route.path)
+            methods = PASS_THROUGH_METHODS if route.method == "*" else (route.method.lower(),)
+            for method in methods:
+                slug = re.sub(r"\W+", "_", path).strip("_")
+                paths.setdefault(path, {})[method] = _op(
+                    route.summary or f"{name}: the provider's own API, passed through",
+                    {"default": {"description": "the provider's answer (or the gateway's JSON error)"}},
+                    tag="pass-through", security=NO_AUTH, operation_id=f"{method}_{slug}",
+                    description=f"Provider `{name}`. Request and answer as the provider's API "
+                                "documents them; authentication is the provider's.",
+                    **({"parameters": params} if params else {}))
+    return paths
+
+
 def openapi_document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``app`` (a fresh dict each call)."""
     from gateway.app import gateway_version
@@ -559,6 +589,8 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
     requests = _request_schemas(app, components)
     components.update(requests)
     paths = _paths(app, requests)
+    for path, item in _pass_through(app).items():
+        paths.setdefault(path, {}).update(item)
     del components["ListQuery"]  # described as query parameters
     return {
         "openapi": OPENAPI_VERSION,
@@ -572,7 +604,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
                            "Errors are JSON `{\"error\": \"...\"}`.",
         },
         "tags": [{"name": n} for n in ("messages", "files", "jobs", "events", "admin", "webhooks",
-                                        "media", "operations")],
+                                        "media", "operations", "pass-through")],
         "paths": paths,
         "components": {
             "schemas": components,

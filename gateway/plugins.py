@@ -10,8 +10,10 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from gateway import hookspecs
+from gateway.config import ConfigError, closest
 
 GROUP = "gateway"
 
@@ -40,6 +42,7 @@ def make_manager(load_entrypoints: bool = True, extra: list[Any] | None = None) 
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     dists: dict[str, tuple[str | None, str | None]] = {}
+    values: dict[str, str] = {}
     if load_entrypoints:
         for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
@@ -51,15 +54,45 @@ def make_manager(load_entrypoints: bool = True, extra: list[Any] | None = None) 
                     f"plugin {ep.name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc}"
                 ) from exc
             pm.register(plugin, name=ep.name)
+            values[ep.name] = ep.value
             dists[ep.name] = (ep.dist.metadata["Name"], ep.dist.version) if ep.dist else (None, None)
     for obj in extra or []:
         pm.register(obj)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginLoadError(f"plugin {exc.plugin!r}: {exc}") from exc
+    _check_hooks(pm, values)
     pm.gateway_dists = dists  # type: ignore[attr-defined]
     return pm
+
+
+def _check_hooks(pm: pluggy.PluginManager, values: dict[str, str]) -> None:
+    """pluggy's ``check_pending``, with a message that names the plugin by its entry point
+    (``name (module)``, or the class of an object registered directly) once, and the closest hook."""
+    known = sorted(name for name in vars(pm.hook) if getattr(pm.hook, name).has_spec())
+    for name, caller in sorted(vars(pm.hook).items()):
+        if name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.optionalhook:
+                continue
+            if impl.plugin_name in values:
+                who = f"{impl.plugin_name} ({values[impl.plugin_name]})"
+            else:
+                who = type(impl.plugin).__qualname__ if not inspect.ismodule(impl.plugin) else impl.plugin.__name__
+            raise PluginLoadError(f"plugin {who}: unknown hook {name!r}; did you mean {closest(name, known)!r}?")
+
+
+def section_models(pm: pluggy.PluginManager) -> dict[str, type[BaseModel]]:
+    """Every plugin's settings sections, from the ``settings_sections`` hook:
+    ``{"providers.waha": WahaSettings, "storage.local": LocalSettings, ...}``.
+
+    Raises :class:`ConfigError` if two plugins claim one section.
+    """
+    models: dict[str, type[BaseModel]] = {}
+    for result in pm.hook.settings_sections():
+        for path, model in (result or {}).items():
+            if path in models:
+                raise ConfigError(f"{path}: claimed by two plugins")
+            models[path] = model
+    return models
 
 
 def describe(pm: pluggy.PluginManager) -> list[PluginInfo]:

@@ -291,11 +291,17 @@ class ProviderContext:
 
 @dataclass(slots=True)
 class RouteDef:
-    """An extra HTTP route a provider needs (e.g. Meta's GET verification handshake)."""
+    """An extra HTTP route a provider needs (e.g. Meta's GET verification handshake).
+
+    ``method`` may be ``"*"`` (any); ``path`` is an aiohttp template (``{name}`` or
+    ``{name:regex}``). ``summary`` is the one line ``/openapi.json`` shows for it: such routes speak
+    the provider's own API and are described as pass-through operations.
+    """
 
     method: str
     path: str
     handler: Any
+    summary: str = ""
 
 
 @runtime_checkable

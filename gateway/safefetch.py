@@ -58,7 +58,8 @@ class AddressPolicy:
         if any(ip in net for net in self.allowed):
             return
         if not ip.is_global or ip.is_multicast:
-            raise FetchRefused(f"address {ip} is not public (loopback, private, link-local or reserved)")
+            raise FetchRefused(f"address {ip} is not public (loopback, private, link-local or reserved); "
+                               "[fetch] allow_networks lists networks allowed anyway")
 
 
 class GuardedResolver(AbstractResolver):

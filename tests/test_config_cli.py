@@ -142,6 +142,39 @@ def _broken_distribution(root: Path) -> None:
     (root / "broken_mod.py").write_text('raise ImportError("boom")\n')
 
 
+def _misspelt_distribution(root: Path) -> None:
+    info = root / "misspelt_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: misspelt-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[gateway]\nmisspelt = misspelt_mod\n")
+    (root / "misspelt_mod.py").write_text(
+        "import gateway\n\n@gateway.hookimpl\ndef register_storag(settings):\n    return None\n")
+
+
+# typos a newcomer makes: each is refused, naming the closest valid name
+TYPOS = ('[storage]\nservng = "proxy"\n[storage.lcoal]\nroot = "var/media"\n'
+         '[providers.whatsapp]\nenabled = true\n[providers.waha]\nbse_url = "http://localhost:3000"\n')
+TYPO_LINES = [
+    "gateway: config error: storage.servng: unknown setting; did you mean storage.serving?",
+    "gateway: config error: storage.lcoal: unknown section (no installed plugin owns it); "
+    "did you mean storage.local?",
+    "gateway: config error: providers.whatsapp: unknown section (no installed plugin owns it); "
+    "did you mean providers.waha?",
+    "gateway: config error: providers.waha.bse_url: unknown setting; did you mean providers.waha.base_url?",
+]
+MANY_ERRORS = ('[server]\nprot = 1\n[retention]\nmax_age_days = -1\n[log]\nlevel = "debug"\n'
+               '[[targets]]\nname = "a b"\nurl = "http://127.0.0.1:9/hook"\n'
+               '[[api.keys]]\nname = "k"\nkey = "${TEST_SURELY_UNSET_BOT_KEY}"\n')
+MANY_LINES = [
+    "gateway: config error: server.prot: unknown setting; did you mean server.port?",
+    'gateway: config error: retention.max_age_days: must be a number of days above 0 or "forever", got -1',
+    "gateway: config error: targets[0].name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
+    "gateway: config error: api.keys[0].key: environment variable TEST_SURELY_UNSET_BOT_KEY is not set",
+]
+BOT_KEY_CONFIG = ('[catalog]\npath = "var/gateway.db"\n[storage.local]\nroot = "var/media"\n'
+                  '[[api.keys]]\nname = "bot"\nkey = "${TEST_SURELY_UNSET_BOT_KEY}"\nscopes = ["write"]\n')
+
+
 class CliRun:
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -182,8 +215,22 @@ def cli(tmp_path_factory) -> dict[str, CliRun]:
     for setting in SERVE_BAD:
         d = workdir(f"serve-{setting}", BAD_CONFIGS[setting] + '[catalog]\npath = "var/gateway.db"\n')
         runs[f"serve:{setting}"] = CliRun(["serve", "--config", str(d / "gateway.toml")], d)
+    d = workdir("typos", TYPOS)
+    runs["typos"] = CliRun(["check-config", "--config", str(d / "gateway.toml")], d)
+    d = workdir("typos-serve", TYPOS + '[catalog]\npath = "var/gateway.db"\n')
+    runs["typos-serve"] = CliRun(["serve", "--config", str(d / "gateway.toml")], d)
+    d = workdir("many", MANY_ERRORS)
+    runs["many"] = CliRun(["check-config", "--config", str(d / "gateway.toml")], d)
+    d = workdir("bot-key", BOT_KEY_CONFIG)
+    runs["cleanup-bot-key"] = CliRun(["cleanup", "--dry-run", "--config", str(d / "gateway.toml")], d)
+    d = workdir("bot-key-serve", BOT_KEY_CONFIG)
+    runs["serve-bot-key"] = CliRun(["serve", "--config", str(d / "gateway.toml")], d)
     d = workdir("plugins")
     runs["plugins"] = CliRun(["plugins"], d)
+    site = base / "misspelt-site"
+    _misspelt_distribution(site)
+    d = workdir("misspelt")
+    runs["misspelt"] = CliRun(["plugins"], d, env={"PYTHONPATH": str(site)})
     site = base / "broken-site"
     _broken_distribution(site)
     d = workdir("broken")
@@ -224,9 +271,9 @@ def test_plugins_lists_the_builtin_plugins_and_their_hooks(cli):
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.strip()}
     assert rows["whatsapp_waha"][1] == "plugins.whatsapp_waha"
-    assert rows["whatsapp_waha"][-1] == "register_providers"
+    assert rows["whatsapp_waha"][-2:] == ["register_providers,", "settings_sections"]
     assert rows["storage_local"][1] == "plugins.storage_local"
-    assert rows["storage_local"][-1] == "register_storage"
+    assert rows["storage_local"][-2:] == ["register_storage,", "settings_sections"]
     assert "chat-media-gateway" in rows["storage_local"]
 
 
@@ -236,6 +283,47 @@ def test_a_plugin_that_fails_to_import_is_named(cli):
     assert r.returncode == 1, r.stderr  # a plugin error, not a config error
     assert "broken" in r.stderr and "boom" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_typos_in_settings_and_sections_are_refused_with_the_closest_name(cli):
+    for run in (cli["typos"], cli["typos-serve"]):
+        assert run.returncode == 2, (run.stdout, run.stderr)
+        assert run.stderr.strip().splitlines() == TYPO_LINES
+    assert not (cli["typos-serve"].cwd / "var").exists()
+
+
+def test_every_problem_is_shown_in_one_path_style_without_pydantic_internals(cli):
+    r = cli["many"]
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == MANY_LINES  # log level "debug" is fine in any case
+
+
+def test_cleanup_does_not_need_the_secrets_of_the_api(cli):
+    r = cli["cleanup-bot-key"]
+    assert r.returncode == 0, r.stderr
+    assert "dry run: nothing was changed" in r.stdout
+    r = cli["serve-bot-key"]  # the daemon uses the key: refused
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "gateway: config error: api.keys[0].key: environment variable TEST_SURELY_UNSET_BOT_KEY is not set"]
+
+
+def test_a_misspelt_hook_names_the_entry_point_once(cli):
+    r = cli["misspelt"]
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "gateway: plugin misspelt (misspelt_mod): unknown hook 'register_storag'; "
+        "did you mean 'register_storage'?"]
+
+
+def test_log_levels_in_any_case(tmp_path):
+    assert load_settings(_toml(tmp_path, '[log]\nlevel = "warning"\n')).log.level == "WARNING"
+
+
+def test_an_unknown_key_in_a_list_item_names_its_closest(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_settings(_toml(tmp_path, '[[targets]]\nname = "bot"\nurl = "http://127.0.0.1:9/"\nsecert = "x"\n'))
+    assert str(info.value) == "targets[0].secert: unknown setting; did you mean targets[0].secret?"
 
 
 # -- the plugin manager in process ----------------------------------------------------------------
@@ -255,7 +343,8 @@ class _Good:
 def test_a_misspelt_hook_fails_loudly():
     with pytest.raises(PluginLoadError) as info:
         make_manager(load_entrypoints=False, extra=[_Misspelt()])
-    assert "register_provider" in str(info.value)
+    msg = str(info.value)
+    assert msg == "plugin _Misspelt: unknown hook 'register_provider'; did you mean 'register_providers'?"
 
 
 def test_a_correct_extra_plugin_registers():
@@ -263,3 +352,15 @@ def test_a_correct_extra_plugin_registers():
     [info] = describe(pm)
     assert info.hooks == ("register_providers",)
     assert info.module == __name__
+
+
+def test_the_app_refuses_an_unexpanded_reference_however_the_settings_were_built(tmp_path, monkeypatch):
+    from gateway.app import create_app
+    from gateway.config import Settings
+
+    monkeypatch.delenv("TEST_SURELY_UNSET_BOT_KEY", raising=False)
+    settings = Settings(config_dir=tmp_path, api={"keys": [{"name": "bot", "key": "${TEST_SURELY_UNSET_BOT_KEY}"}]})
+    assert settings.unset_env == {"api.keys[0].key": "TEST_SURELY_UNSET_BOT_KEY"}
+    with pytest.raises(ConfigError) as info:
+        create_app(settings)  # the literal "${...}" never becomes an accepted key
+    assert str(info.value) == "api.keys[0].key: environment variable TEST_SURELY_UNSET_BOT_KEY is not set"

@@ -256,6 +256,12 @@ async def _read_range(fh: BinaryIO, first: int, last: int) -> AsyncIterator[byte
 
 
 @hookimpl
+def settings_sections() -> dict[str, type[LocalSettings]]:
+    """``[storage.local]`` is this plugin's section."""
+    return {"storage.local": LocalSettings}
+
+
+@hookimpl
 def register_storage(settings: Settings) -> list[LocalStorage] | None:
     """Offer the ``local`` backend when ``storage.backend = "local"``."""
     if settings.storage.backend != LocalStorage.name:

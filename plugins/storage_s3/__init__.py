@@ -401,6 +401,12 @@ async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
 
 
 @hookimpl
+def settings_sections() -> dict[str, type[S3Settings]]:
+    """``[storage.s3]`` is this plugin's section."""
+    return {"storage.s3": S3Settings}
+
+
+@hookimpl
 def register_storage(settings: Settings) -> list[S3Storage] | None:
     """Offer the ``s3`` backend when ``storage.backend = "s3"``."""
     if settings.storage.backend != S3Storage.name:

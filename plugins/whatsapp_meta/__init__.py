@@ -164,10 +164,13 @@ class MetaProvider:
     # -- inbound --------------------------------------------------------------------------
     def routes(self) -> list[RouteDef]:
         """The verification handshake ``GET /webhooks/meta`` and the drop-in messages relay."""
-        routes = [RouteDef("GET", "/webhooks/meta", self.handshake)]
+        routes = [RouteDef("GET", "/webhooks/meta", self.handshake,
+                           "Meta's webhook verification handshake: hub.challenge for the right hub.verify_token")]
         if self.settings.relay_prefix:
             routes.append(RouteDef("POST", f"{self.settings.relay_prefix}/{{version:v\\d+\\.\\d+}}/"
-                                            "{phone_number_id}/messages", self.relay_messages))
+                                            "{phone_number_id}/messages", self.relay_messages,
+                                   "The Graph API's messages endpoint, relayed: media links are stored "
+                                   "and replaced by gateway links"))
         return routes
 
     async def handshake(self, request: web.Request) -> web.Response:
@@ -504,6 +507,12 @@ def _animated_webp(head: bytes) -> bool:
     """RIFF/WEBP with a VP8X chunk whose animation flag (0x02) is set."""
     return (len(head) >= 21 and head[:4] == b"RIFF" and head[8:12] == b"WEBP"
             and head[12:16] == b"VP8X" and bool(head[20] & 0x02))
+
+
+@hookimpl
+def settings_sections() -> dict[str, type[MetaSettings]]:
+    """``[providers.meta]`` is this plugin's section."""
+    return {"providers.meta": MetaSettings}
 
 
 @hookimpl

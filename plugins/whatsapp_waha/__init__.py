@@ -136,7 +136,9 @@ class WahaProvider:
     def routes(self) -> list[RouteDef]:
         """The drop-in relay under ``relay_prefix`` (the webhook route is the host's)."""
         prefix = self.settings.relay_prefix
-        return [RouteDef("*", f"{prefix}/api/{{tail:.*}}", self.relay_request)] if prefix else []
+        summary = ("WAHA's API, relayed: sendImage, sendFile, sendVoice and sendVideo store the file "
+                   "and send a gateway link; every other path is passed through untouched")
+        return [RouteDef("*", f"{prefix}/api/{{tail:.*}}", self.relay_request, summary)] if prefix else []
 
     # -- inbound --------------------------------------------------------------------------
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
@@ -431,6 +433,12 @@ async def _is_ogg_opus(media: Any) -> bool:
     finally:
         await opened.close()
     return b"OpusHead" in head
+
+
+@hookimpl
+def settings_sections() -> dict[str, type[WahaSettings]]:
+    """``[providers.waha]`` is this plugin's section."""
+    return {"providers.waha": WahaSettings}
 
 
 @hookimpl

@@ -60,7 +60,10 @@ class BotSink:
 
 
 def main() -> None:
-    """Run a sink that prints every delivery; ``GET /last`` answers the last one as JSON."""
+    """Run a sink that prints every delivery. ``GET /last`` answers the last one as JSON, waiting
+    up to ``timeout`` seconds (default 30) for a first one; ``GET /last?event_id=ev_...`` waits for
+    the delivery of that event (its ``X-Gateway-Event-Id``), so a script can read what the gateway
+    forwarded right after posting the webhook. 404 when nothing came in time."""
     import argparse
     import json
 
@@ -70,10 +73,33 @@ def main() -> None:
     args = parser.parse_args()
     sink = BotSink()
 
+    def find(event_id: str | None) -> Delivery | None:
+        for delivery in reversed(sink.deliveries):
+            if event_id is None or delivery.headers.get("X-Gateway-Event-Id") == event_id:
+                return delivery
+        return None
+
     async def last(request: web.Request) -> web.Response:
-        if not sink.deliveries:
-            return web.json_response({"error": "nothing received yet"}, status=404)
-        return web.json_response(sink.deliveries[-1].json)
+        event_id = request.query.get("event_id")
+        try:
+            timeout = float(request.query.get("timeout", "30"))
+        except ValueError:
+            return web.json_response({"error": "timeout: a number of seconds"}, status=400)
+        deadline = time.monotonic() + timeout
+        while True:
+            sink._changed.clear()  # before looking, so that a delivery in between wakes the wait
+            found = find(event_id)
+            remaining = deadline - time.monotonic()
+            if found is not None or remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(sink._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+        if found is None:
+            what = f"event {event_id}" if event_id else "any delivery"
+            return web.json_response({"error": f"nothing received for {what} within {timeout:g} s"}, status=404)
+        return web.json_response(found.json)
 
     async def show(request: web.Request, response: web.StreamResponse) -> None:
         if request.method == "POST" and sink.deliveries:

@@ -15,7 +15,8 @@
 - ``GET /api/sessions`` and ``POST /api/sendText``: for pass-through tests (``texts`` records).
 
 Run standalone for a manual walkthrough: ``python -m tests.emulators.waha --port 3000 --dir DIR``
-(every file in DIR is served under session ``default``).
+(every file in DIR is served under session ``default``; they never expire unless ``--lifetime``
+says so, and an expired file's 404 says that it expired).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class WahaEmulator:
         self.lifetime = lifetime
         self.workdir = workdir
         self.files: dict[tuple[str, str], _File] = {}
+        self.expired: set[tuple[str, str]] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.chunked = False
         self.delay = 0.0
@@ -99,9 +101,13 @@ class WahaEmulator:
         entry = self.files.get(key)
         if entry is not None and time.time() - entry.registered > self.lifetime:
             del self.files[key]
+            self.expired.add(key)
             if entry.owned:
                 entry.path.unlink(missing_ok=True)
             entry = None
+        if entry is None and key in self.expired:
+            return web.json_response({"statusCode": 404, "message": f"Not Found (the file expired: "
+                                      f"files live {self.lifetime:g} s, WHATSAPP_FILES_LIFETIME)"}, status=404)
         if entry is None or not entry.path.exists():
             return web.json_response({"statusCode": 404, "message": "Not Found"}, status=404)
         ctype = mimetypes.guess_type(entry.path.name)[0] or "application/octet-stream"
@@ -176,7 +182,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--api-key", default="waha-key")
-    parser.add_argument("--lifetime", type=float, default=180.0)
+    parser.add_argument("--lifetime", type=float, default=0.0,
+                        help="seconds after start when the files answer 404, as WAHA's "
+                             "WHATSAPP_FILES_LIFETIME (180 there); default 0: never")
     args = parser.parse_args()
     emu = WahaEmulator(api_key=args.api_key, lifetime=args.lifetime)
     emu.base_url = f"http://{args.host}:{args.port}"
@@ -184,7 +192,8 @@ def main() -> None:
         if f.is_file():
             emu.add_file(f, copy=False)
     emu.lifetime = float("inf") if args.lifetime <= 0 else args.lifetime
-    print(f"WAHA emulator on {emu.base_url}, X-Api-Key: {args.api_key}, files: "
+    expiry = "never expire" if emu.lifetime == float("inf") else f"answer 404 after {emu.lifetime:g} s"
+    print(f"WAHA emulator on {emu.base_url}, X-Api-Key: {args.api_key}, files ({expiry}): "
           f"{', '.join(n for _, n in emu.files)}", flush=True)
     web.run_app(emu.app, host=args.host, port=args.port, print=None)
 
