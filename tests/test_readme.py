@@ -119,6 +119,9 @@ def clone(tmp_path: Path) -> Path:
     root.mkdir()
     for name in ("Makefile", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, root / name)
+    # "after make": the linked .venv counts as installed from this pyproject.toml, whenever the
+    # repository's copy was last touched (a merge or checkout after `make` must not rebuild it)
+    os.utime(root / "pyproject.toml", (0, 0))
     for name in ("tests", "scripts"):
         (root / name).symlink_to(REPO / name)
     (root / ".venv").symlink_to(REPO / ".venv")
