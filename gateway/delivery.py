@@ -24,7 +24,7 @@ import pluggy
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.jobs import Job, PermanentError
+from gateway.jobs import Job, JobResult, PermanentError
 from gateway.metrics import Metrics
 from gateway.plugins import await_me_maybe
 
@@ -53,8 +53,9 @@ class Deliverer:
         self.metrics = metrics
         self.pm = pm
 
-    async def __call__(self, job: Job) -> None:
-        """POST the event's rewritten payload to the target. Raises to retry."""
+    async def __call__(self, job: Job) -> JobResult:
+        """POST the event's rewritten payload to the target. Raises to retry. On a 2xx, the
+        ``message_forwarded`` hooks run as the result's ``after`` step, once the job is done."""
         event_id, name = job.payload["event_id"], job.payload["target"]
         target = self.targets.get(name)
         if target is None:
@@ -84,9 +85,11 @@ class Deliverer:
             self.metrics.deliveries.labels(name, "delivered").inc()
             log.info("event %s delivered to %s (%d)", event_id, name, status,
                      extra={"event_id": event_id, "target": name})
-            for result in self.pm.hook.message_forwarded(event_id=event_id, target=name, status=status):
-                await await_me_maybe(result)
-            return
+
+            async def forwarded() -> None:  # after the job is marked done: a slow hook cannot repeat it
+                for result in self.pm.hook.message_forwarded(event_id=event_id, target=name, status=status):
+                    await await_me_maybe(result)
+            return JobResult(after=forwarded)
         self.metrics.deliveries.labels(name, f"http_{status // 100}xx").inc()
         message = f"target {name} answered HTTP {status}: {text[:200]}"
         if 400 <= status < 500 and status not in RETRYABLE_STATUS:
