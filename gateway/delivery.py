@@ -8,6 +8,10 @@ Each target gets ``POST {url}`` with the rewritten envelope as JSON and these he
   retry, so a bot can drop duplicates);
 - ``X-Gateway-Event``: the provider's event name.
 
+Delivery is at least once: the job is marked done in the commit right after the 2xx (the
+``message_forwarded`` hooks run after that commit), so only a crash in that moment, or an answer
+lost on the way back, repeats a forward, with the same ``Idempotency-Key`` and body.
+
 A 2xx answer is success. 408, 425, 429, 5xx and network errors are retried with backoff; any
 other 4xx sends the job to the dead letter at once (the bot refused it; retry by hand).
 """

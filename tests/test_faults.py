@@ -21,11 +21,11 @@ import pytest
 
 from gateway import hookimpl
 from gateway.app import CATALOG, create_app
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
 from gateway.storage import StorageError
-from plugins.storage_local import LocalStorage
-from tests.conftest import MANIFEST, MEDIA, base_config, deep_merge, waha_payload
+from plugins.storage_local import LocalSettings, LocalStorage
+from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
 from tests.emulators.faults import BodyFault
 from tests.emulators.graph import GraphEmulator
@@ -310,3 +310,17 @@ async def test_a_delivery_is_marked_done_as_soon_as_the_bot_answered(
     await asyncio.sleep(1.0)
     assert len(sink.deliveries) == 1
     assert d.headers["Idempotency-Key"] == d.json["gateway"]["event_id"]
+
+
+@pytest.mark.parametrize(("env", "value", "setting"), [
+    ("GATEWAY_MEDIA__FETCH_IDLE_TIMEOUT", "0", "media.fetch_idle_timeout"),
+    ("GATEWAY_MEDIA__FETCH_MIN_RATE", "0", "media.fetch_min_rate"),
+    ("GATEWAY_MEDIA__FETCH_RESUMES", "-1", "media.fetch_resumes"),
+    ("GATEWAY_STORAGE__LOCAL__MIN_FREE_BYTES", "-1", "storage.local.min_free_bytes"),
+])
+def test_a_bad_fault_setting_names_itself(monkeypatch, env, value, setting):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        settings = load_settings(REPO / "gateway.toml")
+        plugin_settings(settings, ("storage", "local"), LocalSettings)
+    assert str(info.value).startswith(setting)
