@@ -65,12 +65,15 @@ class DownloadPolicy:
         return self.base_timeout + (size if size is not None else self.max_bytes) / self.min_rate
 
 
-def _resume_start(resp: aiohttp.ClientResponse) -> int | None:
-    """The first byte of a ``206`` answer's ``Content-Range``, or ``None``."""
+def _resume_start(resp: aiohttp.ClientResponse, length: int | None) -> int | None:
+    """The first byte of a ``206`` answer's ``Content-Range``, or ``None`` (not a 206, or its
+    complete length is not the first answer's ``length`` bytes: another file)."""
     if resp.status != 206:
         return None
     match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-    return int(match.group(1)) if match else None
+    if match is None or (length is not None and match.group(3) not in ("*", str(length))):
+        return None
+    return int(match.group(1))
 
 
 def _validator(resp: aiohttp.ClientResponse) -> str | None:
@@ -124,7 +127,8 @@ async def resumable_body(http: aiohttp.ClientSession, resp: aiohttp.ClientRespon
                 resumes += 1
                 log.info("download %s after %d bytes (%s); resuming with Range (%d/%d)",
                          reason, received, what, resumes, policy.max_resumes)
-                nxt = await _resume(http, url, headers, policy, received, validator, reason)
+                nxt = await _resume(http, url, headers, policy, received, validator, reason,
+                                    resp.content_length)
                 if current is not resp:
                     current.release()
                 current = nxt
@@ -135,9 +139,9 @@ async def resumable_body(http: aiohttp.ClientSession, resp: aiohttp.ClientRespon
 
 async def _resume(http: aiohttp.ClientSession, url: URL | str, headers: Mapping[str, str],
                   policy: DownloadPolicy, offset: int, validator: str | None,
-                  reason: str) -> aiohttp.ClientResponse:
-    """``GET url`` from byte ``offset``; the ``206`` answer that continues at ``offset``.
-    Raises :class:`FetchError` when the provider does not honour the range."""
+                  reason: str, length: int | None) -> aiohttp.ClientResponse:
+    """``GET url`` from byte ``offset``; the ``206`` answer that continues at ``offset`` the same
+    ``length``-byte object. Raises :class:`FetchError` when the provider does not honour the range."""
     ranged = {**headers, "Range": f"bytes={offset}-"}
     if validator:
         ranged["If-Range"] = validator
@@ -146,7 +150,7 @@ async def _resume(http: aiohttp.ClientSession, url: URL | str, headers: Mapping[
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise FetchError(f"download {reason} after {offset} bytes; resuming failed: "
                          f"{type(exc).__name__}: {exc}", reason=reason) from exc
-    if _resume_start(nxt) != offset:
+    if _resume_start(nxt, length) != offset:
         nxt.release()
         raise FetchError(f"download {reason} after {offset} bytes; the provider answered "
                          f"HTTP {nxt.status} to Range: bytes={offset}- (no resume)", reason=reason)
