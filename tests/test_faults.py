@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,10 @@ from gateway import hookimpl
 from gateway.app import CATALOG, create_app
 from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
+from gateway.providers import MediaRef, MediaSource
 from gateway.storage import StorageError
 from plugins.storage_local import LocalSettings, LocalStorage
+from plugins.whatsapp_waha import WahaProvider, WahaSettings
 from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
 from tests.emulators.faults import BodyFault
@@ -324,3 +326,42 @@ def test_a_bad_fault_setting_names_itself(monkeypatch, env, value, setting):
         settings = load_settings(REPO / "gateway.toml")
         plugin_settings(settings, ("storage", "local"), LocalSettings)
     assert str(info.value).startswith(setting)
+
+
+class _PlainReadingWaha(WahaProvider):
+    """A provider plugin that reads bodies its own way (``iter_chunked``, no shared reader), as a
+    third-party plugin may: the host must still treat a broken body as a failed download."""
+
+    @asynccontextmanager
+    async def fetch(self, ref: MediaRef) -> AsyncIterator[MediaSource]:
+        target, headers = self._target(ref.url)
+        async with self._http.get(target, headers=headers) as resp:
+            yield MediaSource(chunks=resp.content.iter_chunked(64 * KiB), mimetype=ref.mimetype,
+                              size=resp.content_length)
+
+
+class _PlainReadingWahaPlugin:
+    @hookimpl
+    def register_providers(self, settings: Settings) -> list[WahaProvider]:
+        return [_PlainReadingWaha(plugin_settings(settings, ("providers", "waha"), WahaSettings))]
+
+
+async def test_a_broken_body_from_any_provider_plugin_is_a_failed_download(
+        aiohttp_server, unused_tcp_port, tmp_path, waha, sink):
+    """The ingest, not only the shared reader, turns a body error into a retryable fetch failure:
+    retried, then forwarded with a note; the job is not dead."""
+    import plugins.storage_local
+    waha.body_fault = BodyFault(mode="drop", at=20 * KiB, times=1000)
+    data = base_config(tmp_path, unused_tcp_port, waha, sink)
+    pm = make_manager(load_entrypoints=False, extra=[plugins.storage_local, _PlainReadingWahaPlugin()])
+    app = create_app(Settings(config_dir=tmp_path, **data), pm)
+    server = await aiohttp_server(app, host="127.0.0.1", port=unused_tcp_port)
+    body = json.dumps(waha_payload(waha.add_file(MEDIA / "photo.jpg"), message_id="plain-1"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.make_url('/webhooks/waha')}", data=body) as r:
+            assert r.status == 200
+    [d] = await sink.wait_for(1, timeout=20)
+    [note] = d.json["gateway"]["notes"]
+    assert "broke off" in note["error"]
+    assert waha.served("photo.jpg") == 3  # max_attempts, no resume by this plugin
+    assert await app[CATALOG].count("jobs", "state = 'dead'") == 0
