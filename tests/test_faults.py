@@ -38,7 +38,7 @@ KiB, MiB = 1024, 1024 * 1024
 
 
 async def _post_waha(daemon: GatewayProcess, url: str, message_id: str, name: str) -> None:
-    body = json.dumps(waha_payload(url, message_id=message_id, filename=name))
+    body = json.dumps(waha_payload(url, message_id=message_id, filename=name, mimetype=MANIFEST[name]["mime"]))
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{daemon.url}/webhooks/waha", data=body) as r:
             assert r.status == 200
