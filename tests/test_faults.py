@@ -365,3 +365,22 @@ async def test_a_broken_body_from_any_provider_plugin_is_a_failed_download(
     assert "broke off" in note["error"]
     assert waha.served("photo.jpg") == 3  # max_attempts, no resume by this plugin
     assert await app[CATALOG].count("jobs", "state = 'dead'") == 0
+
+
+async def test_the_idle_timeout_covers_a_stall_before_the_headers(tmp_path, waha, sink, unused_tcp_port):
+    """No byte at all, not even headers, for ``fetch_idle_timeout``: a failed attempt, retried,
+    then forwarded with a note (the total timeout alone would allow minutes)."""
+    waha.delay = 3.0
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_idle_timeout": 0.3},
+                     queue={"max_attempts": 2})
+    await daemon.start()
+    try:
+        await _post_waha(daemon, waha.add_file(MEDIA / "photo.jpg"), "headers-1", "photo.jpg")
+        [d] = await sink.wait_for(1, timeout=20)
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+    [note] = d.json["gateway"]["notes"]
+    assert "Timeout" in note["error"]
+    assert waha.served("photo.jpg") == 2
