@@ -31,6 +31,7 @@ from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_
 from tests.daemon import GatewayProcess, write_toml
 from tests.emulators.faults import BodyFault
 from tests.emulators.graph import GraphEmulator
+from tests.emulators.sink import Delivery
 from tests.test_crash_safety import _daemon, _db_rows
 from tests.test_meta import graph, media_of, message, meta_settings, sign, webhook  # noqa: F401 (fixture)
 
@@ -42,6 +43,20 @@ async def _post_waha(daemon: GatewayProcess, url: str, message_id: str, name: st
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{daemon.url}/webhooks/waha", data=body) as r:
             assert r.status == 200
+
+
+async def _forward_one(daemon: GatewayProcess, waha, sink, name: str, message_id: str) -> Delivery:
+    """Start ``daemon``, post one WAHA message with fixture ``name``, wait for its forward, stop
+    the daemon (it must exit 0); return the forward."""
+    await daemon.start()
+    try:
+        await _post_waha(daemon, waha.add_file(MEDIA / name), message_id, name)
+        [d] = await sink.wait_for(1, timeout=30)
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+    return d
 
 
 def _jobs(tmp_path: Path, kind: str) -> list[tuple]:
@@ -70,14 +85,7 @@ async def test_a_body_that_breaks_part_way_is_retried_then_forwarded_with_a_note
     waha.ranges = False
     waha.body_fault = BodyFault(mode=mode, at=20 * KiB, times=1000, stall=5)
     daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_timeout": 1.0})
-    await daemon.start()
-    try:
-        await _post_waha(daemon, waha.add_file(MEDIA / "photo.jpg"), "broken-1", "photo.jpg")
-        [d] = await sink.wait_for(1, timeout=30)
-        assert await daemon.terminate() == 0
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
+    d = await _forward_one(daemon, waha, sink, "photo.jpg", "broken-1")
     [note] = d.json["gateway"]["notes"]
     assert note["path"] == "payload.media" and "download" in note["error"]
     assert d.json["payload"]["media"]["url"].startswith(waha.base_url)  # the original link
@@ -95,14 +103,7 @@ async def test_a_broken_download_resumes_with_range_and_keeps_the_digest(
     name, at = "screenshot.png", 100_000
     waha.body_fault = BodyFault(mode=mode, at=at, times=1, stall=5)
     daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_idle_timeout": 0.5})
-    await daemon.start()
-    try:
-        await _post_waha(daemon, waha.add_file(MEDIA / name), "resume-1", name)
-        [d] = await sink.wait_for(1, timeout=30)
-        assert await daemon.terminate() == 0
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
+    d = await _forward_one(daemon, waha, sink, name, "resume-1")
     first, second = [h for p, h in waha.requests if p.endswith("/" + name)]
     assert "Range" not in first and 0 < _range_start(second["Range"]) <= at
     assert d.json["gateway"]["notes"] == []
@@ -373,14 +374,7 @@ async def test_the_idle_timeout_covers_a_stall_before_the_headers(tmp_path, waha
     waha.delay = 3.0
     daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_idle_timeout": 0.3},
                      queue={"max_attempts": 2})
-    await daemon.start()
-    try:
-        await _post_waha(daemon, waha.add_file(MEDIA / "photo.jpg"), "headers-1", "photo.jpg")
-        [d] = await sink.wait_for(1, timeout=20)
-        assert await daemon.terminate() == 0
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
+    d = await _forward_one(daemon, waha, sink, "photo.jpg", "headers-1")
     [note] = d.json["gateway"]["notes"]
     assert "Timeout" in note["error"]
     assert waha.served("photo.jpg") == 2
