@@ -18,6 +18,7 @@ from gateway.auth import ApiKeys
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, Settings, check_plugin_sections
 from gateway.delivery import Deliverer
+from gateway.download import DownloadPolicy
 from gateway.ingest import Ingestor
 from gateway.jobs import JobQueue
 from gateway.links import LinkSigner
@@ -166,6 +167,10 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         fetch_timeout=aiohttp.ClientTimeout(total=s.media.fetch_timeout,
                                             sock_connect=s.media.fetch_connect_timeout),
         outbound=app[OUTBOUND],
+        download=DownloadPolicy(idle_timeout=s.media.fetch_idle_timeout,
+                                connect_timeout=s.media.fetch_connect_timeout,
+                                base_timeout=s.media.fetch_timeout, min_rate=s.media.fetch_min_rate,
+                                max_bytes=s.media.max_bytes, max_resumes=s.media.fetch_resumes),
     )
     for provider in app[PROVIDERS].values():
         await provider.start(ctx)

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +198,64 @@ class CatalogStats:
     last_cleanup: float | None
 
 
+class _CatalogThread(Executor):
+    """The catalog's one thread: runs submitted calls one at a time in submission order, except
+    that :meth:`submit_first` calls run before every call still waiting. Marking a job done goes
+    first, so that the moment between a job's effect (a bot's 2xx) and the commit that records it,
+    in which a crash repeats the job, is not stretched by a queue of other catalog work."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` after the calls already waiting."""
+        return self._put(1, fn, args, kwargs)
+
+    def submit_first(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` before the ordinary calls already waiting."""
+        return self._put(0, fn, args, {})
+
+    def _put(self, priority: int, fn: Callable[..., T], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="catalog", daemon=True)
+                self._thread.start()
+            self._queue.put((priority, next(self._seq), (future, fn, args, kwargs)))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop after the calls already submitted; ``wait``: until they ran."""
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            thread = self._thread
+            self._queue.put((2, next(self._seq), None))
+        if wait and thread is not None:
+            thread.join()
+
+
 class Catalog:
     """Async facade over the SQLite catalog at ``path``.
 
@@ -205,7 +266,7 @@ class Catalog:
     def __init__(self, path: Path, exclusive: bool = False):
         self.path = Path(path)
         self.exclusive = exclusive
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
+        self._executor = _CatalogThread()
         self._db: sqlite_utils.Database | None = None
         self._lock_fd: int | None = None
 
@@ -249,6 +310,10 @@ class Catalog:
         """Run ``fn(db, *args)`` on the catalog thread and return its result."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._require(), *args))
+
+    async def _run_first(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`run`, ahead of the calls waiting for the catalog thread."""
+        return await asyncio.wrap_future(self._executor.submit_first(lambda: fn(self._require(), *args)))
 
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:
@@ -421,7 +486,8 @@ class Catalog:
     async def complete_job(self, job_id: int, followups: list[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:
         """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` and apply
-        ``event_update`` ``(event_id, {column: value})``, all in one transaction."""
+        ``event_update`` ``(event_id, {column: value})``, all in one transaction, ahead of other
+        waiting catalog work."""
         now = time.time()
 
         def _complete(db: sqlite_utils.Database) -> None:
@@ -436,7 +502,7 @@ class Catalog:
                 conn.execute("UPDATE jobs SET state='done', updated_at=?, last_error=NULL WHERE id=?",
                              (now, job_id))
 
-        await self.run(_complete)
+        await self._run_first(_complete)  # the job's effect has happened: record it at once
 
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
         """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None."""

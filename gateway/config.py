@@ -133,7 +133,16 @@ class MediaSettings(_Section):
         "other",
         description="content contradicts the declared type: store under the sniffed type, or refuse",
     )
-    fetch_timeout: float = Field(300.0, gt=0, description="seconds one provider download may take")
+    fetch_timeout: float = Field(
+        300.0, gt=0,
+        description="seconds one provider download may take, plus its declared size at fetch_min_rate")
+    fetch_min_rate: int = Field(
+        100 * 1024, ge=1,
+        description="bytes per second a download's total timeout allows for (with fetch_timeout)")
+    fetch_idle_timeout: float = Field(
+        30.0, gt=0, description="seconds a provider download may go without sending a byte")
+    fetch_resumes: int = Field(
+        3, ge=0, le=100, description="Range requests that resume a broken download, per attempt")
     fetch_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to a provider")
 
     @field_validator("key_template")

@@ -10,6 +10,10 @@ Each target gets ``POST {url}`` with the rewritten envelope as JSON and these he
   byte outside printable ASCII, and ``%``, percent-encoded as UTF-8; at most 200 characters). The
   body keeps the name exactly as the provider sent it.
 
+Delivery is at least once: the job is marked done in the commit right after the 2xx (the
+``message_forwarded`` hooks run after that commit), so only a crash in that moment, or an answer
+lost on the way back, repeats a forward, with the same ``Idempotency-Key`` and body.
+
 A 2xx answer is success. 408, 425, 429, 5xx and network errors are retried with backoff; any
 other 4xx sends the job to the dead letter at once (the bot refused it; retry by hand).
 """
@@ -27,7 +31,7 @@ import pluggy
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.jobs import Job, PermanentError
+from gateway.jobs import Job, JobResult, PermanentError
 from gateway.metrics import Metrics
 from gateway.plugins import await_me_maybe
 
@@ -67,8 +71,9 @@ class Deliverer:
         self.metrics = metrics
         self.pm = pm
 
-    async def __call__(self, job: Job) -> None:
-        """POST the event's rewritten payload to the target. Raises to retry."""
+    async def __call__(self, job: Job) -> JobResult:
+        """POST the event's rewritten payload to the target. Raises to retry. On a 2xx, the
+        ``message_forwarded`` hooks run as the result's ``after`` step, once the job is done."""
         event_id, name = job.payload["event_id"], job.payload["target"]
         target = self.targets.get(name)
         if target is None:
@@ -98,9 +103,11 @@ class Deliverer:
             self.metrics.deliveries.labels(name, "delivered").inc()
             log.info("event %s delivered to %s (%d)", event_id, name, status,
                      extra={"event_id": event_id, "target": name})
-            for result in self.pm.hook.message_forwarded(event_id=event_id, target=name, status=status):
-                await await_me_maybe(result)
-            return
+
+            async def forwarded() -> None:  # after the job is marked done: a slow hook cannot repeat it
+                for result in self.pm.hook.message_forwarded(event_id=event_id, target=name, status=status):
+                    await await_me_maybe(result)
+            return JobResult(after=forwarded)
         self.metrics.deliveries.labels(name, f"http_{status // 100}xx").inc()
         message = f"target {name} answered HTTP {status}: {text[:200]}"
         if 400 <= status < 500 and status not in RETRYABLE_STATUS:

@@ -84,7 +84,9 @@ def media_deleted(record: dict[str, Any]) -> Any:
 @hookspec
 def message_forwarded(event_id: str, target: str, status: int) -> Any:
     """Notification: event ``event_id`` was delivered to bot target ``target``, which answered
-    HTTP ``status``. May return an awaitable."""
+    HTTP ``status``. May return an awaitable. Called once the delivery is recorded as done: an
+    error here is logged and does not deliver again; a crash just before the record repeats the
+    delivery (and this call)."""
 
 
 @hookspec

@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.download import BODY_ERRORS
 from gateway.jobs import Job, JobResult, PermanentError, RetryLater
 from gateway.links import LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge, category_for
@@ -144,10 +145,26 @@ class Ingestor:
                 source_url=ref.url, declared_mimetype=ref.mimetype or src.mimetype,
                 declared_size=src.size, declared_sha256=ref.sha256 or src.sha256,
                 filename=ref.filename or src.filename)
-            record, created = await self.media_store.store(src.chunks, origin)
+            record, created = await self.media_store.store(_body_errors_as_fetch_errors(src.chunks), origin)
         if created:
             self.metrics.media_outcome(provider.name, record["category"], "stored",
                                        seconds=time.monotonic() - started, size=record["size"])
         else:
             self.metrics.media_outcome(provider.name, record["category"], "duplicate")
         return record
+
+
+async def _body_errors_as_fetch_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield ``chunks``; a body that breaks or stalls part-way (aiohttp payload or connection
+    error, ``TimeoutError``) raises a retryable :class:`FetchError` like any failed download,
+    whichever provider plugin opened it (the shared reader already does so; this is the host's
+    guarantee for every plugin)."""
+    it = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await anext(it)
+        except StopAsyncIteration:
+            return
+        except BODY_ERRORS as exc:
+            raise FetchError(f"download broke off: {type(exc).__name__}: {exc}", reason="interrupted") from exc
+        yield chunk

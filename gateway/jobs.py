@@ -3,7 +3,8 @@
 A worker claims the oldest due ``queued`` job (marking it ``running`` and counting the attempt),
 runs the handler for its ``kind`` and records the outcome:
 
-- success: ``done``, with any follow-up jobs enqueued in the same transaction;
+- success: ``done``, with any follow-up jobs enqueued in the same transaction (then the
+  handler's ``after`` step, if any, runs: it cannot undo or repeat the job);
 - :class:`PermanentError`: ``dead`` at once (the dead letter; retry by hand);
 - :class:`RetryLater`: back to ``queued`` after the backoff, however many attempts it took;
 - any other exception: back to ``queued`` after an exponential backoff with jitter
@@ -61,10 +62,14 @@ class Job:
 @dataclass(slots=True)
 class JobResult:
     """What a successful handler hands back: follow-up jobs ``(kind, key, payload)`` and an
-    optional ``(event_id, {column: value})`` update, committed with the job's completion."""
+    optional ``(event_id, {column: value})`` update, committed with the job's completion; and
+    ``after``, a coroutine function run once that commit is done (its errors are logged, never
+    retried: the job's effect has happened), so that nothing slow sits between the effect and
+    the commit that records it."""
 
     followups: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     event_update: tuple[str, dict[str, Any]] | None = None
+    after: Callable[[], Awaitable[None]] | None = None
 
 
 Handler = Callable[[Job], Awaitable[JobResult | None]]
@@ -203,3 +208,11 @@ class JobQueue:
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
         if result.followups:
             self.notify()
+        if result.after is not None:
+            try:
+                await result.after()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job %s is done, but what runs after it failed", job.key,
+                              extra={"job_id": job.id})

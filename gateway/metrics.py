@@ -125,6 +125,11 @@ class Metrics:
         self.missing_objects = Gauge(
             "gateway_media_missing_objects",
             "Catalog rows whose object a cleanup did not find in storage, by backend.", ["backend"], registry=r)
+        self.storage_free_bytes = Gauge(
+            "gateway_storage_free_bytes",
+            "Free bytes where the backend writes, read at scrape time (only backends that can tell: "
+            "local). Below the backend's min_free_bytes, puts are deferred and /readyz is 503.",
+            ["backend"], registry=r)
 
         # -- the job queue and deliveries
         self.jobs = Gauge(
@@ -226,6 +231,20 @@ class Metrics:
             elif state == "missing":
                 self.missing_objects.labels(backend).inc(count)
         self.cleanup_last_success.set(stats.last_cleanup or 0)
+
+    async def refresh_storage(self, storage: StorageBackend) -> None:
+        """Set ``gateway_storage_free_bytes`` from the backend's optional ``free_bytes()``
+        (see :class:`gateway.storage.StorageBackend`); absent when the backend has none or the
+        query fails."""
+        free_bytes = getattr(storage, "free_bytes", None)
+        if free_bytes is None:
+            return
+        try:
+            free = await free_bytes()
+        except StorageError:
+            self.storage_free_bytes.clear()
+            return
+        self.storage_free_bytes.labels(storage.name).set(free)
 
     def render(self) -> bytes:
         """The text exposition format (version 0.0.4)."""

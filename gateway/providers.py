@@ -16,11 +16,14 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 
 from gateway.storage import OpenedObject
+
+if TYPE_CHECKING:
+    from gateway.download import DownloadPolicy
 
 
 class SignatureError(Exception):
@@ -281,12 +284,16 @@ class SendResult:
 @dataclass(slots=True)
 class ProviderContext:
     """Shared resources the host hands a provider in :meth:`Provider.start`: the HTTP session,
-    limits, and ``outbound`` (:class:`gateway.outbound.Outbound`) for relays that store media."""
+    limits, ``outbound`` (:class:`gateway.outbound.Outbound`) for relays that store media, and
+    ``download`` (:class:`gateway.download.DownloadPolicy`): media downloads use its ``timeout``
+    and read bodies with :func:`gateway.download.resumable_body` (idle and total timeouts,
+    ``Range`` resume)."""
 
     http: aiohttp.ClientSession
     max_bytes: int
     fetch_timeout: aiohttp.ClientTimeout
     outbound: Any = None
+    download: DownloadPolicy | None = None
 
 
 @dataclass(slots=True)
@@ -329,7 +336,9 @@ class Provider(Protocol):
         """Parse a verified body into events. Raises :class:`PayloadError` (a 4xx for the sender)."""
 
     def fetch(self, ref: MediaRef) -> AbstractAsyncContextManager[MediaSource]:
-        """Open a streamed download of ``ref``. Raises :class:`FetchError` on entry."""
+        """Open a streamed download of ``ref``. Raises :class:`FetchError` on entry, and from
+        ``chunks`` when the body breaks or stalls part-way (the host also treats an aiohttp
+        error or ``TimeoutError`` from ``chunks`` as a retryable :class:`FetchError`)."""
 
     def rewrite(self, event: WebhookEvent, outcomes: list[MediaOutcome]) -> dict[str, Any]:
         """The payload to forward: each stored ref pointing at its gateway link; failures noted."""

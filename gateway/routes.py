@@ -239,6 +239,7 @@ async def metrics(request: web.Request) -> web.Response:
         require(request, "read")
     m = request.app[METRICS]
     await m.refresh(request.app[CATALOG], ["ingest", "deliver"])
+    await m.refresh_storage(request.app[STORAGE])
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -127,4 +127,10 @@ class StorageBackend(Protocol):
         ``filename`` and ``content_type`` shape the download's Content-Disposition."""
 
     async def check(self) -> None:
-        """Raise :class:`StorageError` if the backend is not reachable (used by ``/readyz``)."""
+        """Raise :class:`StorageError` if the backend is not reachable or cannot take writes
+        (e.g. a full disk; used by ``/readyz``)."""
+
+    # Optional: ``async def free_bytes(self) -> int``, the free bytes where the backend writes
+    # (raises StorageError if it cannot tell). The host exports it as gateway_storage_free_bytes;
+    # backends that cannot tell (S3) leave it out. A full backend raises StorageError from put,
+    # so that the job is deferred, never dead.

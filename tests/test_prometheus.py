@@ -32,7 +32,7 @@ DOCUMENTED = {
     "gateway_webhooks_received_total", "gateway_media_ingested_total", "gateway_media_ingested_bytes_total",
     "gateway_media_ingest_duration_seconds", "gateway_media_fetch_failures_total",
     "gateway_storage_operations_total", "gateway_storage_operation_duration_seconds", "gateway_stored_objects",
-    "gateway_stored_bytes", "gateway_media_missing_objects", "gateway_jobs",
+    "gateway_stored_bytes", "gateway_storage_free_bytes", "gateway_media_missing_objects", "gateway_jobs",
     "gateway_jobs_oldest_queued_age_seconds", "gateway_jobs_processed_total", "gateway_job_duration_seconds",
     "gateway_deliveries_total", "gateway_outbound_sends_total", "gateway_relay_fallbacks_total",
     "gateway_cleanup_runs_total",

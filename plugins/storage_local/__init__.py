@@ -1,7 +1,13 @@
 """Storage plugin ``local``: objects as files under a root directory.
 
 Settings ``[storage.local]``: ``root`` (default ``var/media``, relative to the config file),
-``fsync`` (default true: data and directory are fsynced before ``put`` returns).
+``fsync`` (default true: data and directory are fsynced before ``put`` returns), ``min_free_bytes``
+(default 64 MiB: below it the filesystem counts as full).
+
+A full filesystem is an outage, not a bad object: ``put`` refuses with :class:`StorageError` while
+free space is under ``min_free_bytes``, and ``ENOSPC`` (or any other ``OSError``) during a write
+becomes a :class:`StorageError` too, with the temp file removed; ``check`` (``/readyz``) fails while
+free space is under ``min_free_bytes``, and ``free_bytes`` feeds ``gateway_storage_free_bytes``.
 
 Writes are atomic: bytes go to ``<root>/.tmp/<random>``, are fsynced, and are renamed into place,
 so a reader sees a whole object or none, and a crash leaves only a temp file (removed at start).
@@ -38,6 +44,9 @@ class LocalSettings(PluginSection):
 
     root: str = "var/media"
     fsync: bool = Field(True, description="fsync data and directories before a put returns")
+    min_free_bytes: int = Field(
+        64 * 1024 * 1024, ge=0,
+        description="free bytes below which the filesystem counts as full: puts are deferred, /readyz is 503")
 
 
 class LocalStorage:
@@ -45,9 +54,10 @@ class LocalStorage:
 
     name = "local"
 
-    def __init__(self, root: Path, fsync: bool = True):
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0):
         self.root = Path(root)
         self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
         # Held only for the renames that publish an object, so that concurrent puts of one key
         # end with one writer's data and metadata together (the data fsync happens before it).
         self._publish = threading.Lock()
@@ -83,10 +93,29 @@ class LocalStorage:
         """Nothing to release."""
 
     async def check(self) -> None:
-        """Raise :class:`StorageError` unless the root is a writable directory."""
+        """Raise :class:`StorageError` unless the root is a writable directory with at least
+        ``min_free_bytes`` free."""
         ok = await asyncio.to_thread(lambda: self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK))
         if not ok:
             raise StorageError(f"storage root {self.root} is not a writable directory")
+        await self._require_space()
+
+    async def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the root's filesystem (``statvfs``
+        ``f_bavail * f_frsize``). Raises :class:`StorageError` if the root cannot be queried."""
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.root)
+        except OSError as exc:
+            raise StorageError(f"cannot query free space of {self.root}: {exc}") from exc
+        return st.f_bavail * st.f_frsize
+
+    async def _require_space(self) -> None:
+        """Raise :class:`StorageError` while free space is under ``min_free_bytes``."""
+        if self.min_free_bytes:
+            free = await self.free_bytes()
+            if free < self.min_free_bytes:
+                raise StorageError(f"storage root {self.root} is full: {free} bytes free, "
+                                   f"storage.local.min_free_bytes is {self.min_free_bytes}")
 
     # -- objects ----------------------------------------------------------------------------
     async def put(self, key: str, stream: AsyncIterator[bytes], content_type: str,
@@ -97,6 +126,7 @@ class LocalStorage:
         :class:`StorageError`, or whatever ``stream`` raises (then no file is left).
         """
         final = self.path_for(key)
+        await self._require_space()
         tmp = self.root / TMP_DIR / uuid.uuid4().hex
         try:
             fh: BinaryIO = await asyncio.to_thread(open, tmp, "xb")
@@ -111,10 +141,10 @@ class LocalStorage:
                 pending += len(chunk)
                 size += len(chunk)
                 if pending >= WRITE_BATCH:
-                    await asyncio.to_thread(fh.writelines, batch)
+                    await asyncio.to_thread(_write, fh, batch, key)
                     batch, pending = [], 0
             if batch:
-                await asyncio.to_thread(fh.writelines, batch)
+                await asyncio.to_thread(_write, fh, batch, key)
             meta = {"content_type": content_type, "metadata": dict(metadata)}
             await asyncio.to_thread(self._commit, fh, tmp, final, key, meta)
         except BaseException:
@@ -233,9 +263,21 @@ def _scan(directory: Path) -> list[tuple[str, bool, int, float]]:
     return out
 
 
+def _write(fh: BinaryIO, batch: list[bytes], key: str) -> None:
+    """Write ``batch``; an ``OSError`` (``ENOSPC``, ``EIO``) becomes a :class:`StorageError`."""
+    try:
+        fh.writelines(batch)
+    except OSError as exc:
+        raise StorageError(f"cannot store {key}: {exc}") from exc
+
+
 def _discard(fh: BinaryIO, tmp: Path) -> None:
+    """Drop a failed put's temp files. Closing flushes what is buffered, which fails again on a
+    full disk: that error is dropped so the put's own error is the one that propagates."""
     try:
         fh.close()
+    except OSError:
+        pass
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".meta").unlink(missing_ok=True)
@@ -267,4 +309,4 @@ def register_storage(settings: Settings) -> list[LocalStorage] | None:
     if settings.storage.backend != LocalStorage.name:
         return None
     cfg = plugin_settings(settings, ("storage", "local"), LocalSettings)
-    return [LocalStorage(settings.resolve_path(cfg.root), fsync=cfg.fsync)]
+    return [LocalStorage(settings.resolve_path(cfg.root), fsync=cfg.fsync, min_free_bytes=cfg.min_free_bytes)]

@@ -49,6 +49,7 @@ from yarl import URL
 
 from gateway import hookimpl, relay
 from gateway.config import PluginSection, Settings, plugin_settings
+from gateway.download import DownloadPolicy, resumable_body
 from gateway.media import base_mime
 from gateway.providers import (
     FetchError,
@@ -73,7 +74,6 @@ from gateway.store import Origin
 
 log = logging.getLogger("gateway.providers.meta")
 
-FETCH_CHUNK = 1024 * 1024
 MEDIA_KINDS = ("image", "video", "audio", "document", "sticker")
 MB, KB = 1_000_000, 1_000  # Meta states its limits in MB and KB; decimal units are the safe reading
 LIMITS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -141,6 +141,7 @@ class MetaProvider:
         """Keep the shared HTTP session; warn about a setup that accepts unsigned webhooks."""
         self._http = ctx.http
         self._timeout = ctx.fetch_timeout
+        self._download = ctx.download or DownloadPolicy()
         self._outbound = ctx.outbound
         if not self._secret(self.settings.app_secret):
             log.warning("providers.meta.app_secret is empty: webhooks are accepted unsigned")
@@ -335,7 +336,7 @@ class MetaProvider:
                 raise FetchError(f"download host {url.host!r} is not in providers.meta.download_hosts",
                                  retryable=False, reason="host_not_allowed")
             try:
-                resp = await self._http.get(url, headers=self._auth(token), timeout=self._timeout,
+                resp = await self._http.get(url, headers=self._auth(token), timeout=self._download.timeout,
                                             allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise FetchError(f"cannot download media {media_id}: {type(exc).__name__}: {exc}") from exc
@@ -351,7 +352,8 @@ class MetaProvider:
                     size = int(info["file_size"]) if info.get("file_size") is not None else None
                 except (TypeError, ValueError):
                     size = None
-                yield MediaSource(chunks=resp.content.iter_chunked(FETCH_CHUNK),
+                yield MediaSource(chunks=resumable_body(self._http, resp, url, self._auth(token),
+                                                        self._download, size=size),
                                   mimetype=base_mime(info.get("mime_type")) or ref.mimetype,
                                   size=size, sha256=digest)
                 return

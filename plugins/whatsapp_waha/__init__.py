@@ -54,6 +54,7 @@ from yarl import URL
 
 from gateway import hookimpl, relay
 from gateway.config import PluginSection, Settings, plugin_settings
+from gateway.download import DownloadPolicy, resumable_body
 from gateway.media import base_mime
 from gateway.providers import (
     FetchError,
@@ -77,8 +78,6 @@ from gateway.outbound import MediaUnavailable
 from gateway.store import Origin
 
 log = logging.getLogger("gateway.providers.waha")
-
-FETCH_CHUNK = 1024 * 1024  # bytes per read from WAHA (bench/stream_1gib.py: best with WRITE_BATCH 4 MiB)
 
 
 class WahaSettings(PluginSection):
@@ -127,6 +126,7 @@ class WahaProvider:
         """Keep the shared HTTP session, the download timeout and the outbound service."""
         self._http = ctx.http
         self._timeout = ctx.fetch_timeout
+        self._download = ctx.download or DownloadPolicy()
         self._outbound = ctx.outbound
         self._max_bytes = ctx.max_bytes
 
@@ -255,7 +255,7 @@ class WahaProvider:
             raise FetchError("no media URL", retryable=False)
         target, headers = self._target(ref.url)
         try:
-            resp = await self._http.get(target, headers=headers, timeout=self._timeout,
+            resp = await self._http.get(target, headers=headers, timeout=self._download.timeout,
                                         allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FetchError(f"cannot reach WAHA at {target.origin()}: {type(exc).__name__}: {exc}") from exc
@@ -268,7 +268,7 @@ class WahaProvider:
                 else:
                     msg = f"WAHA answered {resp.status} for {target.path}"
                 raise FetchError(msg, retryable=not (300 <= resp.status < 400), status=resp.status)
-            yield MediaSource(chunks=resp.content.iter_chunked(FETCH_CHUNK),
+            yield MediaSource(chunks=resumable_body(self._http, resp, target, headers, self._download),
                               mimetype=base_mime(resp.headers.get("Content-Type")),
                               size=resp.content_length)
 

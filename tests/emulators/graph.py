@@ -17,7 +17,9 @@ Endpoints (every one needs ``Authorization: Bearer <token>``; 401 + OAuthExcepti
   131053 "Media upload error". Bad bodies answer 400 code 100 (unknown id: subcode 33).
 
 Failure knobs: ``expire_next_urls`` (the next N minted URLs are born expired), ``alter_bytes``
-(media ids served with byte 0 flipped: digest mismatch), ``fail_next`` (next N downloads answer 500).
+(media ids served with byte 0 flipped: digest mismatch), ``fail_next`` (next N downloads answer 500),
+``body_fault`` (:class:`tests.emulators.faults.BodyFault`: the next downloads break or stall
+part-way) and ``ranges`` (default true: downloads honour ``Range: bytes=N-``).
 Records: ``requests`` ``(method, path, headers)`` of every request, ``retrievals``
 ``(media_id, phone_number_id)``, ``downloads`` (media ids served), ``uploads``, ``messages``.
 Any ``vX.Y`` version is accepted; ``graph_url`` is ``{base_url}/{api_version}``.
@@ -41,6 +43,8 @@ from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import web
+
+from tests.emulators.faults import BodyFault, serve_media
 
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
 _VERSION = r"{version:v\d+\.\d+}"
@@ -110,6 +114,8 @@ class GraphEmulator:
         self.expire_next_urls = 0
         self.alter_bytes: set[str] = set()
         self.fail_next = 0
+        self.body_fault: BodyFault | None = None
+        self.ranges = True
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.retrievals: list[tuple[str, str | None]] = []
         self.downloads: list[str] = []
@@ -196,7 +202,7 @@ class GraphEmulator:
         self.downloads.append(media_id)
         headers = {"Content-Type": media.mime_type}
         if media_id not in self.alter_bytes:
-            return web.FileResponse(media.path, headers=headers)
+            return await serve_media(request, media.path, headers, self.body_fault, self.ranges)
         data = bytearray(media.path.read_bytes())
         if data:
             data[0] ^= 0xFF

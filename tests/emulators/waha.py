@@ -6,6 +6,9 @@
 - ``chunked=True`` streams without Content-Length; ``delay`` (seconds) slows every answer;
   ``fail_next`` makes the next N file requests answer 500.
 - ``requests`` records ``(path, headers)`` of every request it got.
+- ``body_fault`` (:class:`tests.emulators.faults.BodyFault`): the next file downloads send the
+  headers and part of the body, then drop the connection or stall; ``ranges`` (default true):
+  honour ``Range: bytes=N-`` with ``206``, or always send the whole body.
 - ``POST /api/sendImage|sendFile|sendVoice|sendVideo`` (https://waha.devlike.pro/docs/how-to/send-messages/)
   need ``X-Api-Key``; ``{session, chatId, file: {mimetype, filename, url | data}, caption?, convert?}``.
   ``file.url`` is fetched with a plain GET (no headers), as WAHA does; ``file.data`` is base64.
@@ -35,6 +38,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from tests.emulators.faults import BodyFault, serve_media
+
 
 @dataclass
 class _File:
@@ -56,6 +61,8 @@ class WahaEmulator:
         self.chunked = False
         self.delay = 0.0
         self.fail_next = 0
+        self.body_fault: BodyFault | None = None
+        self.ranges = True
         self.base_url = ""  # set by the test once the server listens
         self.sent: list[dict] = []
         self.texts: list[dict] = []
@@ -112,7 +119,7 @@ class WahaEmulator:
             return web.json_response({"statusCode": 404, "message": "Not Found"}, status=404)
         ctype = mimetypes.guess_type(entry.path.name)[0] or "application/octet-stream"
         if not self.chunked:
-            return web.FileResponse(entry.path, headers={"Content-Type": ctype})
+            return await serve_media(request, entry.path, {"Content-Type": ctype}, self.body_fault, self.ranges)
         resp = web.StreamResponse(headers={"Content-Type": ctype})
         resp.enable_chunked_encoding()
         await resp.prepare(request)

@@ -1,0 +1,384 @@
+"""Faults that must never dead-letter or lose a message (issue 10, items 6, 7 and 9), against real
+processes: the daemon as a subprocess, emulators whose media bodies break or stall part-way, and a
+storage root on a filesystem that fills up."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway import hookimpl
+from gateway.app import CATALOG, create_app
+from gateway.config import ConfigError, Settings, load_settings, plugin_settings
+from gateway.plugins import make_manager
+from gateway.providers import MediaRef, MediaSource
+from gateway.storage import StorageError
+from plugins.storage_local import LocalSettings, LocalStorage
+from plugins.whatsapp_waha import WahaProvider, WahaSettings
+from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_payload
+from tests.daemon import GatewayProcess, write_toml
+from tests.emulators.faults import BodyFault
+from tests.emulators.graph import GraphEmulator
+from tests.emulators.sink import Delivery
+from tests.test_crash_safety import _daemon, _db_rows
+from tests.test_meta import graph, media_of, message, meta_settings, sign, webhook  # noqa: F401 (fixture)
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+async def _post_waha(daemon: GatewayProcess, url: str, message_id: str, name: str) -> None:
+    body = json.dumps(waha_payload(url, message_id=message_id, filename=name, mimetype=MANIFEST[name]["mime"]))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{daemon.url}/webhooks/waha", data=body) as r:
+            assert r.status == 200
+
+
+async def _forward_one(daemon: GatewayProcess, waha, sink, name: str, message_id: str) -> Delivery:
+    """Start ``daemon``, post one WAHA message with fixture ``name``, wait for its forward, stop
+    the daemon (it must exit 0); return the forward."""
+    await daemon.start()
+    try:
+        await _post_waha(daemon, waha.add_file(MEDIA / name), message_id, name)
+        [d] = await sink.wait_for(1, timeout=30)
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+    return d
+
+
+def _jobs(tmp_path: Path, kind: str) -> list[tuple]:
+    return _db_rows(tmp_path / "var" / "gateway.db",
+                    f"SELECT state, attempts, last_error FROM jobs WHERE kind = '{kind}'")
+
+
+def _range_start(header: str) -> int:
+    """N of ``bytes=N-`` (the client resumes from the bytes it got: at most what the emulator sent,
+    as aiohttp drops what it buffered when the connection breaks)."""
+    assert re.fullmatch(r"bytes=\d+-", header), header
+    return int(header[6:-1])
+
+
+def _objects(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and ".meta" not in p.parts]
+
+
+# -- item 6: a media body that breaks or stalls part-way -------------------------------------------
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_a_body_that_breaks_part_way_is_retried_then_forwarded_with_a_note(
+        mode, tmp_path, waha, sink, unused_tcp_port):
+    """Every attempt breaks (dropped connection, or a stall past the total timeout) and the
+    provider has no Range support: the event is forwarded with a note, and no job goes dead."""
+    waha.ranges = False
+    waha.body_fault = BodyFault(mode=mode, at=20 * KiB, times=1000, stall=5)
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_timeout": 1.0})
+    d = await _forward_one(daemon, waha, sink, "photo.jpg", "broken-1")
+    [note] = d.json["gateway"]["notes"]
+    assert note["path"] == "payload.media" and "download" in note["error"]
+    assert d.json["payload"]["media"]["url"].startswith(waha.base_url)  # the original link
+    assert [state for state, *_ in _jobs(tmp_path, "ingest")] == ["done"]
+    assert _db_rows(tmp_path / "var" / "gateway.db", "SELECT COUNT(*) FROM jobs WHERE state='dead'") == [(0,)]
+    assert waha.served("photo.jpg") >= 3  # one per attempt at least (max_attempts = 3)
+    assert _objects(tmp_path / "var" / "media") == []  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_a_broken_download_resumes_with_range_and_keeps_the_digest(
+        mode, tmp_path, waha, sink, unused_tcp_port):
+    """The body breaks (or stalls past the idle timeout) after N bytes: the next request asks for
+    ``Range: bytes=N-`` and the stored object is whole (SHA-256 as in the manifest)."""
+    name, at = "screenshot.png", 100_000
+    waha.body_fault = BodyFault(mode=mode, at=at, times=1, stall=5)
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_idle_timeout": 0.5})
+    d = await _forward_one(daemon, waha, sink, name, "resume-1")
+    first, second = [h for p, h in waha.requests if p.endswith("/" + name)]
+    assert "Range" not in first and 0 < _range_start(second["Range"]) <= at
+    assert d.json["gateway"]["notes"] == []
+    media = d.json["payload"]["media"]["gateway"]
+    assert media["sha256"] == MANIFEST[name]["sha256_hex"] and media["size"] == MANIFEST[name]["size"]
+    [obj] = _objects(tmp_path / "var" / "media")
+    assert hashlib.sha256(obj.read_bytes()).hexdigest() == MANIFEST[name]["sha256_hex"]
+    assert [(state, attempts) for state, attempts, _ in _jobs(tmp_path, "ingest")] == [("done", 1)]
+
+
+async def test_a_resumed_meta_download_is_checked_against_the_declared_digest(
+        tmp_path, graph: GraphEmulator, sink, unused_tcp_port):
+    """Meta declares the SHA-256; a download resumed after a drop still passes the check, and one
+    whose resumed bytes differ is refused (forwarded with a note, never stored)."""
+    data = deep_merge(base_config(tmp_path, unused_tcp_port, None, sink),
+                      {"providers": {"meta": meta_settings(graph)}})
+    daemon = GatewayProcess(write_toml(tmp_path / "gateway.toml", data), unused_tcp_port, tmp_path / "daemon.log")
+    good = graph.add_media(MEDIA / "clip.mp4", "video/mp4")
+    graph.body_fault = BodyFault(mode="drop", at=150_000, times=1)
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = json.dumps(webhook([message("clip.mp4", good, "wamid.resume-good")])).encode()
+            async with http.post(f"{daemon.url}/webhooks/meta", data=body,
+                                 headers={"X-Hub-Signature-256": sign(body)}) as r:
+                assert r.status == 200
+            [d] = await sink.wait_for(1, timeout=30)
+            ranges = [h.get("Range") for m, p, h in graph.requests if p == "/whatsapp_business/attachments/"]
+            assert ranges[0] is None and 0 < _range_start(ranges[1]) <= 150_000 and len(ranges) == 2
+            assert d.json["gateway"]["notes"] == []
+            assert media_of(d)["gateway"]["sha256"] == MANIFEST["clip.mp4"]["sha256_hex"]
+
+            # the same file declared with another file's digest: the resumed whole is still checked
+            bad = graph.add_media(MEDIA / "clip.mp4", "video/mp4")
+            graph.media[bad].sha256 = MANIFEST["photo.jpg"]["sha256_hex"]
+            graph.body_fault = BodyFault(mode="drop", at=150_000, times=10)
+            msg = message("clip.mp4", bad, "wamid.resume-bad")
+            msg["video"]["sha256"] = MANIFEST["photo.jpg"]["sha256_base64"]
+            body = json.dumps(webhook([msg])).encode()
+            async with http.post(f"{daemon.url}/webhooks/meta", data=body,
+                                 headers={"X-Hub-Signature-256": sign(body)}) as r:
+                assert r.status == 200
+            d2 = (await sink.wait_for(2, timeout=30))[1]
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+    [note] = d2.json["gateway"]["notes"]
+    assert "sha256" in note["error"]
+    assert len(_objects(tmp_path / "var" / "media")) == 1
+    assert _db_rows(tmp_path / "var" / "gateway.db", "SELECT COUNT(*) FROM jobs WHERE state='dead'") == [(0,)]
+
+
+# -- item 7: a full disk ----------------------------------------------------------------------------
+
+@contextmanager
+def _small_filesystem(path: Path, size: int) -> Iterator[bool]:
+    """Mount a ``size``-byte tmpfs at ``path`` when allowed (root); yield whether it is mounted.
+    Otherwise ``path`` is a plain directory and the caller fakes "full" with ``min_free_bytes``."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = False
+    if os.geteuid() == 0 and shutil.which("mount"):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(filler: Path, leave: int) -> None:
+    """Grow or shrink ``filler`` so that ``leave`` bytes stay free on its filesystem."""
+    have = filler.stat().st_size if filler.exists() else 0
+    st = os.statvfs(filler.parent)
+    target = max(0, have + st.f_bavail * st.f_frsize - leave)
+    with filler.open("ab") as fh:
+        fh.truncate(0)
+        fh.write(b"\0" * target)  # tmpfs has no holes to cheat with: write the bytes
+
+
+async def _wait_deferred(tmp_path: Path, attempts: int, timeout: float = 20) -> str:
+    """Wait until the ingest job was tried ``attempts`` times; it must stay queued, never dead."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        [(state, tried, error)] = _jobs(tmp_path, "ingest")
+        assert state != "dead", error
+        if tried >= attempts and state == "queued":
+            return error
+        assert asyncio.get_running_loop().time() < deadline, (state, tried, error)
+        await asyncio.sleep(0.1)
+
+
+async def test_enospc_during_a_put_is_a_storage_error_and_leaves_nothing(tmp_path):
+    """A write that runs out of space raises :class:`StorageError` (an outage the ingest defers),
+    not a bare ``OSError`` from the cleanup's second flush, and removes its temp file."""
+    root = tmp_path / "small"
+
+    async def stream(size: int) -> AsyncIterator[bytes]:
+        for _ in range(size // (64 * KiB)):
+            yield os.urandom(64 * KiB)
+
+    with _small_filesystem(root, 1 * MiB) as mounted:
+        if mounted:  # a real ENOSPC
+            storage = LocalStorage(root / "media", fsync=True)
+        else:  # no tmpfs here: "full" is free space under min_free_bytes
+            free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+            storage = LocalStorage(root / "media", fsync=True, min_free_bytes=free + 1024 * MiB)
+        await storage.start()
+        for size in (2 * MiB, 8 * MiB):  # one written in one batch, one over several
+            with pytest.raises(StorageError) as caught:
+                await storage.put(f"a/full-{size}.bin", stream(size), "application/octet-stream", {})
+            assert ("No space left" if mounted else "full") in str(caught.value)
+        assert [p for p in (root / "media").rglob("*") if p.is_file()] == []
+        if mounted:  # the failed writes gave their space back: a small object still fits
+            await storage.put("a/small.bin", stream(128 * KiB), "application/octet-stream", {})
+            assert (root / "media" / "a" / "small.bin").stat().st_size == 128 * KiB
+
+
+async def test_a_full_disk_defers_jobs_and_fails_readiness_until_it_clears(
+        tmp_path, waha, sink, unused_tcp_port):
+    name, min_free = "clip.mp4", 256 * KiB
+    root = tmp_path / "small"
+    with _small_filesystem(root, 4 * MiB) as mounted:
+        storage = {"local": {"root": str(root / "media"),
+                             "min_free_bytes": min_free if mounted else os.statvfs(tmp_path).f_bavail
+                             * os.statvfs(tmp_path).f_frsize + 1024 * MiB}}
+        daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, storage=storage)
+        filler = root / "filler"
+        if mounted:  # room above min_free_bytes, but less than the file: a real ENOSPC mid-write
+            _fill(filler, leave=MANIFEST[name]["size"] - 100 * KiB)
+        await daemon.start()
+        try:
+            await _post_waha(daemon, waha.add_file(MEDIA / name), "full-1", name)
+            error = await _wait_deferred(tmp_path, attempts=6)  # twice max_attempts
+            assert error.startswith("deferred: storage unavailable")
+            if mounted:
+                assert "No space left on device" in error
+                assert os.listdir(root / "media" / ".tmp") == []  # the partial write was removed
+                _fill(filler, leave=min_free // 2)
+            assert sink.deliveries == []  # nothing forwarded without its media
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{daemon.url}/readyz") as r:
+                    assert r.status == 503
+                    assert "full" in (await r.json())["storage"]
+                async with http.get(f"{daemon.url}/metrics") as r:
+                    text = await r.text()
+            [line] = [x for x in text.splitlines() if x.startswith('gateway_storage_free_bytes{backend="local"}')]
+            assert float(line.split()[-1]) < min_free if mounted else float(line.split()[-1]) > 0
+
+            if mounted:  # space comes back: the job goes through on its next try
+                filler.unlink()
+            else:  # the operator lowers the threshold: restart with it
+                assert await daemon.terminate() == 0
+                storage["local"]["min_free_bytes"] = 0
+                daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, storage=storage)
+                await daemon.start()
+            [d] = await sink.wait_for(1, timeout=30)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{daemon.url}/readyz") as r:
+                    assert r.status == 200
+            assert await daemon.terminate() == 0
+        finally:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()
+        assert d.json["gateway"]["notes"] == []
+        assert d.json["payload"]["media"]["gateway"]["sha256"] == MANIFEST[name]["sha256_hex"]
+        [obj] = _objects(root / "media")
+        assert hashlib.sha256(obj.read_bytes()).hexdigest() == MANIFEST[name]["sha256_hex"]
+    assert [state for state, *_ in _jobs(tmp_path, "ingest")] == ["done"]
+
+
+# -- item 9: delivery is at-least-once; the window is as small as it can be -------------------------
+
+class _SlowForwardHook:
+    """A plugin whose ``message_forwarded`` hook blocks until released."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @hookimpl
+    async def message_forwarded(self, event_id: str, target: str, status: int) -> Any:
+        self.called.set()
+        await self.release.wait()
+
+
+async def test_a_delivery_is_marked_done_as_soon_as_the_bot_answered(
+        aiohttp_server, unused_tcp_port, tmp_path, waha, sink):
+    """Nothing runs between the bot's 2xx and the commit that marks the delivery done (hooks run
+    after it), so a crash or a shutdown in a slow hook does not repeat the forward."""
+    hook = _SlowForwardHook()
+    data = deep_merge(base_config(tmp_path, unused_tcp_port, waha, sink), {"server": {"shutdown_grace": 0.2}})
+    app = create_app(Settings(config_dir=tmp_path, **data), make_manager(extra=[hook]))
+    server = await aiohttp_server(app, host="127.0.0.1", port=unused_tcp_port)
+    body = json.dumps(waha_payload(waha.add_file(MEDIA / "photo.jpg"), message_id="once-1"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.make_url('/webhooks/waha')}", data=body) as r:
+            assert r.status == 200
+    [d] = await sink.wait_for(1)
+    await asyncio.wait_for(hook.called.wait(), 5)
+    assert await app[CATALOG].count("jobs", "kind = 'deliver' AND state = 'done'") == 1
+    await server.close()  # shutdown while the hook still runs: it is cancelled after the grace
+
+    app2 = create_app(Settings(config_dir=tmp_path, **data), make_manager())
+    await aiohttp_server(app2, host="127.0.0.1", port=unused_tcp_port)
+    await asyncio.sleep(1.0)
+    assert len(sink.deliveries) == 1
+    assert d.headers["Idempotency-Key"] == d.json["gateway"]["event_id"]
+
+
+@pytest.mark.parametrize(("env", "value", "setting"), [
+    ("GATEWAY_MEDIA__FETCH_IDLE_TIMEOUT", "0", "media.fetch_idle_timeout"),
+    ("GATEWAY_MEDIA__FETCH_MIN_RATE", "0", "media.fetch_min_rate"),
+    ("GATEWAY_MEDIA__FETCH_RESUMES", "-1", "media.fetch_resumes"),
+    ("GATEWAY_STORAGE__LOCAL__MIN_FREE_BYTES", "-1", "storage.local.min_free_bytes"),
+])
+def test_a_bad_fault_setting_names_itself(monkeypatch, env, value, setting):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        settings = load_settings(REPO / "gateway.toml")
+        plugin_settings(settings, ("storage", "local"), LocalSettings)
+    assert str(info.value).startswith(setting)
+
+
+class _PlainReadingWaha(WahaProvider):
+    """A provider plugin that reads bodies its own way (``iter_chunked``, no shared reader), as a
+    third-party plugin may: the host must still treat a broken body as a failed download."""
+
+    @asynccontextmanager
+    async def fetch(self, ref: MediaRef) -> AsyncIterator[MediaSource]:
+        target, headers = self._target(ref.url)
+        async with self._http.get(target, headers=headers) as resp:
+            yield MediaSource(chunks=resp.content.iter_chunked(64 * KiB), mimetype=ref.mimetype,
+                              size=resp.content_length)
+
+
+class _PlainReadingWahaPlugin:
+    @hookimpl
+    def settings_sections(self) -> dict[str, type[WahaSettings]]:
+        return {"providers.waha": WahaSettings}
+
+    @hookimpl
+    def register_providers(self, settings: Settings) -> list[WahaProvider]:
+        return [_PlainReadingWaha(plugin_settings(settings, ("providers", "waha"), WahaSettings))]
+
+
+async def test_a_broken_body_from_any_provider_plugin_is_a_failed_download(
+        aiohttp_server, unused_tcp_port, tmp_path, waha, sink):
+    """The ingest, not only the shared reader, turns a body error into a retryable fetch failure:
+    retried, then forwarded with a note; the job is not dead."""
+    import plugins.storage_local
+    waha.body_fault = BodyFault(mode="drop", at=20 * KiB, times=1000)
+    data = base_config(tmp_path, unused_tcp_port, waha, sink)
+    pm = make_manager(load_entrypoints=False, extra=[plugins.storage_local, _PlainReadingWahaPlugin()])
+    app = create_app(Settings(config_dir=tmp_path, **data), pm)
+    server = await aiohttp_server(app, host="127.0.0.1", port=unused_tcp_port)
+    body = json.dumps(waha_payload(waha.add_file(MEDIA / "photo.jpg"), message_id="plain-1"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.make_url('/webhooks/waha')}", data=body) as r:
+            assert r.status == 200
+    [d] = await sink.wait_for(1, timeout=20)
+    [note] = d.json["gateway"]["notes"]
+    assert "broke off" in note["error"]
+    assert waha.served("photo.jpg") == 3  # max_attempts, no resume by this plugin
+    assert await app[CATALOG].count("jobs", "state = 'dead'") == 0
+
+
+async def test_the_idle_timeout_covers_a_stall_before_the_headers(tmp_path, waha, sink, unused_tcp_port):
+    """No byte at all, not even headers, for ``fetch_idle_timeout``: a failed attempt, retried,
+    then forwarded with a note (the total timeout alone would allow minutes)."""
+    waha.delay = 3.0
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_idle_timeout": 0.3},
+                     queue={"max_attempts": 2})
+    d = await _forward_one(daemon, waha, sink, "photo.jpg", "headers-1")
+    [note] = d.json["gateway"]["notes"]
+    assert "Timeout" in note["error"]
+    assert waha.served("photo.jpg") == 2
