@@ -85,7 +85,7 @@ class SeaweedS3:
             weed_binary(), "-logtostderr=true", "server", f"-dir={d / 'data'}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}", "-master.volumeSizeLimitMB=64",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=100",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=1000",
             "-volume.preStopSeconds=0", "-filer", f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer_grpc']}", f"-filer.localSocket={d / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.localSocket={d / 's3.sock'}",

@@ -187,7 +187,10 @@ class S3Storage:
             await asyncio.gather(self._abort_task, return_exceptions=True)
             self._abort_task = None
         if self.unaborted and self._client is not None:
-            await self._retry_aborts()
+            try:  # one more try, bounded: shutting down must not wait on a dead S3
+                await asyncio.wait_for(self._retry_aborts(), self.settings.connect_timeout)
+            except TimeoutError:
+                pass
         for upload_id, (bucket, s3_key) in self.unaborted.items():
             log.warning("multipart upload %s of %s/%s not aborted (S3 unreachable); the retention "
                         "cleanup removes it after orphan_grace_hours", upload_id, bucket, s3_key)
