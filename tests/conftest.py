@@ -97,18 +97,22 @@ class Gateway:
 def s3_server() -> Iterator[SeaweedS3]:
     """SeaweedFS's S3 gateway on 127.0.0.1, one for the session (see tests/seaweed.py)."""
     server = SeaweedS3()
-    server.start()
-    yield server
-    server.cleanup()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture
 def own_s3_server() -> Iterator[SeaweedS3]:
     """A SeaweedFS of the test's own, to stop and start again (same ports, same data) in the test."""
     server = SeaweedS3()
-    server.start()
-    yield server
-    server.cleanup()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
 
 
 def s3_config(server: SeaweedS3, bucket: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -170,7 +170,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: a temporary one)")
     args = parser.parse_args()
     server = SeaweedS3(args.dir, s3_port=args.port)
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.cleanup()
+        raise
     print(f"S3 on {server.url}  access key {server.access_key!r}  secret key {server.secret_key!r}  "
           f"region {server.region}  (data in {server.workdir}; Ctrl-C stops)", flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
