@@ -145,6 +145,18 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, seconds) ``pid`` has used so far (``/proc/<pid>/stat``); 0 if gone."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 async def start_server(app: web.Application) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on 127.0.0.1, a free port; return the runner and the base URL."""
     runner = web.AppRunner(app, access_log=None)
@@ -331,6 +343,10 @@ class LocalStorage:
     name = "local"
     stored_phase = "fetch+hash+write+fsync+rename"
 
+    def server_pid(self) -> int | None:
+        """No storage server."""
+        return None
+
     def __init__(self, workdir: Path):
         self.root = workdir / "var" / "media"
 
@@ -366,11 +382,12 @@ class S3Storage:
     name = "s3"
     stored_phase = "fetch+hash+multipart upload"
 
-    def __init__(self, server: SeaweedS3):
+    def __init__(self, server: SeaweedS3, overrides: dict[str, int] | None = None):
         import boto3
         from botocore.config import Config
 
         self.server = server
+        self.overrides = overrides or {}  # [storage.s3] settings instead of the plugin's defaults
         self.client = boto3.client(
             "s3", endpoint_url=server.url, region_name=server.region, aws_access_key_id=server.access_key,
             aws_secret_access_key=server.secret_key,
@@ -383,9 +400,14 @@ class S3Storage:
         """botocore ``after-call`` hook of CompleteMultipartUpload: record its seconds."""
         self.completes.append(time.perf_counter() - context["bench_started"])
 
+    def server_pid(self) -> int | None:
+        """The S3 server's process id."""
+        return self.server.pid()
+
     def settings(self) -> dict[str, Any]:
         """The ``[storage]`` table: the plugin's default multipart settings."""
-        return {"backend": "s3", "s3": self.server.storage_section(S3_BUCKET, read_timeout=S3_READ_TIMEOUT)}
+        return {"backend": "s3", "s3": self.server.storage_section(S3_BUCKET, read_timeout=S3_READ_TIMEOUT,
+                                                                   **self.overrides)}
 
     async def create_bucket(self) -> None:
         """The bucket, made before the baselines (the daemon finds it there)."""
@@ -409,9 +431,11 @@ class S3Storage:
         call timed apart), in a thread. The object is checked and deleted after."""
         key = f"baseline/{run}.bin"
         say(f"baseline {run}: boto3 upload_file to SeaweedFS ...")
+        cpu_before = cpu_seconds(os.getpid()), cpu_seconds(self.server.pid())
         started = time.perf_counter()
         await asyncio.to_thread(self.client.upload_file, str(src), S3_BUCKET, key)
         res.boto3_upload.append(time.perf_counter() - started)
+        res.boto3_cpu.append((cpu_seconds(os.getpid()) - cpu_before[0], cpu_seconds(self.server.pid()) - cpu_before[1]))
         if self.completes:
             res.s3_complete.append(self.completes.pop())
         size, _ = await asyncio.to_thread(self._head_and_delete, S3_BUCKET, key)
@@ -465,6 +489,8 @@ class GatewayRun:
     seconds: float
     webhook_ms: float
     phases: dict[str, float]
+    daemon_cpu: float = 0.0  # CPU seconds the daemon used in this run
+    server_cpu: float = 0.0  # CPU seconds the S3 server used in this run (s3 only)
 
 
 @dataclass
@@ -479,6 +505,7 @@ class Result:
     curl: list[float] = field(default_factory=list)
     boto3_upload: list[float] = field(default_factory=list)  # s3: upload_file to SeaweedFS
     s3_complete: list[float] = field(default_factory=list)  # s3: upload_file's CompleteMultipartUpload
+    boto3_cpu: list[tuple[float, float]] = field(default_factory=list)  # s3: CPU seconds of boto3, of SeaweedFS
     gateway: list[GatewayRun] = field(default_factory=list)
     rss_idle: int = 0
     rss_sampled_max: int = 0
@@ -547,6 +574,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                                     "media": {"url": url, "mimetype": "video/mp4",
                                               "filename": "big.bin"}}}
                 say(f"gateway {i + 1}/{repeat}: posting the webhook ...")
+                cpu_before = cpu_seconds(daemon.pid), cpu_seconds(storage.server_pid())
                 t_post = time.perf_counter()
                 async with http.post(f"{daemon.url}/webhooks/waha", json=body) as r:
                     answer = await r.json()
@@ -559,6 +587,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                     raise BenchError(f"no delivery within {DELIVERY_TIMEOUT:.0f}s:\n"
                                      f"{daemon.log_tail()}") from None
                 seconds = time.perf_counter() - t_start
+                cpu = cpu_seconds(daemon.pid) - cpu_before[0], cpu_seconds(storage.server_pid()) - cpu_before[1]
                 event_id = answer["event_ids"][0]
                 payload = (deliveries[i].json or {}).get("payload") or {}
                 gw = (payload.get("media") or {}).get("gateway") or {}
@@ -572,7 +601,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                 except sqlite3.Error as exc:
                     phases, location = {}, None
                     res.problems.append(f"run {i + 1}: could not read the catalog: {exc}")
-                res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases))
+                res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases, *cpu))
                 await storage.check(res, i + 1, location, last=i == repeat - 1)
         await sampler.stop()
         res.samples = len(sampler.samples)
@@ -617,7 +646,7 @@ async def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None
             server = SeaweedS3(workdir / "seaweed")
             say(f"starting SeaweedFS's S3 gateway on {server.url} (separate process) ...")
             await asyncio.to_thread(server.start)
-            storage = S3Storage(server)
+            storage = S3Storage(server, args.s3_setting)
             await storage.create_bucket()
         else:
             storage = LocalStorage(workdir)
@@ -672,10 +701,13 @@ def _s3_lines(res: Result) -> list[str]:
              f"{_rate(res.size, res.boto3_upload)}"]
     if res.s3_complete:
         lines.append(f"  of which CompleteMultipartUpload: {_seconds(res.s3_complete)}")
+    if res.boto3_cpu:
+        lines.append("  CPU per run: " + "; ".join(f"boto3 (the bench process) {b:.1f} s, SeaweedFS {w:.1f} s"
+                                                    for b, w in res.boto3_cpu))
     return lines
 
 
-def summary(res: Result, limit_mb: float) -> list[str]:
+def summary(res: Result, limit_mb: float, s3_settings: dict[str, int] | None = None) -> list[str]:
     """The printed summary, one string per line. Rates are medians over the runs."""
     size = res.size
     s3 = res.storage == "s3"
@@ -683,10 +715,12 @@ def summary(res: Result, limit_mb: float) -> list[str]:
     if s3:
         from plugins.storage_s3 import S3Settings
 
-        d = {name: f.default for name, f in S3Settings.model_fields.items()}
+        d = {name: f.default for name, f in S3Settings.model_fields.items()} | (s3_settings or {})
+        origin = "set with --s3-setting" if s3_settings else "the plugin's defaults"
         lines.append(f"storage: s3 on SeaweedFS (separate process), bucket {S3_BUCKET!r}, path-style; "
                      f"gateway multipart: {d['part_size'] // MiB} MiB parts, "
-                     f"{d['max_concurrency']} in flight (the plugin's defaults)")
+                     f"{d['max_concurrency']} in flight "
+                     f"({origin})")
     base = statistics.median(res.aiohttp_plain) if res.aiohttp_plain else None
     if res.aiohttp_plain:
         curl = f"; curl: {_rate(size, res.curl)}" if res.curl else "; curl: not on PATH"
@@ -707,7 +741,8 @@ def summary(res: Result, limit_mb: float) -> list[str]:
         stored_phase = S3Storage.stored_phase if s3 else LocalStorage.stored_phase
         for i, r in enumerate(res.gateway, 1):
             p = r.phases
-            parts = [f"run {i}: {r.seconds:.2f} s, webhook answered in {r.webhook_ms:.0f} ms"]
+            parts = [f"run {i}: {r.seconds:.2f} s, webhook answered in {r.webhook_ms:.0f} ms, CPU: daemon "
+                     f"{r.daemon_cpu:.1f} s" + (f", SeaweedFS {r.server_cpu:.1f} s" if s3 else "")]
             if {"received", "stored"} <= p.keys():
                 parts.append(f"received->stored ({stored_phase}) {p['stored'] - p['received']:.2f} s")
             if {"stored", "ingest_done"} <= p.keys():
@@ -752,10 +787,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-limit-mb", type=float, default=None,
                         help="fail when the daemon's peak RSS reaches this (MB; default 150 with "
                              "local storage, 200 with s3)")
+    parser.add_argument("--s3-setting", metavar="NAME=BYTES", action="append", default=[],
+                        help="a [storage.s3] integer setting instead of the plugin's default, e.g. "
+                             "max_concurrency=8 or part_size=16777216 (repeatable)")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the temp directory")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:
         parser.error("--size-mib and --repeat must be at least 1")
+    try:
+        args.s3_setting = {k: int(v) for k, _, v in (o.partition("=") for o in args.s3_setting)}
+    except ValueError:
+        parser.error("--s3-setting takes NAME=INTEGER")
     if args.rss_limit_mb is None:
         args.rss_limit_mb = RSS_LIMIT_MB[args.storage]
 
@@ -767,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     try:
         res = asyncio.run(run(args, workdir, say))
-        print("\n".join(summary(res, args.rss_limit_mb)), flush=True)
+        print("\n".join(summary(res, args.rss_limit_mb, args.s3_setting)), flush=True)
         failed = (res.rss_hwm == 0 or peak_rss(res) >= args.rss_limit_mb * MB or not res.digest_ok
                   or res.daemon_rc != 0)
     except BenchError as exc:
