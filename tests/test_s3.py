@@ -65,7 +65,7 @@ async def test_waha_flow_into_s3_read_back_with_plain_boto3(start_gateway, s3_se
 
 
 async def test_multipart_object_is_not_copied_and_carries_part_checksums(s3_server):
-    storage = S3Storage(S3Settings(**s3_config(s3_server)))
+    storage = S3Storage(S3Settings(**s3_config(s3_server, part_size=8 * MiB)))
     await storage.start()
     data = os.urandom(20 * MiB + 5)  # parts of 8 MiB: 3 parts
     meta = {"media-id": "m_1", "filename": "clip.mp4"}
@@ -117,7 +117,7 @@ async def test_failed_multipart_upload_leaves_no_parts(s3_server):
     await storage.start()
 
     async def breaks_after_two_parts():
-        for _ in range(20):  # 20 MiB, parts of 8 MiB
+        for _ in range(20):  # 20 MiB, parts of 5 MiB
             yield b"\0" * MiB
         raise ConnectionResetError("provider went away")
 
