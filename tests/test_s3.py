@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from gateway.app import RETENTION, STORAGE
 from gateway.media import new_media_id
 from gateway.storage import StorageError
 from plugins.storage_s3 import S3Settings, S3Storage
-from tests.conftest import MANIFEST, MEDIA, boto3_client, s3_config, waha_payload
+from tests.conftest import MANIFEST, MEDIA, REPO, boto3_client, s3_config, waha_payload
+from tests.daemon import write_toml
 from tests.emulators.waha import WahaEmulator
 
 MiB = 1024 * 1024
@@ -258,6 +260,26 @@ async def test_cleanup_aborts_incomplete_uploads_left_behind(start_gateway, s3_s
     assert 'gateway_cleanup_aborted_uploads_total{backend="s3"} 1.0' in text
     for u in (foreign, outside):
         client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+
+
+async def test_gateway_cleanup_command_reports_the_aborted_uploads(s3_server, tmp_path: Path):
+    cfg = s3_config(s3_server)
+    client = boto3_client(s3_server.url)
+    client.create_bucket(Bucket=cfg["bucket"])
+    key = f"waha/acct/2026/11/30/video/{new_media_id()}.mp4"
+    client.create_multipart_upload(Bucket=cfg["bucket"], Key=key)
+    config = write_toml(tmp_path / "cleanup.toml", {
+        "catalog": {"path": str(tmp_path / "var" / "gateway.db")}, "storage": {"backend": "s3", "s3": cfg},
+        "retention": {"orphan_grace_hours": 0}, "log": {"format": "json"}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "cleanup", "--config", str(config), "--verbose", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, out
+    assert "aborted 1 incomplete uploads; 0 within the grace period" in out
+    assert "aborted       incomplete_upload" in out and key in out
+    assert uploads(s3_server, cfg["bucket"]) == []
 
 
 async def test_redirect_serving(start_gateway, s3_server, waha, sink, http):
