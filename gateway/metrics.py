@@ -175,6 +175,10 @@ class Metrics:
         self.cleanup_failures = Counter(
             "gateway_cleanup_delete_failures_total",
             "Objects a cleanup could not delete (kept for the next run), by backend.", ["backend"], registry=r)
+        self.cleanup_aborted_uploads = Counter(
+            "gateway_cleanup_aborted_uploads_total",
+            "Incomplete (multipart) uploads left by a crash or an outage, aborted by cleanup runs, "
+            "by backend.", ["backend"], registry=r)
         self.cleanup_pruned = Counter(
             "gateway_cleanup_pruned_rows_total", "Catalog rows pruned by cleanup runs, by table (events, jobs).",
             ["table"], registry=r)

@@ -155,6 +155,9 @@ def _response_schemas() -> dict[str, Any]:
             "listed": _nullable(COUNT),
             "orphans_in_grace": COUNT,
             "foreign_objects": COUNT,
+            "aborted_uploads": {**_nullable(COUNT), "description": "incomplete (multipart) uploads aborted; "
+                                "null when the backend has none"},
+            "uploads_in_grace": _nullable(COUNT),
             "pruned": _obj({"events": COUNT, "jobs": COUNT}),
             "error": {**_nullable(STR), "description": "why the run stopped early (then the status is 503)"},
             "objects": COUNT,

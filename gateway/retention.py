@@ -18,7 +18,11 @@ One run, in this order (``[retention]`` in :class:`gateway.config.RetentionSetti
    digits), so foreign objects in a shared bucket are left alone (and counted). Rows whose object
    is not in storage are marked ``missing`` and reported (logged with their media id); they no
    longer count as stored, and the attachment is fetched again if it comes back.
-4. **Pruning.** Events older than ``events_max_age_days`` whose jobs are all done are deleted with
+4. **Incomplete uploads** (backends with :class:`gateway.storage.IncompleteUploads`, such as
+   multipart uploads): uploads neither completed nor aborted, whose key holds a media id, started
+   more than ``orphan_grace_hours`` ago (and before the run started), are aborted. A crash or an
+   outage in the middle of an upload leaves them; they hold space but are no object.
+5. **Pruning.** Events older than ``events_max_age_days`` whose jobs are all done are deleted with
    their jobs; done jobs older than ``done_jobs_max_age_days`` too. Dead jobs are kept.
 
 Time: policy ages are measured against an injected ``clock`` (epoch seconds; tests move it instead
@@ -54,7 +58,7 @@ from gateway.catalog import Catalog, ExpiryRule
 from gateway.config import MaxAgeDays, RetentionSettings, Settings
 from gateway.metrics import Metrics
 from gateway.plugins import await_me_maybe
-from gateway.storage import StorageBackend, StorageError
+from gateway.storage import IncompleteUploads, StorageBackend, StorageError
 
 log = logging.getLogger("gateway.retention")
 
@@ -169,8 +173,10 @@ class CleanupItem:
     """One object a run handled, for progress displays.
 
     ``action``: ``delete`` (deleted; in a dry run: would be), ``failed`` (delete failed, kept for
-    the next run), ``missing`` (row marked missing), ``kept`` (expired but needed by a job).
-    ``reason``: ``age``, ``expires_at``, ``orphan`` or ``missing``. ``size`` in bytes.
+    the next run), ``missing`` (row marked missing), ``kept`` (expired but needed by a job),
+    ``abort`` (an incomplete upload aborted; in a dry run: would be).
+    ``reason``: ``age``, ``expires_at``, ``orphan``, ``missing`` or ``incomplete_upload``.
+    ``size`` in bytes (0 for an incomplete upload).
     """
 
     action: str
@@ -188,7 +194,7 @@ class Progress(Protocol):
 
     def phase(self, name: str, total: int | None) -> None:
         """A phase starts (``expired``, ``pending``, ``listing``, ``orphans``, ``missing``,
-        ``pruning``); ``total``: items it will handle, when known."""
+        ``uploads``, ``pruning``); ``total``: items it will handle, when known."""
 
     def item(self, item: CleanupItem) -> None:
         """One object was handled."""
@@ -214,6 +220,9 @@ class CleanupReport:
     - ``missing``: rows marked missing (``missing_ids``: the first :data:`MAX_LISTED_IDS`);
     - ``listed``: objects the storage listed (None without ``reconcile``); ``orphans_in_grace``:
       orphans younger than the grace period; ``foreign_objects``: keys without a media id, left alone;
+    - ``aborted_uploads``: incomplete uploads aborted (in a dry run: that would be);
+      ``uploads_in_grace``: the gateway's incomplete uploads younger than the grace period (they may
+      still be going on); None for backends without incomplete uploads;
     - ``pruned``: ``{"events": n, "jobs": n}``;
     - ``error``: why the run stopped early (storage or catalog unavailable), else None.
     """
@@ -234,6 +243,8 @@ class CleanupReport:
     listed: int | None = None
     orphans_in_grace: int = 0
     foreign_objects: int = 0
+    aborted_uploads: int | None = None
+    uploads_in_grace: int | None = None
     pruned: dict[str, int] = field(default_factory=lambda: {"events": 0, "jobs": 0})
     error: str | None = None
 
@@ -391,6 +402,8 @@ class Retention:
             await self._expired(report, progress)
             if self.settings.reconcile:
                 await self._reconcile(report, progress)
+            if isinstance(self.storage, IncompleteUploads):
+                await self._incomplete_uploads(self.storage, report, progress)
             await self._prune(report, progress)
         except asyncio.CancelledError:
             report.error = "cancelled"
@@ -570,6 +583,32 @@ class Retention:
                     log.info("deleted orphan %s (%d bytes): no catalog row", key, size, extra=extra)
                 report.count_deleted("orphan", size)
                 progress.item(CleanupItem("delete", "orphan", key, size, bucket or None, media_id))
+
+    async def _incomplete_uploads(self, storage: IncompleteUploads, report: CleanupReport,
+                                  progress: Progress) -> None:
+        """Abort the gateway's incomplete uploads (key with a media id) older than the grace period."""
+        progress.phase("uploads", None)
+        report.aborted_uploads, report.uploads_in_grace = 0, 0
+        cutoff = min(report.now - self.settings.orphan_grace_hours * 3600, report.started_at)
+        async for upload in storage.incomplete_uploads(""):
+            found = MEDIA_ID.search(upload.key)
+            if found is None:
+                continue  # not the gateway's
+            if upload.started >= cutoff:
+                report.uploads_in_grace += 1
+                continue
+            extra = {"media_id": found.group(0)}
+            if not report.dry_run:
+                try:
+                    await storage.abort_upload(upload)
+                except StorageError as exc:
+                    self._failed(report, upload.key, exc, extra)
+                    continue
+                self.metrics.cleanup_aborted_uploads.labels(self.storage.name).inc()
+                log.info("aborted incomplete upload %s of %s (started %s)", upload.upload_id, upload.key,
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(upload.started)), extra=extra)
+            report.aborted_uploads += 1
+            progress.item(CleanupItem("abort", "incomplete_upload", upload.key, 0, upload.bucket, found.group(0)))
 
     async def _prune(self, report: CleanupReport, progress: Progress) -> None:
         s = self.settings

@@ -34,6 +34,18 @@ class PutResult:
 
 
 @dataclass(frozen=True, slots=True)
+class IncompleteUpload:
+    """An upload a backend began and neither completed nor aborted (a crash or an outage in the
+    middle of a multipart upload): its object ``key``, the backend's ``upload_id``, when it
+    ``started`` (epoch seconds) and its ``bucket``."""
+
+    key: str
+    upload_id: str
+    started: float
+    bucket: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectStat:
     """An object's size in bytes, content type, modification time (epoch seconds) and metadata."""
 
@@ -134,3 +146,16 @@ class StorageBackend(Protocol):
     # (raises StorageError if it cannot tell). The host exports it as gateway_storage_free_bytes;
     # backends that cannot tell (S3) leave it out. A full backend raises StorageError from put,
     # so that the job is deferred, never dead.
+
+
+@runtime_checkable
+class IncompleteUploads(Protocol):
+    """Optional part of a storage backend whose uploads can be left half done by a crash or an
+    outage and keep using space (multipart uploads): the retention cleanup lists them and
+    aborts the gateway's once they are older than its grace period."""
+
+    def incomplete_uploads(self, prefix: str = "") -> AsyncIterator[IncompleteUpload]:
+        """Every upload under ``prefix`` neither completed nor aborted. Raises :class:`StorageError`."""
+
+    async def abort_upload(self, upload: IncompleteUpload) -> None:
+        """Abort ``upload`` and free what it holds (already gone is fine). Raises :class:`StorageError`."""

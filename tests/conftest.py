@@ -18,9 +18,9 @@ from aiohttp import web
 
 from gateway.app import CATALOG, create_app
 from gateway.config import Settings
-from tests.emulators.s3 import SerialMotoServer
 from tests.emulators.sink import BotSink
 from tests.emulators.waha import WahaEmulator
+from tests.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("GATEWAY_FIXTURES", REPO / "tests" / "fixtures"))
@@ -94,28 +94,41 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def moto_server() -> Iterator[SerialMotoServer]:
-    """moto's S3 server on 127.0.0.1: a real HTTP endpoint (see tests/emulators/s3.py)."""
-    server = SerialMotoServer()
-    server.start()
-    yield server
-    server.stop()
+def s3_server() -> Iterator[SeaweedS3]:
+    """SeaweedFS's S3 gateway on 127.0.0.1, one for the session (see tests/seaweed.py)."""
+    server = SeaweedS3()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
 
 
-def s3_config(moto_server, bucket: str | None = None, **extra: Any) -> dict[str, Any]:
-    """A ``[storage.s3]`` section for moto with a fresh bucket per call."""
+@pytest.fixture
+def own_s3_server() -> Iterator[SeaweedS3]:
+    """A SeaweedFS of the test's own, to stop and start again (same ports, same data) in the test."""
+    server = SeaweedS3()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def s3_config(server: SeaweedS3, bucket: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A ``[storage.s3]`` section for ``server`` with a fresh bucket per call."""
     import uuid
-    return {"bucket": bucket or f"gw-{uuid.uuid4().hex[:12]}", "endpoint_url": moto_server.url,
-            "region": "us-east-1", "addressing_style": "path", "access_key_id": "testing",
-            "secret_access_key": "testing", "connect_timeout": 1, "read_timeout": 5,
-            "max_retries": 0, **extra}
+    return server.storage_section(bucket or f"gw-{uuid.uuid4().hex[:12]}", connect_timeout=1, read_timeout=5,
+                                  max_retries=0, **extra)
 
 
 def boto3_client(endpoint_url: str):
-    """A plain, synchronous boto3 S3 client for reading back what the gateway wrote."""
+    """A plain, synchronous boto3 S3 client (SigV4, path-style) for reading back what the gateway wrote."""
     import boto3
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    from botocore.config import Config
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+                        aws_secret_access_key=SECRET_KEY,
+                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 
 
 @pytest.fixture

@@ -266,12 +266,12 @@ async def test_links(gw, http):
         assert r.status == 404  # not public
 
 
-async def test_direct_link_on_s3(start_gateway, moto_server, http):
+async def test_direct_link_on_s3(start_gateway, s3_server, http):
     from tests.conftest import s3_config
-    gw = await start_gateway(api={"keys": KEYS}, storage={"backend": "s3", "s3": s3_config(moto_server)})
+    gw = await start_gateway(api={"keys": KEYS}, storage={"backend": "s3", "s3": s3_config(s3_server)})
     info = (await upload(gw, T1, "photo.jpg"))[1]
     status, link = await call(gw, "GET", f"/files/{info['id']}/link", T1, params={"direct": "true"})
-    assert status == 200 and link["direct"] is True and link["url"].startswith(moto_server.url)
+    assert status == 200 and link["direct"] is True and link["url"].startswith(s3_server.url)
     async with http.get(link["url"]) as r:
         assert hashlib.sha256(await r.read()).hexdigest() == MANIFEST["photo.jpg"]["sha256_hex"]
 

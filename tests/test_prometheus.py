@@ -37,7 +37,8 @@ DOCUMENTED = {
     "gateway_deliveries_total", "gateway_outbound_sends_total", "gateway_relay_fallbacks_total",
     "gateway_cleanup_runs_total",
     "gateway_cleanup_deleted_objects_total", "gateway_cleanup_deleted_bytes_total",
-    "gateway_cleanup_delete_failures_total", "gateway_cleanup_pruned_rows_total",
+    "gateway_cleanup_delete_failures_total", "gateway_cleanup_aborted_uploads_total",
+    "gateway_cleanup_pruned_rows_total",
     "gateway_cleanup_duration_seconds", "gateway_cleanup_in_progress",
     "gateway_cleanup_last_success_timestamp_seconds",
 }

@@ -1,5 +1,5 @@
 """Retention cleanup (gateway/retention.py): what goes, what stays, on local storage and on S3
-(moto), with the policy's "now" injected through the cleaner's clock instead of waiting."""
+(SeaweedFS), with the policy's "now" injected through the cleaner's clock instead of waiting."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from gateway.media import CATEGORIES, new_media_id
 from gateway.retention import CleanupBusy, CleanupItem, crontab_trigger, expiry_rule, max_age_seconds
 from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, s3_config, waha_payload
 from tests.daemon import write_toml
-from tests.emulators.s3 import SerialMotoServer
 from tests.emulators.waha import WahaEmulator
 
 DAY = 86400.0
@@ -58,10 +57,10 @@ async def waha(aiohttp_server, tmp_path) -> GatedWaha:
 
 @pytest.fixture(params=["local", "s3"])
 def backend(request) -> dict[str, Any]:
-    """Settings overrides for each storage backend (S3: moto, a fresh bucket)."""
+    """Settings overrides for each storage backend (S3: SeaweedFS, a fresh bucket)."""
     if request.param == "local":
         return {}
-    return {"storage": {"backend": "s3", "s3": s3_config(request.getfixturevalue("moto_server"))}}
+    return {"storage": {"backend": "s3", "s3": s3_config(request.getfixturevalue("s3_server"))}}
 
 
 class Recorder:
@@ -472,27 +471,21 @@ async def test_old_events_and_done_jobs_are_pruned_dead_ones_kept(start_gateway,
     assert await gw.count("media") == 2  # media has its own age
 
 
-async def test_a_failed_delete_keeps_the_row_for_the_next_run(start_gateway, waha, sink, unused_tcp_port):
-    moto = SerialMotoServer(port=unused_tcp_port)
-    moto.start()
-    try:
-        gw = await start_gateway(storage={"backend": "s3", "s3": s3_config(moto)}, retention={"reconcile": False})
-        retention = gw.app[RETENTION]
-        stored = [await ingest(gw, waha, sink, name, f"fail-{name}") for name in ("photo.jpg", "song.mp3")]
-        retention.clock = lambda: time.time() + 100 * DAY
-        moto.stop()  # S3 unreachable
-        report = await retention.run()
-        assert report.failed == 2 and report.objects == 0 and len(report.errors) == 2
-        assert set((await media_states(gw)).values()) == {"deleting"}  # claimed, not served for reuse
-        moto = SerialMotoServer(port=unused_tcp_port)
-        moto.start()
-        report = await retention.run()  # finishes what the last run could not
-        assert report.failed == 0 and report.deleted == {"age": {
-            "objects": 2, "bytes": sum(MANIFEST[n]["size"] for n in ("photo.jpg", "song.mp3"))}}
-        assert await gw.count("media") == 0 and await stored_keys(gw) == set()
-        assert len(stored) == 2
-    finally:
-        moto.stop()
+async def test_a_failed_delete_keeps_the_row_for_the_next_run(start_gateway, waha, sink, own_s3_server):
+    gw = await start_gateway(storage={"backend": "s3", "s3": s3_config(own_s3_server)}, retention={"reconcile": False})
+    retention = gw.app[RETENTION]
+    stored = [await ingest(gw, waha, sink, name, f"fail-{name}") for name in ("photo.jpg", "song.mp3")]
+    retention.clock = lambda: time.time() + 100 * DAY
+    own_s3_server.stop()  # S3 unreachable
+    report = await retention.run()
+    assert report.failed == 2 and report.objects == 0 and len(report.errors) == 2
+    assert set((await media_states(gw)).values()) == {"deleting"}  # claimed, not served for reuse
+    own_s3_server.start()  # the same data directory and ports
+    report = await retention.run()  # finishes what the last run could not
+    assert report.failed == 0 and report.deleted == {"age": {
+        "objects": 2, "bytes": sum(MANIFEST[n]["size"] for n in ("photo.jpg", "song.mp3"))}}
+    assert await gw.count("media") == 0 and await stored_keys(gw) == set()
+    assert len(stored) == 2
 
 
 async def _cli(config, *args: str, tty: bool = False) -> tuple[int, str]:
