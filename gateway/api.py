@@ -49,7 +49,7 @@ from gateway.app import (
     STORAGE,
 )
 from gateway.auth import Principal
-from gateway.catalog import JOB_STATES
+from gateway.catalog import JOB_STATES, exact_time
 from gateway.config import format_validation_error
 from gateway.media import CATEGORIES, safe_filename
 from gateway.outbound import MediaUnavailable
@@ -259,7 +259,7 @@ class Timestamp(BaseModel):
         if value is None:
             return None
         try:
-            ts = parse_time(value)
+            ts = exact_time(parse_time(value))  # stored and compared at whole microseconds
             iso(ts)  # within years 1..9999, so that every view of it can show it
             return ts
         except (ValueError, OverflowError, OSError):
@@ -316,11 +316,15 @@ def _parse_bool(value: str, field: str) -> bool:
 
 
 class UploadFields(BaseModel):
-    """The form fields of ``POST /files`` (besides ``file``)."""
+    """The form fields of ``POST /files`` (besides ``file``). ``category`` is what the client
+    declares: the content decides the category; one that contradicts it is a type mismatch
+    (``media.type_mismatch``: stored under the content's category and recorded, or refused)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    category: Literal["image", "video", "audio", "document", "other"] | None = None
+    category: Literal["image", "video", "audio", "document", "other"] | None = Field(
+        None, description="the category the client expects; the content decides, and a contradicting one "
+                          "is a type mismatch (`media.type_mismatch`: recorded, or refused with 422)")
     metadata: dict[str, Any] | None = None
     is_public: bool = False
     expires_at: float | None = None
@@ -367,14 +371,12 @@ async def upload_file(request: web.Request) -> web.Response:
             return _invalid(err) if isinstance(err, ValidationError) else error(422, str(err))
         origin = Origin(provider="api", account=principal.tenant or "_", filename=part.filename,
                         declared_mimetype=part.headers.get("Content-Type"), tenant=principal.tenant,
-                        is_public=form.is_public, expires_at=form.expires_at, metadata=form.metadata)
+                        is_public=form.is_public, expires_at=form.expires_at, metadata=form.metadata,
+                        declared_category=form.category)
         try:
             record = await request.app[OUTBOUND].store_stream(_part_chunks(part), origin, direction="upload")
         except MediaUnavailable as exc:
             return error(exc.status, str(exc))
-        if form.category and form.category != record["category"]:
-            await request.app[CATALOG].update_media(record["id"], {"category": form.category})
-            record = {**record, "category": form.category}
         return web.json_response(file_view(request, record), status=201)
     return error(422, "file: the multipart body has no 'file' part")
 
@@ -438,6 +440,9 @@ class ListQuery(BaseModel):
     account: str | None = Field(None, max_length=200)
     chat: str | None = Field(None, max_length=200)
     tenant: str | None = Field(None, max_length=200)
+    direction: Literal["inbound", "outbound", "upload"] | None = Field(
+        None, description="inbound (from a webhook), outbound (sent by a bot) or upload (the files API)")
+    message_id: str | None = Field(None, max_length=200, description="the provider's message id")
     mime: str | None = Field(None, max_length=200, description="MIME type prefix, e.g. image/")
     filename: str | None = Field(None, max_length=255, description="substring, case-insensitive")
     created_after: float | None = None
@@ -487,7 +492,7 @@ async def list_files(request: web.Request) -> web.Response:
     if principal.tenant is not None:
         where.append("tenant = ?")
         args.append(principal.tenant)
-    for column in ("category", "provider", "account", "chat", "tenant"):
+    for column in ("category", "provider", "account", "chat", "tenant", "direction", "message_id"):
         value = getattr(query, column)
         if value is not None:
             where.append(f"{column} = ?")
@@ -522,7 +527,10 @@ async def get_file(request: web.Request) -> web.Response:
 
 
 class PatchBody(BaseModel):
-    """The body of ``PATCH /files/{id}``: at least one field."""
+    """The body of ``PATCH /files/{id}``: at least one field. An absent field is left as it is;
+    ``null`` resets a field to what an upload without it gets: ``metadata`` to ``{}``,
+    ``is_public`` to false, ``expires_at`` to none (the retention rules apply). ``filename``
+    cannot be null (every file has a name)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -536,6 +544,13 @@ class PatchBody(BaseModel):
     def _time(cls, value: Any) -> Any:
         return Timestamp.check(value)
 
+    @field_validator("filename", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("cannot be null: every file has a name")
+        return value
+
     @model_validator(mode="after")
     def _some(self) -> PatchBody:
         if not self.model_fields_set:
@@ -544,7 +559,8 @@ class PatchBody(BaseModel):
 
 
 async def patch_file(request: web.Request) -> web.Response:
-    """``PATCH /files/{id}``: metadata, filename, is_public, expires_at (null clears it)."""
+    """``PATCH /files/{id}``: metadata, filename, is_public, expires_at; ``null`` resets a field
+    to its default (see :class:`PatchBody`)."""
     principal = require(request, "write")
     record = await _visible_record(request, principal)
     body = await _json_body(request, PatchBody)
@@ -554,8 +570,8 @@ async def patch_file(request: web.Request) -> web.Response:
     changes: dict[str, Any] = {}
     if "filename" in body.model_fields_set and body.filename is not None:
         changes["filename"] = safe_filename(body.filename, fallback=record["filename"])
-    if "is_public" in body.model_fields_set and body.is_public is not None:
-        changes["is_public"] = int(body.is_public)
+    if "is_public" in body.model_fields_set:
+        changes["is_public"] = int(bool(body.is_public))
     if "expires_at" in body.model_fields_set:
         changes["expires_at"] = body.expires_at
     if "metadata" in body.model_fields_set:
@@ -698,13 +714,15 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    """``POST /jobs/{id}/retry``: queue a dead job again (admin); 409 unless it is dead."""
+    """``POST /jobs/{id}/retry``: queue a dead job again (admin) and answer it as the retry left
+    it (``queued``, attempts 0); 409 unless it is dead."""
     _require_operator(request)
     job = await _job(request)
-    if not await request.app[CATALOG].retry_dead_job(job["id"]):
+    retried = await request.app[CATALOG].retry_dead_job(job["id"])
+    if retried is None:
         return error(409, f"job {job['id']} is {job['state']}, not dead")
     request.app[QUEUE].notify()
-    return web.json_response(job_view(await _job(request)))
+    return web.json_response(job_view(retried))  # as the retry left it: a worker may have it already
 
 
 # -- live events ---------------------------------------------------------------------------------

@@ -132,10 +132,26 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["cleanup_runs"].create_index(["ok", "finished_at"])
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Media timestamps at whole microseconds (:func:`exact_time`), the precision the API shows
+    and compares them at, so that a file's own ``created_at`` is an exact bound; an index for
+    listing by the provider's message id."""
+    conn = db.conn
+    conn.create_function("exact_time", 1, exact_time, deterministic=True)
+    conn.execute("UPDATE media SET created_at = exact_time(created_at), expires_at = exact_time(expires_at)")
+    conn.execute("CREATE INDEX idx_media_message_id ON media (message_id)")
+
+
+def exact_time(ts: float | None) -> float | None:
+    """Epoch seconds rounded to whole microseconds: the one precision media timestamps are stored
+    at, shown at (RFC 3339 with six decimals) and compared at. ``None`` stays ``None``."""
+    return None if ts is None else round(ts, 6)
+
+
 # The event a job works on; the same expression as idx_jobs_event_id, so that queries use it.
 _JOB_EVENT = "json_extract(payload, '$.event_id')"
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -540,13 +556,21 @@ class Catalog:
 
         return await self.run(_claim)
 
-    async def retry_dead_job(self, job_id: int) -> bool:
-        """Queue a dead job again (attempts reset). ``True`` if it was dead."""
-        def _retry(db: sqlite_utils.Database) -> bool:
+    async def retry_dead_job(self, job_id: int) -> dict[str, Any] | None:
+        """Queue a dead job again (attempts reset) and return the row as this retry left it
+        (``payload`` decoded), read in the same transaction: a worker may claim the job the next
+        moment. ``None`` if the job was not dead."""
+        def _retry(db: sqlite_utils.Database) -> dict[str, Any] | None:
+            now = time.time()
             with self._tx(db) as conn:
-                return conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
-                    " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount > 0
+                if not conn.execute(
+                        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+                        " WHERE id = ? AND state = 'dead'", (now, now, job_id)).rowcount:
+                    return None
+                cur = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+                row = dict(zip([c[0] for c in cur.description], cur.fetchone()))
+            row["payload"] = json.loads(row["payload"])
+            return row
 
         return await self.run(_retry)
 

@@ -215,6 +215,12 @@ def _times(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _patch_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``filename`` refuses ``null`` (its validator): only a string or absent."""
+    schema["properties"]["filename"] = _without_null(schema["properties"]["filename"])
+    return schema
+
+
 def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
     """One query parameter per property of a model's object schema."""
     params = []
@@ -263,7 +269,7 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
         "MessageForm": form,
         "UploadForm": upload_form,
         "FromUrlBody": _times("FromUrlBody", _model_schema(FromUrlBody, components)),
-        "PatchBody": {**_times("PatchBody", _model_schema(PatchBody, components)), "minProperties": 1},
+        "PatchBody": {**_patch_body(_times("PatchBody", _model_schema(PatchBody, components))), "minProperties": 1},
         "ListQuery": _times("ListQuery", _model_schema(ListQuery, components)),
     }
 
@@ -435,7 +441,9 @@ def _paths(app: web.Application, requests: dict[str, Any]) -> dict[str, Any]:
         "200": _ok("FileInfo", "the changed file"), "400": NOT_JSON, **write,
         "404": _error("no such file"), "413": TOO_LARGE, "422": INVALID,
     }, tag="files", scope="write", operation_id="patchFile", parameters=[file_id],
-        description="`expires_at: null` clears the expiry.",
+        description="An absent field is left as it is; `null` resets a field to what an upload without "
+                    "it gets: `metadata` to `{}`, `is_public` to false, `expires_at` to none (the "
+                    "retention rules apply). `filename` cannot be null.",
         requestBody={"required": True, "content": _json(_ref("PatchBody"))})
     delete_file = _op("Delete a file", {
         "204": {"description": "deleted"}, **write, "404": _error("no such file"),
