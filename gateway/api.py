@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.app import (
     CATALOG,
     LINKS,
+    MEDIA_STORE,
     NOTIFIER,
     OUTBOUND,
     PLUGINS,
@@ -594,18 +595,14 @@ async def delete_file(request: web.Request) -> web.Response:
     If storage fails, 503: the row stays marked for the next cleanup to finish."""
     principal = require(request, "write")
     record = await _visible_record(request, principal)
-    claimed = await request.app[CATALOG].claim_media_for_delete(record["id"], time.time())
+    try:
+        claimed = await request.app[MEDIA_STORE].delete(record["id"])
+    except StorageError as exc:
+        log.error("could not delete %s: %s (the next cleanup retries)", record["key"], exc,
+                  extra={"media_id": record["id"]})
+        return error(503, f"storage unavailable: {exc}; the deletion will be finished by the next cleanup")
     if claimed is None:
         return error(404, "no such file")
-    try:
-        await request.app[STORAGE].delete(claimed["key"], bucket=claimed["bucket"])
-    except StorageError as exc:
-        log.error("could not delete %s: %s (the next cleanup retries)", claimed["key"], exc,
-                  extra={"media_id": claimed["id"]})
-        return error(503, f"storage unavailable: {exc}; the deletion will be finished by the next cleanup")
-    await request.app[CATALOG].forget_media([claimed["id"]])
-    for result in request.app[PLUGINS].hook.media_deleted(record=claimed):
-        await await_me_maybe(result)
     return web.Response(status=204)
 
 

@@ -128,17 +128,32 @@ class Outbound:
     async def send(self, provider: Provider, request: SendRequest) -> SendResult:
         """The provider's send, counted; the message id recorded on the media row.
 
-        Raises :class:`gateway.providers.SendError` (and ``SendRefused``)."""
+        Raises :class:`gateway.providers.SendError` (and ``SendRefused``); a refused send's copy
+        is removed first (see :meth:`discard_refused`)."""
         try:
             result = await provider.send(request)
         except SendError as exc:
             self.count_send(provider.name, request.type, exc.status)
             log.warning("send via %s failed (%s): %s", provider.name, exc.status, exc,
                         extra={"provider": provider.name, "media_id": request.media.record["id"]})
+            await self.discard_refused(request.media.record, exc.status)
             raise
         self.count_send(provider.name, request.type, 200)
         await self.mark_sent(request.media.record["id"], request.to, result.provider_message_id)
         return result
+
+    async def discard_refused(self, record: dict[str, Any], status: int) -> None:
+        """Remove the outbound copy ``record`` when its send was refused (HTTP 4xx: our own
+        checks of the provider's limits, or the provider's refusal), so that a refused send
+        leaves nothing stored. After a 5xx or an unreachable provider the copy stays: the
+        provider may still fetch its link, and the bot may retry."""
+        if not 400 <= status < 500:
+            return
+        try:
+            await self.media_store.delete(record["id"])
+        except StorageError as exc:
+            log.warning("could not remove the copy of a refused send %s: %s (the next cleanup does)",
+                        record["key"], exc, extra={"media_id": record["id"]})
 
     async def mark_sent(self, media_id: str, chat: str | None, message_id: str | None) -> None:
         """Record the chat and the provider's message id on an outbound row."""

@@ -142,6 +142,20 @@ class MediaStore:
             await await_me_maybe(result)
         return record, True
 
+    async def delete(self, media_id: str) -> dict[str, Any] | None:
+        """Delete a stored object, then its catalog row (``media_deleted`` hooks run); return the
+        row, or ``None`` when there is no such row or another deletion has it.
+
+        Raises storage errors: the row then stays marked ``deleting`` for the next cleanup."""
+        claimed = await self.catalog.claim_media_for_delete(media_id, time.time())
+        if claimed is None:
+            return None
+        await self.storage.delete(claimed["key"], bucket=claimed["bucket"])
+        await self.catalog.forget_media([claimed["id"]])
+        for result in self.pm.hook.media_deleted(record=claimed):
+            await await_me_maybe(result)
+        return claimed
+
 
 def _extra(decision: Any, declared_category: str | None, metadata: dict[str, Any] | None
            ) -> dict[str, Any] | None:

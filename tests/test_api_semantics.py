@@ -105,6 +105,13 @@ async def test_a_send_the_provider_refuses_leaves_no_copy(gw, waha, sink):
     waha.send_error = (422, {"statusCode": 422, "message": "Session 'default' is not WORKING"})
     status, _ = await api(gw, send_body(media={"id": media_id}), key=BOT)
     assert status == 422 and await outbound_rows(gw) == 0 and len(gw.object_files()) == 1
+    waha.send_error = (400, {"statusCode": 400, "message": "chatId is invalid"})  # through the relay
+    data = base64.b64encode((MEDIA / "photo.jpg").read_bytes()).decode()
+    async with gw.http.post(f"{gw.url}/waha/api/sendImage", headers={"X-Api-Key": waha.api_key},
+                            json={"session": "default", "chatId": "x", "file": {"mimetype": "image/jpeg",
+                                                                                "data": data}}) as r:
+        assert r.status == 400
+    assert await outbound_rows(gw) == 0 and len(gw.object_files()) == 1
 
 
 # -- 13: the gateway's own links -----------------------------------------------------------------

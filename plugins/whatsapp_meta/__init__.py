@@ -498,6 +498,8 @@ class MetaProvider:
             except (ValueError, KeyError, IndexError, TypeError):
                 sent = None
             await self._outbound.mark_sent(record["id"], body.get("to") and str(body["to"]), sent)
+        elif record is not None:
+            await self._outbound.discard_refused(record, status)
         return relay.answer(status, answer, ctype)
 
 

@@ -365,6 +365,8 @@ class WahaProvider:
             except ValueError:
                 sent_id = None
             await self._outbound.mark_sent(record["id"], body.get("chatId"), sent_id)
+        elif record is not None:
+            await self._outbound.discard_refused(record, status)
         return relay.answer(status, answer, ctype)
 
     async def _store_relayed(self, raw: bytes, media_type: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
