@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.catalog import Catalog
-from gateway.links import LinkSigner
+from gateway.links import LinkError, LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge
 from gateway.metrics import Metrics
 from gateway.providers import OutboundMedia, Provider, SendError, SendRequest, SendResult
@@ -74,7 +74,23 @@ class Outbound:
         return record
 
     async def store_url(self, url: str, origin: Origin, direction: str = "outbound") -> dict[str, Any]:
-        """Fetch ``url`` under the upload-from-URL rules and store it. Raises :class:`MediaUnavailable`."""
+        """Fetch ``url`` under the upload-from-URL rules and store it; one of the gateway's own
+        links (:meth:`gateway.links.LinkSigner.own_link`) is not fetched: its stored object is
+        copied. Raises :class:`MediaUnavailable` (422 for a link of ours that is wrongly signed,
+        expired, or public-style for an object that is not public)."""
+        try:
+            own = self.links.own_link(url)
+        except LinkError as exc:
+            raise MediaUnavailable(422, f"media url refused: a link of this gateway, but {exc}") from exc
+        if own is not None:
+            media_id, _, signed = own
+            source = await self.catalog.get_media(media_id)
+            if not signed and not (source and source.get("is_public")):
+                raise MediaUnavailable(422, "media url refused: a public link of this gateway to a file "
+                                            "that is not public")
+            # the link is the capability: whoever holds it may read the object, whatever the tenant
+            return await self.store_copy(media_id, replace(origin, source_url=url), direction=direction)
+
         async def _do() -> dict[str, Any]:
             async with self.fetcher.open(url) as src:
                 o = replace(origin, direction=direction, source_url=url,
@@ -98,8 +114,9 @@ class Outbound:
                 yield raw[i:i + 1024 * 1024]
         return await self.store_stream(chunks(), origin)
 
-    async def store_copy(self, media_id: str, origin: Origin, tenant: str | None = None) -> dict[str, Any]:
-        """A new outbound object copied from stored media ``media_id`` (its own row and lifetime).
+    async def store_copy(self, media_id: str, origin: Origin, tenant: str | None = None,
+                         direction: str = "outbound") -> dict[str, Any]:
+        """A new object copied from stored media ``media_id`` (its own row and lifetime).
 
         A key bound to a tenant sees only that tenant's media (else: 404)."""
         source = await self.catalog.get_media(media_id)
@@ -110,7 +127,7 @@ class Outbound:
         async def _do() -> dict[str, Any]:
             obj = await self.storage.open(source["key"], bucket=source["bucket"])
             try:
-                o = replace(origin, direction="outbound", declared_mimetype=source["mimetype"],
+                o = replace(origin, direction=direction, declared_mimetype=source["mimetype"],
                             declared_sha256=source["sha256"], filename=origin.filename or source["filename"])
                 copy, _ = await self.media_store.store(obj.chunks, o)
                 return copy

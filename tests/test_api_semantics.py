@@ -132,6 +132,33 @@ async def test_sending_a_gateway_link_sends_the_stored_object(gw, waha, sink):
     status, answer = await api(gw, send_body(media={"url": bad}), key=BOT)
     assert status == 422 and "signature" in answer["error"], answer
     assert len(waha.sent) == 1
+    # the stable link of a public file is ours too; of a file that is not public it is refused
+    public = (await upload(gw, BOT, "sticker.webp", is_public="true"))[1]
+    status, answer = await api(gw, send_body(type="sticker", media={"url": public["links"]["public"]}), key=BOT)
+    assert status == 200 and waha.sent[-1]["sha256"] == MANIFEST["sticker.webp"]["sha256_hex"]
+    private = (await upload(gw, BOT, "sticker.webp"))[1]
+    not_public = public["links"]["public"].replace(public["id"], private["id"])
+    status, answer = await api(gw, send_body(type="sticker", media={"url": not_public}), key=BOT)
+    assert status == 422 and "not public" in answer["error"]
+    # from-url with a link of ours copies the object as an upload
+    status, info = await call(gw, "POST", "/files/from-url", BOT, json={"url": link})
+    assert status == 201 and info["direction"] == "upload" and info["sha256"] == MANIFEST["photo.jpg"]["sha256_hex"]
+
+
+def test_own_link_recognises_only_this_gateways_links():
+    from gateway.links import LinkError, LinkSigner
+    signer = LinkSigner(b"secret", "https://gw.example.com/base/", ttl=60)
+    link = signer.link("m_1", "a b.jpg", now=1000)
+    assert signer.own_link(link, now=1000) == ("m_1", "a b.jpg", True)
+    assert signer.own_link("https://gw.example.com/base/public/m_1/x.jpg") == ("m_1", "x.jpg", False)
+    for other in (link.replace("gw.example.com", "evil.example.com"), link.replace("https:", "http:"),
+                  link.replace("/base/", "/other/"), "https://gw.example.com/base/media/m_1",
+                  "https://gw.example.com/base/healthz", "not a url at all", "http://[::1"):
+        assert signer.own_link(other, now=1000) is None, other
+    with pytest.raises(LinkError, match="expired"):
+        signer.own_link(link, now=2000)
+    with pytest.raises(LinkError, match="signature"):
+        signer.own_link(link.replace("m_1", "m_2"), now=1000)
 
 
 # -- 14: multipart part order --------------------------------------------------------------------
