@@ -11,8 +11,8 @@ anything else answers 404, as if absent. ``GET /openapi.json`` describes every r
      "media": {"id": <stored media id>} | {"url": <http(s) URL>},
      "caption"?: str, "filename"?: str, "convert"?: bool, "by"?: "id" | "link"}
 
-or ``multipart/form-data`` with the same fields as form fields and the file as the part ``file``
-(sent last). The gateway stores a copy first (streamed; URLs follow the upload-from-URL rules),
+or ``multipart/form-data`` with the same fields as form fields and the file as the part ``file``,
+sent last (it is streamed to storage as it arrives; a field after it is a 422 and stores nothing). The gateway stores a copy first (streamed; URLs follow the upload-from-URL rules),
 then calls the provider's send, and answers ``200 {"provider_message_id", "media": {"id", "link"}}``.
 
 Errors: 401 no or bad key, 403 missing scope, 404 unknown provider or media id, 413 media over
@@ -129,16 +129,19 @@ async def send_message(request: web.Request) -> web.StreamResponse:
                 try:
                     body = MessageBody(**fields)
                 except ValidationError as err:
-                    return _invalid(err)
+                    missing = any(e["type"] == "missing" for e in err.errors())
+                    return error(422, format_validation_error(err) + (f"; {FILE_LAST}" if missing else ""))
                 if body.provider not in request.app[PROVIDERS]:
                     return error(404, f"unknown provider {body.provider!r}")
                 origin = origin_for(body)
                 origin.declared_mimetype = part.headers.get("Content-Type")
                 origin.filename = body.filename or part.filename
                 try:
-                    record = await outbound.store_stream(_part_chunks(part), origin)
+                    record = await outbound.store_stream(_file_last(part, reader), origin)
                 except MediaUnavailable as exc:
                     return error(exc.status, str(exc))
+                except PartAfterFile as exc:
+                    return error(422, str(exc))
                 break
             if part.name not in FORM_FIELDS:
                 return error(422, f"unknown form field {part.name!r}")
@@ -216,9 +219,24 @@ async def read_field(part: BodyPartReader, limit: int) -> str:
                                  content_type="application/json") from None
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+FILE_LAST = ("send every form field before the 'file' part (the file is streamed to storage as it "
+             "arrives, so it comes last)")
+
+
+class PartAfterFile(Exception):
+    """A multipart body has a part after ``file`` (HTTP 422; nothing is stored)."""
+
+
+async def _file_last(part: BodyPartReader, reader: MultipartReader) -> AsyncIterator[bytes]:
+    """The ``file`` part's bytes, streamed. The file must be the last part (as in S3's POST
+    upload): once its bytes end, a further part raises :class:`PartAfterFile` before the stream
+    does, so the storage backend discards what it wrote and nothing is stored."""
     while chunk := await part.read_chunk(1024 * 1024):
         yield chunk
+    late = await next_part(reader)
+    if late is not None:
+        raise PartAfterFile(f"form field {late.name or '(unnamed)'!r} comes after the 'file' part: "
+                            f"{FILE_LAST}; nothing was stored")
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -347,9 +365,9 @@ class UploadFields(BaseModel):
 
 
 async def upload_file(request: web.Request) -> web.Response:
-    """``POST /files``: multipart upload (``file`` last; ``category``, ``metadata`` (JSON),
-    ``is_public``, ``expires_at`` before it), streamed; 413 at once for a Content-Length over
-    the limit, and when the stream crosses it."""
+    """``POST /files``: multipart upload (``file`` last: a field after it is a 422 and stores
+    nothing; ``category``, ``metadata`` (JSON), ``is_public``, ``expires_at`` before it), streamed;
+    413 at once for a Content-Length over the limit, and when the stream crosses it."""
     principal = require(request, "write")
     limit = request.app[SETTINGS].media.max_bytes + 1024 * 1024
     if request.content_length is not None and request.content_length > limit:
@@ -375,9 +393,11 @@ async def upload_file(request: web.Request) -> web.Response:
                         is_public=form.is_public, expires_at=form.expires_at, metadata=form.metadata,
                         declared_category=form.category)
         try:
-            record = await request.app[OUTBOUND].store_stream(_part_chunks(part), origin, direction="upload")
+            record = await request.app[OUTBOUND].store_stream(_file_last(part, reader), origin, direction="upload")
         except MediaUnavailable as exc:
             return error(exc.status, str(exc))
+        except PartAfterFile as exc:
+            return error(422, str(exc))
         return web.json_response(file_view(request, record), status=201)
     return error(422, "file: the multipart body has no 'file' part")
 

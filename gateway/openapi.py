@@ -252,7 +252,8 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
     json_message["required"] = [*json_message["required"], "media"]
     json_message["title"] = "MessageRequest"
     form = {"type": "object", "title": "MessageForm", "additionalProperties": False,
-            "description": "The fields of a message, then the file (the part `file`, sent last).",
+            "description": "The fields of a message, then the file (the part `file`), last: it is "
+                           "streamed to storage as it arrives, and a part after it is a 422 that stores nothing.",
             "properties": {n: _without_null(p) for n, p in message["properties"].items() if n in FORM_FIELDS},
             "required": [*message["required"], "file"]}
     form["properties"]["file"] = {"type": "string", "contentMediaType": "application/octet-stream",
@@ -260,7 +261,9 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
 
     upload = _times("UploadFields", _model_schema(UploadFields, components))
     upload_form = {"type": "object", "title": "UploadForm", "additionalProperties": False,
-                   "description": "Fields first, the file (the part `file`) last. `metadata` is a JSON object.",
+                   "description": "Fields first, the file (the part `file`) last: it is streamed to storage as "
+                                  "it arrives, and a part after it is a 422 that stores nothing. `metadata` "
+                                  "is a JSON object.",
                    "properties": {n: _without_null(p) for n, p in upload["properties"].items()},
                    "required": ["file"]}
     upload_form["properties"]["file"] = dict(form["properties"]["file"])
