@@ -72,8 +72,11 @@ class MediaSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, min_length=1, max_length=100)
-    url: str | None = Field(None, min_length=1, max_length=4096)
+    id: str | None = Field(None, min_length=1, max_length=100, description="a stored media id")
+    url: str | None = Field(None, min_length=1, max_length=4096,
+                            description="an http(s) URL, fetched under the `[fetch]` rules; a link of this "
+                                        "gateway (a signed media link, or a public file's link) is not "
+                                        "fetched: its stored object is copied")
 
     @model_validator(mode="after")
     def _one(self) -> MediaSpec:
@@ -407,7 +410,9 @@ class FromUrlBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, max_length=4096)
+    url: str = Field(min_length=1, max_length=4096,
+                     description="an http(s) URL, fetched under the `[fetch]` rules; a link of this gateway "
+                                 "is not fetched: its stored object is copied")
     filename: str | None = Field(None, max_length=1024)
     metadata: dict[str, Any] | None = None
     is_public: bool = False

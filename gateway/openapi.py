@@ -428,7 +428,8 @@ def _paths(app: web.Application, requests: dict[str, Any]) -> dict[str, Any]:
     from_url = _op("Store a file fetched from a URL", {
         "201": _ok("FileInfo", "stored"),
         "400": NOT_JSON, **write, "413": TOO_LARGE,
-        "422": _error("a bad body, or a URL the `[fetch]` rules refuse"),
+        "422": _error("a bad body, a URL the `[fetch]` rules refuse, or a link of this gateway that is "
+                      "wrongly signed or expired"),
         "502": _error("the URL could not be fetched"),
         "503": _error("storage unavailable"),
     }, tag="files", scope="write", operation_id="uploadFromUrl",

@@ -50,12 +50,14 @@ class Outbound:
         self.fetcher = fetcher
 
     # -- storing a copy -------------------------------------------------------------------
-    async def _guard(self, coro: Any) -> Any:
+    async def _guard(self, coro: Any, url: str | None = None) -> Any:
         try:
             return await coro
         except FetchRefused as exc:
+            log.warning("media url %s refused: %s", _loggable(url), exc)
             raise MediaUnavailable(422, f"media url refused: {exc}") from exc
         except RemoteFetchError as exc:
+            log.warning("could not fetch the media url %s: %s", _loggable(url), exc)
             raise MediaUnavailable(502, f"could not fetch the media url: {exc}") from exc
         except MediaTooLarge as exc:
             raise MediaUnavailable(413, str(exc)) from exc
@@ -81,6 +83,7 @@ class Outbound:
         try:
             own = self.links.own_link(url)
         except LinkError as exc:
+            log.warning("media url %s refused: a link of this gateway, but %s", _loggable(url), exc)
             raise MediaUnavailable(422, f"media url refused: a link of this gateway, but {exc}") from exc
         if own is not None:
             media_id, _, signed = own
@@ -98,7 +101,7 @@ class Outbound:
                             declared_size=src.size, filename=origin.filename or src.filename)
                 record, _ = await self.media_store.store(src.chunks, o)
                 return record
-        return await self._guard(_do())
+        return await self._guard(_do(), url)
 
     async def store_base64(self, data: str, origin: Origin) -> dict[str, Any]:
         """Store base64 ``data`` (WAHA's ``file.data``; a ``data:`` URL prefix is allowed)."""
@@ -185,3 +188,10 @@ class Outbound:
     def count_fallback(self, provider: str) -> None:
         """A relay forwarded the original media because storing failed."""
         self.metrics.relay_fallbacks.labels(provider).inc()
+
+
+def _loggable(url: str | None) -> str:
+    """``url`` for the log: scheme, host and path only (a query may carry a signature or token)."""
+    if not url:
+        return "(none)"
+    return url.split("?", 1)[0].split("#", 1)[0][:300]

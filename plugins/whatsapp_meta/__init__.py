@@ -463,6 +463,8 @@ class MetaProvider:
         known = [t for t in [self._secret(self.settings.access_token),
                              *(v.get_secret_value() for v in self.settings.access_tokens.values())] if t]
         if known and not any(hmac.compare_digest(auth, f"Bearer {t}") for t in known):
+            log.warning("relay: refused a send without a configured access token (from %s)", request.remote,
+                        extra={"provider": self.name})
             return web.json_response({"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
                                                 "code": 190}}, status=401)
         pnid, version = request.match_info["phone_number_id"], request.match_info["version"]

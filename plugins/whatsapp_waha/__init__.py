@@ -349,6 +349,8 @@ class WahaProvider:
             return await relay.proxy(self._http, request, target, timeout)
         expected = self._api_headers().get("X-Api-Key")
         if expected and not hmac.compare_digest(request.headers.get("X-Api-Key", ""), expected):
+            log.warning("relay: refused a %s without the right X-Api-Key (from %s)", tail, request.remote,
+                        extra={"provider": self.name})
             return web.json_response({"statusCode": 401, "message": "Unauthorized"}, status=401)
         try:
             raw = await relay.read_body(request, self._max_bytes * 4 // 3 + 1024 * 1024)
