@@ -81,6 +81,34 @@ async def test_created_at_bounds_are_exact(gw):
     assert row["created_at"] == round(row["created_at"], 6)  # stored at the precision it is shown
 
 
+async def test_migration_3_takes_stored_times_to_whole_microseconds(tmp_path):
+    import sqlite3
+
+    from gateway.catalog import Catalog
+    path = tmp_path / "gateway.db"
+    catalog = Catalog(path)
+    await catalog.open()
+    await catalog.close()
+    conn = sqlite3.connect(path)  # back to schema 2, with a row stored at the clock's full precision
+    conn.execute("DROP INDEX idx_media_message_id")
+    conn.execute("INSERT INTO media (id, sha256, size, mimetype, category, filename, backend, key, direction,"
+                 " created_at, expires_at) VALUES ('m_1', '0', 1, 'image/jpeg', 'image', 'a.jpg', 'local', 'k',"
+                 " 'upload', 1764500000.1234567, 1764600000.9999996)")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+    catalog = Catalog(path)
+    await catalog.open()
+    try:
+        row = await catalog.get_media("m_1")
+        assert (row["created_at"], row["expires_at"]) == (1764500000.123457, 1764600001.0)
+        plan = await catalog.run(lambda db: db.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM media WHERE message_id = 'x'").fetchall())
+        assert "idx_media_message_id" in str(plan)
+    finally:
+        await catalog.close()
+
+
 # -- 12: a refused send stores nothing -----------------------------------------------------------
 
 async def test_a_send_the_provider_limits_refuse_leaves_no_copy(gw, waha, sink, graph):  # noqa: F811
