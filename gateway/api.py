@@ -12,8 +12,10 @@ anything else answers 404, as if absent. ``GET /openapi.json`` describes every r
      "caption"?: str, "filename"?: str, "convert"?: bool, "by"?: "id" | "link"}
 
 or ``multipart/form-data`` with the same fields as form fields and the file as the part ``file``,
-sent last (it is streamed to storage as it arrives; a field after it is a 422 and stores nothing). The gateway stores a copy first (streamed; URLs follow the upload-from-URL rules),
-then calls the provider's send, and answers ``200 {"provider_message_id", "media": {"id", "link"}}``.
+sent last (it is streamed to storage as it arrives; a field after it is a 422 and stores nothing).
+The gateway stores a copy first (streamed; URLs follow the upload-from-URL rules; a link of this
+gateway is copied, not fetched), then calls the provider's send, and answers
+``200 {"provider_message_id", "media": {"id", "link"}}``; a refused send (4xx) keeps no copy.
 
 Errors: 401 no or bad key, 403 missing scope, 404 unknown provider or media id, 413 media over
 ``media.max_bytes``, 422 a bad body (naming the field), a refused URL, or media the provider's

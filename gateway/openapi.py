@@ -272,7 +272,8 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
         "MessageForm": form,
         "UploadForm": upload_form,
         "FromUrlBody": _times("FromUrlBody", _model_schema(FromUrlBody, components)),
-        "PatchBody": {**_patch_body(_times("PatchBody", _model_schema(PatchBody, components))), "minProperties": 1},
+        "PatchBody": {**_patch_body(_times("PatchBody", _model_schema(PatchBody, components))),
+                      "minProperties": 1},
         "ListQuery": _times("ListQuery", _model_schema(ListQuery, components)),
     }
 

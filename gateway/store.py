@@ -128,8 +128,8 @@ class MediaStore:
             "bucket": put.bucket, "key": key, "provider": origin.provider, "account": origin.account,
             "chat": origin.chat, "message_id": origin.message_id, "direction": origin.direction,
             "source_key": origin.source_key, "source_url": origin.source_url, "event_id": origin.event_id,
-            "created_at": exact_time(time.time()), "expires_at": exact_time(origin.expires_at), "tenant": origin.tenant,
-            "is_public": int(origin.is_public),
+            "created_at": exact_time(time.time()), "expires_at": exact_time(origin.expires_at),
+            "tenant": origin.tenant, "is_public": int(origin.is_public),
             "extra": _extra(decision, origin.declared_category if category_mismatch else None, origin.metadata),
         }
         record, inserted = await self.catalog.insert_media(record)

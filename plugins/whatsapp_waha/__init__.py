@@ -29,7 +29,8 @@ Drop-in relay: a bot that calls WAHA's ``/api/sendImage``, ``/api/sendFile``, ``
 same body and ``X-Api-Key``: the gateway stores the file (from ``file.url`` under the
 upload-from-URL rules, or ``file.data``), puts its own signed link in ``file.url``, forwards to WAHA
 and answers WAHA's status and body unchanged. If storing fails, the original body is forwarded (a
-fallback, logged, counted, and announced in the answer's ``X-Gateway-Relay-Fallback`` header). Every other path under the prefix is passed through untouched.
+fallback, logged, counted, and announced in the answer's ``X-Gateway-Relay-Fallback`` header).
+Every other path under the prefix is passed through untouched.
 
 Settings ``[providers.waha]``: ``enabled``, ``base_url``, ``api_key``, ``hmac_key``,
 ``media_events``, ``media_url_origins``, ``media_hosts``, ``send_inline_max_bytes``,
