@@ -55,7 +55,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics

@@ -11,9 +11,11 @@ anything else answers 404, as if absent. ``GET /openapi.json`` describes every r
      "media": {"id": <stored media id>} | {"url": <http(s) URL>},
      "caption"?: str, "filename"?: str, "convert"?: bool, "by"?: "id" | "link"}
 
-or ``multipart/form-data`` with the same fields as form fields and the file as the part ``file``
-(sent last). The gateway stores a copy first (streamed; URLs follow the upload-from-URL rules),
-then calls the provider's send, and answers ``200 {"provider_message_id", "media": {"id", "link"}}``.
+or ``multipart/form-data`` with the same fields as form fields and the file as the part ``file``,
+sent last (it is streamed to storage as it arrives; a field after it is a 422 and stores nothing).
+The gateway stores a copy first (streamed; URLs follow the upload-from-URL rules; a link of this
+gateway is copied, not fetched), then calls the provider's send, and answers
+``200 {"provider_message_id", "media": {"id", "link"}}``; a refused send (4xx) keeps no copy.
 
 Errors: 401 no or bad key, 403 missing scope, 404 unknown provider or media id, 413 media over
 ``media.max_bytes``, 422 a bad body (naming the field), a refused URL, or media the provider's
@@ -40,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.app import (
     CATALOG,
     LINKS,
+    MEDIA_STORE,
     NOTIFIER,
     OUTBOUND,
     PLUGINS,
@@ -49,7 +52,7 @@ from gateway.app import (
     STORAGE,
 )
 from gateway.auth import Principal
-from gateway.catalog import JOB_STATES
+from gateway.catalog import JOB_STATES, exact_time
 from gateway.config import format_validation_error
 from gateway.media import CATEGORIES, safe_filename
 from gateway.outbound import MediaUnavailable
@@ -71,8 +74,11 @@ class MediaSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, min_length=1, max_length=100)
-    url: str | None = Field(None, min_length=1, max_length=4096)
+    id: str | None = Field(None, min_length=1, max_length=100, description="a stored media id")
+    url: str | None = Field(None, min_length=1, max_length=4096,
+                            description="an http(s) URL, fetched under the `[fetch]` rules; a link of this "
+                                        "gateway (a signed media link, or a public file's link) is not "
+                                        "fetched: its stored object is copied")
 
     @model_validator(mode="after")
     def _one(self) -> MediaSpec:
@@ -128,16 +134,19 @@ async def send_message(request: web.Request) -> web.StreamResponse:
                 try:
                     body = MessageBody(**fields)
                 except ValidationError as err:
-                    return _invalid(err)
+                    missing = any(e["type"] == "missing" for e in err.errors())
+                    return error(422, format_validation_error(err) + (f"; {FILE_LAST}" if missing else ""))
                 if body.provider not in request.app[PROVIDERS]:
                     return error(404, f"unknown provider {body.provider!r}")
                 origin = origin_for(body)
                 origin.declared_mimetype = part.headers.get("Content-Type")
                 origin.filename = body.filename or part.filename
                 try:
-                    record = await outbound.store_stream(_part_chunks(part), origin)
+                    record = await outbound.store_stream(_file_last(part, reader), origin)
                 except MediaUnavailable as exc:
                     return error(exc.status, str(exc))
+                except PartAfterFile as exc:
+                    return error(422, str(exc))
                 break
             if part.name not in FORM_FIELDS:
                 return error(422, f"unknown form field {part.name!r}")
@@ -215,9 +224,24 @@ async def read_field(part: BodyPartReader, limit: int) -> str:
                                  content_type="application/json") from None
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+FILE_LAST = ("send every form field before the 'file' part (the file is streamed to storage as it "
+             "arrives, so it comes last)")
+
+
+class PartAfterFile(Exception):
+    """A multipart body has a part after ``file`` (HTTP 422; nothing is stored)."""
+
+
+async def _file_last(part: BodyPartReader, reader: MultipartReader) -> AsyncIterator[bytes]:
+    """The ``file`` part's bytes, streamed. The file must be the last part (as in S3's POST
+    upload): once its bytes end, a further part raises :class:`PartAfterFile` before the stream
+    does, so the storage backend discards what it wrote and nothing is stored."""
     while chunk := await part.read_chunk(1024 * 1024):
         yield chunk
+    late = await next_part(reader)
+    if late is not None:
+        raise PartAfterFile(f"form field {late.name or '(unnamed)'!r} comes after the 'file' part: "
+                            f"{FILE_LAST}; nothing was stored")
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -259,7 +283,7 @@ class Timestamp(BaseModel):
         if value is None:
             return None
         try:
-            ts = parse_time(value)
+            ts = exact_time(parse_time(value))  # stored and compared at whole microseconds
             iso(ts)  # within years 1..9999, so that every view of it can show it
             return ts
         except (ValueError, OverflowError, OSError):
@@ -316,11 +340,15 @@ def _parse_bool(value: str, field: str) -> bool:
 
 
 class UploadFields(BaseModel):
-    """The form fields of ``POST /files`` (besides ``file``)."""
+    """The form fields of ``POST /files`` (besides ``file``). ``category`` is what the client
+    declares: the content decides the category; one that contradicts it is a type mismatch
+    (``media.type_mismatch``: stored under the content's category and recorded, or refused)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    category: Literal["image", "video", "audio", "document", "other"] | None = None
+    category: Literal["image", "video", "audio", "document", "other"] | None = Field(
+        None, description="the category the client expects; the content decides, and a contradicting one "
+                          "is a type mismatch (`media.type_mismatch`: recorded, or refused with 422)")
     metadata: dict[str, Any] | None = None
     is_public: bool = False
     expires_at: float | None = None
@@ -342,9 +370,9 @@ class UploadFields(BaseModel):
 
 
 async def upload_file(request: web.Request) -> web.Response:
-    """``POST /files``: multipart upload (``file`` last; ``category``, ``metadata`` (JSON),
-    ``is_public``, ``expires_at`` before it), streamed; 413 at once for a Content-Length over
-    the limit, and when the stream crosses it."""
+    """``POST /files``: multipart upload (``file`` last: a field after it is a 422 and stores
+    nothing; ``category``, ``metadata`` (JSON), ``is_public``, ``expires_at`` before it), streamed;
+    413 at once for a Content-Length over the limit, and when the stream crosses it."""
     principal = require(request, "write")
     limit = request.app[SETTINGS].media.max_bytes + 1024 * 1024
     if request.content_length is not None and request.content_length > limit:
@@ -367,14 +395,14 @@ async def upload_file(request: web.Request) -> web.Response:
             return _invalid(err) if isinstance(err, ValidationError) else error(422, str(err))
         origin = Origin(provider="api", account=principal.tenant or "_", filename=part.filename,
                         declared_mimetype=part.headers.get("Content-Type"), tenant=principal.tenant,
-                        is_public=form.is_public, expires_at=form.expires_at, metadata=form.metadata)
+                        is_public=form.is_public, expires_at=form.expires_at, metadata=form.metadata,
+                        declared_category=form.category)
         try:
-            record = await request.app[OUTBOUND].store_stream(_part_chunks(part), origin, direction="upload")
+            record = await request.app[OUTBOUND].store_stream(_file_last(part, reader), origin, direction="upload")
         except MediaUnavailable as exc:
             return error(exc.status, str(exc))
-        if form.category and form.category != record["category"]:
-            await request.app[CATALOG].update_media(record["id"], {"category": form.category})
-            record = {**record, "category": form.category}
+        except PartAfterFile as exc:
+            return error(422, str(exc))
         return web.json_response(file_view(request, record), status=201)
     return error(422, "file: the multipart body has no 'file' part")
 
@@ -384,7 +412,9 @@ class FromUrlBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, max_length=4096)
+    url: str = Field(min_length=1, max_length=4096,
+                     description="an http(s) URL, fetched under the `[fetch]` rules; a link of this gateway "
+                                 "is not fetched: its stored object is copied")
     filename: str | None = Field(None, max_length=1024)
     metadata: dict[str, Any] | None = None
     is_public: bool = False
@@ -438,6 +468,9 @@ class ListQuery(BaseModel):
     account: str | None = Field(None, max_length=200)
     chat: str | None = Field(None, max_length=200)
     tenant: str | None = Field(None, max_length=200)
+    direction: Literal["inbound", "outbound", "upload"] | None = Field(
+        None, description="inbound (from a webhook), outbound (sent by a bot) or upload (the files API)")
+    message_id: str | None = Field(None, max_length=200, description="the provider's message id")
     mime: str | None = Field(None, max_length=200, description="MIME type prefix, e.g. image/")
     filename: str | None = Field(None, max_length=255, description="substring, case-insensitive")
     created_after: float | None = None
@@ -487,7 +520,7 @@ async def list_files(request: web.Request) -> web.Response:
     if principal.tenant is not None:
         where.append("tenant = ?")
         args.append(principal.tenant)
-    for column in ("category", "provider", "account", "chat", "tenant"):
+    for column in ("category", "provider", "account", "chat", "tenant", "direction", "message_id"):
         value = getattr(query, column)
         if value is not None:
             where.append(f"{column} = ?")
@@ -522,7 +555,10 @@ async def get_file(request: web.Request) -> web.Response:
 
 
 class PatchBody(BaseModel):
-    """The body of ``PATCH /files/{id}``: at least one field."""
+    """The body of ``PATCH /files/{id}``: at least one field. An absent field is left as it is;
+    ``null`` resets a field to what an upload without it gets: ``metadata`` to ``{}``,
+    ``is_public`` to false, ``expires_at`` to none (the retention rules apply). ``filename``
+    cannot be null (every file has a name)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -536,6 +572,13 @@ class PatchBody(BaseModel):
     def _time(cls, value: Any) -> Any:
         return Timestamp.check(value)
 
+    @field_validator("filename", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("cannot be null: every file has a name")
+        return value
+
     @model_validator(mode="after")
     def _some(self) -> PatchBody:
         if not self.model_fields_set:
@@ -544,7 +587,8 @@ class PatchBody(BaseModel):
 
 
 async def patch_file(request: web.Request) -> web.Response:
-    """``PATCH /files/{id}``: metadata, filename, is_public, expires_at (null clears it)."""
+    """``PATCH /files/{id}``: metadata, filename, is_public, expires_at; ``null`` resets a field
+    to its default (see :class:`PatchBody`)."""
     principal = require(request, "write")
     record = await _visible_record(request, principal)
     body = await _json_body(request, PatchBody)
@@ -554,8 +598,8 @@ async def patch_file(request: web.Request) -> web.Response:
     changes: dict[str, Any] = {}
     if "filename" in body.model_fields_set and body.filename is not None:
         changes["filename"] = safe_filename(body.filename, fallback=record["filename"])
-    if "is_public" in body.model_fields_set and body.is_public is not None:
-        changes["is_public"] = int(body.is_public)
+    if "is_public" in body.model_fields_set:
+        changes["is_public"] = int(bool(body.is_public))
     if "expires_at" in body.model_fields_set:
         changes["expires_at"] = body.expires_at
     if "metadata" in body.model_fields_set:
@@ -578,18 +622,14 @@ async def delete_file(request: web.Request) -> web.Response:
     If storage fails, 503: the row stays marked for the next cleanup to finish."""
     principal = require(request, "write")
     record = await _visible_record(request, principal)
-    claimed = await request.app[CATALOG].claim_media_for_delete(record["id"], time.time())
+    try:
+        claimed = await request.app[MEDIA_STORE].delete(record["id"])
+    except StorageError as exc:
+        log.error("could not delete %s: %s (the next cleanup retries)", record["key"], exc,
+                  extra={"media_id": record["id"]})
+        return error(503, f"storage unavailable: {exc}; the deletion will be finished by the next cleanup")
     if claimed is None:
         return error(404, "no such file")
-    try:
-        await request.app[STORAGE].delete(claimed["key"], bucket=claimed["bucket"])
-    except StorageError as exc:
-        log.error("could not delete %s: %s (the next cleanup retries)", claimed["key"], exc,
-                  extra={"media_id": claimed["id"]})
-        return error(503, f"storage unavailable: {exc}; the deletion will be finished by the next cleanup")
-    await request.app[CATALOG].forget_media([claimed["id"]])
-    for result in request.app[PLUGINS].hook.media_deleted(record=claimed):
-        await await_me_maybe(result)
     return web.Response(status=204)
 
 
@@ -698,7 +738,8 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    """``POST /jobs/{id}/retry``: queue a dead job again (admin); 409 unless it is dead."""
+    """``POST /jobs/{id}/retry``: queue a dead job again (admin) and answer it as the retry left
+    it (``queued``, attempts 0); 409 unless it is dead."""
     _require_operator(request)
     job = await _job(request)
     queued = await request.app[CATALOG].retry_dead_job(job["id"])  # as queued, before a worker claims it

@@ -137,10 +137,26 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["cleanup_runs"].create_index(["ok", "finished_at"])
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Media timestamps at whole microseconds (:func:`exact_time`), the precision the API shows
+    and compares them at, so that a file's own ``created_at`` is an exact bound; an index for
+    listing by the provider's message id."""
+    conn = db.conn
+    conn.create_function("exact_time", 1, exact_time, deterministic=True)
+    conn.execute("UPDATE media SET created_at = exact_time(created_at), expires_at = exact_time(expires_at)")
+    conn.execute("CREATE INDEX idx_media_message_id ON media (message_id)")
+
+
+def exact_time(ts: float | None) -> float | None:
+    """Epoch seconds rounded to whole microseconds: the one precision media timestamps are stored
+    at, shown at (RFC 3339 with six decimals) and compared at. ``None`` stays ``None``."""
+    return None if ts is None else round(ts, 6)
+
+
 # The event a job works on; the same expression as idx_jobs_event_id, so that queries use it.
 _JOB_EVENT = "json_extract(payload, '$.event_id')"
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

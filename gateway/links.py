@@ -2,7 +2,9 @@
 
 ``sig`` is the unpadded base64url HMAC-SHA256 (RFC 2104) of ``"{id}/{filename}\\n{exp}"`` with the
 link secret; ``exp`` is a Unix time in seconds. Changing the id, the filename, the expiry or the
-signature makes the link invalid.
+signature makes the link invalid. :meth:`LinkSigner.own_link` recognises the gateway's own
+links (these, and the unsigned ``{public_url}/public/{id}/{filename}`` of public objects), so that
+a link a bot received can be sent on without fetching it over HTTP.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import base64
 import hashlib
 import hmac
 import time
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 
 class LinkError(Exception):
@@ -53,3 +55,28 @@ class LinkSigner:
             raise LinkError("link signature is wrong")
         if exp_i < (now if now is not None else time.time()):
             raise LinkError("link has expired")
+
+    def own_link(self, url: str, now: float | None = None) -> tuple[str, str, bool] | None:
+        """``(media id, filename, signed)`` when ``url`` is one of this gateway's links: a signed
+        media link (checked as :meth:`verify` does; ``signed`` True) or a public link (``signed``
+        False: the caller must check that the object is public). ``None`` for any other URL.
+
+        Raises :class:`LinkError` for a media link of ours with a wrong signature or past its expiry."""
+        try:
+            parts, base = urlsplit(url), urlsplit(self.base_url)
+        except ValueError:
+            return None
+        if (parts.scheme.lower(), parts.netloc.lower()) != (base.scheme.lower(), base.netloc.lower()):
+            return None
+        rest = parts.path.removeprefix(base.path)
+        if rest == parts.path and base.path:
+            return None
+        segments = rest.split("/")
+        if len(segments) != 4 or segments[0] or segments[1] not in ("media", "public") or not all(segments[2:]):
+            return None
+        media_id, filename = unquote(segments[2]), unquote(segments[3])
+        if segments[1] == "public":
+            return media_id, filename, False
+        query = parse_qs(parts.query)
+        self.verify(media_id, filename, (query.get("exp") or [None])[0], (query.get("sig") or [None])[0], now)
+        return media_id, filename, True

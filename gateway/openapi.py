@@ -220,6 +220,12 @@ def _times(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _patch_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``filename`` refuses ``null`` (its validator): only a string or absent."""
+    schema["properties"]["filename"] = _without_null(schema["properties"]["filename"])
+    return schema
+
+
 def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
     """One query parameter per property of a model's object schema."""
     params = []
@@ -251,7 +257,8 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
     json_message["required"] = [*json_message["required"], "media"]
     json_message["title"] = "MessageRequest"
     form = {"type": "object", "title": "MessageForm", "additionalProperties": False,
-            "description": "The fields of a message, then the file (the part `file`, sent last).",
+            "description": "The fields of a message, then the file (the part `file`), last: it is "
+                           "streamed to storage as it arrives, and a part after it is a 422 that stores nothing.",
             "properties": {n: _without_null(p) for n, p in message["properties"].items() if n in FORM_FIELDS},
             "required": [*message["required"], "file"]}
     form["properties"]["file"] = {"type": "string", "contentMediaType": "application/octet-stream",
@@ -259,7 +266,9 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
 
     upload = _times("UploadFields", _model_schema(UploadFields, components))
     upload_form = {"type": "object", "title": "UploadForm", "additionalProperties": False,
-                   "description": "Fields first, the file (the part `file`) last. `metadata` is a JSON object.",
+                   "description": "Fields first, the file (the part `file`) last: it is streamed to storage as "
+                                  "it arrives, and a part after it is a 422 that stores nothing. `metadata` "
+                                  "is a JSON object.",
                    "properties": {n: _without_null(p) for n, p in upload["properties"].items()},
                    "required": ["file"]}
     upload_form["properties"]["file"] = dict(form["properties"]["file"])
@@ -268,7 +277,8 @@ def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[s
         "MessageForm": form,
         "UploadForm": upload_form,
         "FromUrlBody": _times("FromUrlBody", _model_schema(FromUrlBody, components)),
-        "PatchBody": {**_times("PatchBody", _model_schema(PatchBody, components)), "minProperties": 1},
+        "PatchBody": {**_patch_body(_times("PatchBody", _model_schema(PatchBody, components))),
+                      "minProperties": 1},
         "ListQuery": _times("ListQuery", _model_schema(ListQuery, components)),
     }
 
@@ -424,7 +434,8 @@ def _paths(app: web.Application, requests: dict[str, Any]) -> dict[str, Any]:
     from_url = _op("Store a file fetched from a URL", {
         "201": _ok("FileInfo", "stored"),
         "400": NOT_JSON, **write, "413": TOO_LARGE,
-        "422": _error("a bad body, or a URL the `[fetch]` rules refuse"),
+        "422": _error("a bad body, a URL the `[fetch]` rules refuse, or a link of this gateway that is "
+                      "wrongly signed or expired"),
         "502": _error("the URL could not be fetched"),
         "503": _error("storage unavailable"),
     }, tag="files", scope="write", operation_id="uploadFromUrl",
@@ -440,7 +451,9 @@ def _paths(app: web.Application, requests: dict[str, Any]) -> dict[str, Any]:
         "200": _ok("FileInfo", "the changed file"), "400": NOT_JSON, **write,
         "404": _error("no such file"), "413": TOO_LARGE, "422": INVALID,
     }, tag="files", scope="write", operation_id="patchFile", parameters=[file_id],
-        description="`expires_at: null` clears the expiry.",
+        description="An absent field is left as it is; `null` resets a field to what an upload without "
+                    "it gets: `metadata` to `{}`, `is_public` to false, `expires_at` to none (the "
+                    "retention rules apply). `filename` cannot be null.",
         requestBody={"required": True, "content": _json(_ref("PatchBody"))})
     delete_file = _op("Delete a file", {
         "204": {"description": "deleted"}, **write, "404": _error("no such file"),

@@ -1,7 +1,9 @@
 """HTTP plumbing for the providers' drop-in relays: read a bounded body, forward a request and
 return the upstream's status and body unchanged, or stream any other request straight through.
 
-Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded; neither is ``Host``.
+Hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded; neither is ``Host``. When a relay could
+not store the media and forwarded the original instead (the fallback), its answer says so in
+:data:`FALLBACK_HEADER`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from yarl import URL
 
 log = logging.getLogger("gateway.relay")
 
+FALLBACK_HEADER = "X-Gateway-Relay-Fallback"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -55,9 +58,15 @@ async def forward(http: aiohttp.ClientSession, method: str, url: URL, headers: d
         return 502, message.encode(), "application/json"
 
 
-def answer(status: int, body: bytes, content_type: str) -> web.Response:
-    """A response carrying the upstream's status, body and content type unchanged."""
-    return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+def answer(status: int, body: bytes, content_type: str, fallback: str | None = None) -> web.Response:
+    """A response carrying the upstream's status, body and content type unchanged; with
+    ``fallback`` (why the media could not be stored, so the original went upstream), also
+    :data:`FALLBACK_HEADER` with that reason (one line of printable ASCII, at most 300 characters)."""
+    headers = {"Content-Type": content_type}
+    if fallback is not None:
+        reason = " ".join(fallback.split()).encode("ascii", "replace").decode()
+        headers[FALLBACK_HEADER] = reason[:300] or "not stored"
+    return web.Response(status=status, body=body, headers=headers)
 
 
 async def proxy(http: aiohttp.ClientSession, request: web.Request, target: URL,

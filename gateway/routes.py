@@ -64,7 +64,13 @@ async def observe_middleware(request: web.Request,
     except HttpProcessingError as exc:  # malformed input the HTTP parser found late (multipart headers)
         status = 400
         return error(400, f"malformed request: {exc.message}")
-    except (asyncio.CancelledError, ConnectionResetError):
+    except ConnectionError:  # ConnectionResetError, BrokenPipeError, aiohttp's "Connection lost"
+        # the client hung up (players and Range probes do it all the time): an expected condition,
+        # not an error of ours. Answering a fresh response lets aiohttp notice the closed
+        # connection quietly and log the request as 499 in the access log, without a traceback.
+        status = 499
+        return web.Response(status=499)
+    except asyncio.CancelledError:
         status = 499
         raise
     except Exception:
@@ -195,12 +201,18 @@ async def serve_object(request: web.Request, record: dict) -> web.StreamResponse
     response = web.StreamResponse(status=status, headers=headers)
     response.content_type = record["mimetype"]
     response.content_length = obj.length if size else 0
+    sent = 0
     try:
         await response.prepare(request)
         if request.method != "HEAD":
             async for chunk in obj.chunks:
                 await response.write(chunk)
+                sent += len(chunk)
         await response.write_eof()
+    except ConnectionError:
+        log.info("client hung up after %d of %d bytes of %s (%s %s)", sent, response.content_length,
+                 record["id"], request.method, request.path, extra={"media_id": record["id"]})
+        raise
     finally:
         await obj.close()
     return response

@@ -16,7 +16,7 @@ from typing import Any
 
 import pluggy
 
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, exact_time
 from gateway.config import Settings
 from gateway.media import (
     MediaStream,
@@ -43,7 +43,9 @@ class Origin:
     """Where a stream comes from, for the catalog row.
 
     ``direction``: ``inbound``, ``outbound`` or ``upload``; ``source_key``: the idempotency key of the
-    attachment (``None`` for one-off uploads); ``declared_*``: what the sender said.
+    attachment (``None`` for one-off uploads); ``declared_*``: what the sender said
+    (``declared_category``: one of :data:`gateway.media.CATEGORIES`; like a declared type it never
+    decides the category, and contradicting the content is a type mismatch).
     """
 
     provider: str
@@ -57,6 +59,7 @@ class Origin:
     declared_mimetype: str | None = None
     declared_size: int | None = None
     declared_sha256: str | None = None
+    declared_category: str | None = None
     filename: str | None = None
     tenant: str | None = None
     is_public: bool = False
@@ -95,6 +98,14 @@ class MediaStore:
                         extra={"event_id": origin.event_id, "provider": origin.provider})
             if self.settings.media.type_mismatch == "reject":
                 raise MediaRefused(f"content is {sniffed}, declared {origin.declared_mimetype}: refused by policy")
+        category_mismatch = origin.declared_category not in (None, decision.category)
+        if category_mismatch:
+            log.warning("media declared category %s but the content is %s (category %s)",
+                        origin.declared_category, sniffed, decision.category,
+                        extra={"event_id": origin.event_id, "provider": origin.provider})
+            if self.settings.media.type_mismatch == "reject":
+                raise MediaRefused(f"content is {sniffed} (category {decision.category}), declared category "
+                                   f"{origin.declared_category}: refused by policy")
         media_id = new_media_id()
         ext = extension_for(decision.mimetype)
         filename = safe_filename(origin.filename, fallback=f"{media_id}{ext}")
@@ -117,8 +128,9 @@ class MediaStore:
             "bucket": put.bucket, "key": key, "provider": origin.provider, "account": origin.account,
             "chat": origin.chat, "message_id": origin.message_id, "direction": origin.direction,
             "source_key": origin.source_key, "source_url": origin.source_url, "event_id": origin.event_id,
-            "created_at": time.time(), "expires_at": origin.expires_at, "tenant": origin.tenant,
-            "is_public": int(origin.is_public), "extra": _extra(decision, origin.metadata),
+            "created_at": exact_time(time.time()), "expires_at": exact_time(origin.expires_at),
+            "tenant": origin.tenant, "is_public": int(origin.is_public),
+            "extra": _extra(decision, origin.declared_category if category_mismatch else None, origin.metadata),
         }
         record, inserted = await self.catalog.insert_media(record)
         if not inserted:  # another worker stored the same attachment first: keep one object
@@ -130,11 +142,28 @@ class MediaStore:
             await await_me_maybe(result)
         return record, True
 
+    async def delete(self, media_id: str) -> dict[str, Any] | None:
+        """Delete a stored object, then its catalog row (``media_deleted`` hooks run); return the
+        row, or ``None`` when there is no such row or another deletion has it.
 
-def _extra(decision: Any, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        Raises storage errors: the row then stays marked ``deleting`` for the next cleanup."""
+        claimed = await self.catalog.claim_media_for_delete(media_id, time.time())
+        if claimed is None:
+            return None
+        await self.storage.delete(claimed["key"], bucket=claimed["bucket"])
+        await self.catalog.forget_media([claimed["id"]])
+        for result in self.pm.hook.media_deleted(record=claimed):
+            await await_me_maybe(result)
+        return claimed
+
+
+def _extra(decision: Any, declared_category: str | None, metadata: dict[str, Any] | None
+           ) -> dict[str, Any] | None:
     extra: dict[str, Any] = {}
-    if decision.mismatch:
+    if decision.mismatch or declared_category:
         extra.update(type_mismatch=True, sniffed=decision.sniffed)
+    if declared_category:
+        extra["declared_category"] = declared_category
     if metadata:
         extra["metadata"] = metadata
     return extra or None

@@ -459,13 +459,16 @@ class MetaProvider:
     async def relay_messages(self, request: web.Request) -> web.Response:
         """Drop-in ``POST {relay_prefix}/{version}/{phone-number-id}/messages``: a media ``link`` is
         stored and replaced by a signed gateway link, then the body goes to the Graph API with the
-        caller's bearer token; the Graph API's status and body are answered unchanged. The caller's
+        caller's bearer token; the Graph API's status and body are answered unchanged (when the
+        link could not be stored and went through as it was, with ``X-Gateway-Relay-Fallback``). The caller's
         token must be one of the configured access tokens (when any is configured)."""
         assert self._http is not None
         auth = request.headers.get("Authorization", "")
         known = [t for t in [self._secret(self.settings.access_token),
                              *(v.get_secret_value() for v in self.settings.access_tokens.values())] if t]
         if known and not any(signature_matches(f"Bearer {t}", auth) for t in known):
+            log.warning("relay: refused a send without a configured access token (from %s)", request.remote,
+                        extra={"provider": self.name})
             return web.json_response({"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
                                                 "code": 190}}, status=401)
         pnid, version = request.match_info["phone_number_id"], request.match_info["version"]
@@ -478,7 +481,7 @@ class MetaProvider:
             body, raw = None, raw
         kind = body.get("type") if isinstance(body, dict) else None
         obj = body.get(kind) if isinstance(body, dict) and kind in MEDIA_KINDS else None
-        record = None
+        record = fallback = None
         if isinstance(obj, dict) and isinstance(obj.get("link"), str):
             origin = Origin(provider=self.name, account=pnid, chat=str(body.get("to") or "") or None,
                             filename=obj.get("filename") if isinstance(obj.get("filename"), str) else None)
@@ -489,6 +492,7 @@ class MetaProvider:
                 log.warning("relay: could not store %s (%s); forwarding the original link", obj["link"][:200], exc,
                             extra={"provider": self.name})
                 self._outbound.count_fallback(self.name)
+                fallback = str(exc)
         data = json.dumps(body).encode() if record is not None else raw
         status, answer, ctype = await relay.forward(
             self._http, "POST", self.graph.joinpath(version, pnid, "messages"),
@@ -502,7 +506,9 @@ class MetaProvider:
             except (ValueError, KeyError, IndexError, TypeError):
                 sent = None
             await self._outbound.mark_sent(record["id"], body.get("to") and str(body["to"]), sent)
-        return relay.answer(status, answer, ctype)
+        elif record is not None:
+            await self._outbound.discard_refused(record, status)
+        return relay.answer(status, answer, ctype, fallback)
 
 
 def _animated_webp(head: bytes) -> bool:

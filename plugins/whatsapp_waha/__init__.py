@@ -29,7 +29,8 @@ Drop-in relay: a bot that calls WAHA's ``/api/sendImage``, ``/api/sendFile``, ``
 same body and ``X-Api-Key``: the gateway stores the file (from ``file.url`` under the
 upload-from-URL rules, or ``file.data``), puts its own signed link in ``file.url``, forwards to WAHA
 and answers WAHA's status and body unchanged. If storing fails, the original body is forwarded (a
-fallback, logged and counted). Every other path under the prefix is passed through untouched.
+fallback, logged, counted, and announced in the answer's ``X-Gateway-Relay-Fallback`` header).
+Every other path under the prefix is passed through untouched.
 
 Settings ``[providers.waha]``: ``enabled``, ``base_url``, ``api_key``, ``hmac_key``,
 ``media_events``, ``media_url_origins``, ``media_hosts``, ``send_inline_max_bytes``,
@@ -353,12 +354,14 @@ class WahaProvider:
             return await relay.proxy(self._http, request, target, timeout)
         expected = self._api_headers().get("X-Api-Key")
         if expected and not signature_matches(expected, request.headers.get("X-Api-Key", "")):
+            log.warning("relay: refused a %s without the right X-Api-Key (from %s)", tail, request.remote,
+                        extra={"provider": self.name})
             return web.json_response({"statusCode": 401, "message": "Unauthorized"}, status=401)
         try:
             raw = await relay.read_body(request, self._max_bytes * 4 // 3 + 1024 * 1024)
         except relay.BodyTooLarge as exc:
             return web.json_response({"error": str(exc)}, status=413)
-        body, record = await self._store_relayed(raw, RELAYED_SENDS[tail])
+        body, record, fallback = await self._store_relayed(raw, RELAYED_SENDS[tail])
         data = json.dumps(body).encode() if record is not None else raw
         headers = {**relay.forwardable(request.headers), "Content-Type": "application/json"}
         status, answer, ctype = await relay.forward(self._http, "POST", target, headers, data, timeout)
@@ -369,18 +372,22 @@ class WahaProvider:
             except ValueError:
                 sent_id = None
             await self._outbound.mark_sent(record["id"], body.get("chatId"), sent_id)
-        return relay.answer(status, answer, ctype)
+        elif record is not None:
+            await self._outbound.discard_refused(record, status)
+        return relay.answer(status, answer, ctype, fallback)
 
-    async def _store_relayed(self, raw: bytes, media_type: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Store ``file`` of a relayed send body; ``(body with our link, record)`` or
-        ``(body, None)`` when there is nothing to store or storing failed (the fallback)."""
+    async def _store_relayed(self, raw: bytes, media_type: str
+                             ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
+        """Store ``file`` of a relayed send body; ``(body with our link, record, None)``, or
+        ``(body, None, None)`` when there is nothing to store, or ``(body, None, why)`` when
+        storing failed (the fallback)."""
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            return {}, None  # not JSON: WAHA will say so
+            return {}, None, None  # not JSON: WAHA will say so
         file = body.get("file") if isinstance(body, dict) else None
         if not isinstance(file, dict) or not (file.get("url") or file.get("data")):
-            return body if isinstance(body, dict) else {}, None
+            return body if isinstance(body, dict) else {}, None, None
         origin = Origin(provider=self.name, account=str(body.get("session") or "default"),
                         chat=body.get("chatId") if isinstance(body.get("chatId"), str) else None,
                         declared_mimetype=base_mime(file.get("mimetype")) if isinstance(file.get("mimetype"), str) else None,
@@ -391,16 +398,16 @@ class WahaProvider:
             elif isinstance(file.get("data"), str):
                 record = await self._outbound.store_base64(file["data"], origin)
             else:
-                return body, None
+                return body, None, None
         except MediaUnavailable as exc:
             log.warning("relay: could not store the %s of a WAHA send (%s); forwarding the original",
                         media_type, exc, extra={"provider": self.name})
             self._outbound.count_fallback(self.name)
-            return body, None
+            return body, None, str(exc)
         link = self._outbound.outbound_media(record).link
         body["file"] = {"mimetype": file.get("mimetype") or record["mimetype"],
                         "filename": file.get("filename") or record["filename"], "url": link}
-        return body, record
+        return body, record, None
 
 
 SEND_ENDPOINTS = {"image": "sendImage", "sticker": "sendImage", "video": "sendVideo", "voice": "sendVoice",
