@@ -167,12 +167,15 @@ class SQLiteConnection:
 
     # -- plumbing -------------------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(db, *args)`` on the catalog thread and return its result."""
+        """Run ``fn(db, *args)`` on the catalog thread and return its result. Raises
+        :class:`CatalogError` when the catalog is not open (before :meth:`open`, after :meth:`close`)."""
+        self._require()  # a closed catalog's thread is gone: say so rather than fail to schedule
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._require(), *args))
 
     async def _run_first(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`run`, ahead of the calls waiting for the catalog thread."""
+        self._require()
         return await asyncio.wrap_future(self._executor.submit_first(lambda: fn(self._require(), *args)))
 
     def _require(self) -> sqlite_utils.Database:
