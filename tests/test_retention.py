@@ -1,4 +1,4 @@
-"""Retention cleanup (gateway/retention.py): what goes, what stays, on local storage and on S3
+"""Retention cleanup (gateway/retention/): what goes, what stays, on local storage and on S3
 (SeaweedFS), with the policy's "now" injected through the cleaner's clock instead of waiting."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ One run, in this order (``[retention]`` in :class:`gateway.config.RetentionSetti
 2. **Expired objects.** A stored object goes when its ``expires_at`` has passed, or when it is
    older than its maximum age (the longest of its provider's and its category's age when either is
    set, else ``max_age_days``; public objects are kept with ``keep_public``). An expired object
-   that a queued or running job still needs is kept (see :class:`gateway.catalog.Catalog`: the
+   that a queued or running job still needs is kept (see :class:`gateway.catalog.CatalogContract`: the
    jobs' events refer to it by ``source_key``, or it was stored for such an event); claiming a row
    and checking that happen in one transaction. Each claimed object is deleted from storage first,
    then its row; a failed delete leaves the row (state ``deleting``) for the next run.
@@ -55,7 +55,7 @@ from zoneinfo import ZoneInfo
 import pluggy
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from gateway.catalog import Catalog, DoomedMedia
+from gateway.catalog import CatalogContract, DoomedMedia
 from gateway.config import MaxAgeDays, Settings
 from gateway.metrics import Metrics
 from gateway.plugins import await_me_maybe
@@ -109,7 +109,7 @@ class Retention:
     (:meth:`run`, as ``gateway cleanup`` does). ``clock`` gives the policy's "now" (epoch seconds).
     """
 
-    def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend, metrics: Metrics,
+    def __init__(self, settings: Settings, catalog: CatalogContract, storage: StorageBackend, metrics: Metrics,
                  clock: Clock = time.time, pm: pluggy.PluginManager | None = None):
         self.pm = pm  # fires media_deleted for each deleted object when given
         self.settings = settings.retention

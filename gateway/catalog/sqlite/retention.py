@@ -19,7 +19,6 @@ from gateway.catalog.sqlite.migrations import JOB_EVENT
 class RetentionMixin(SQLiteConnection):
     """:class:`gateway.catalog.CatalogContract`'s retention queries on SQLite."""
 
-    # -- retention (gateway/retention.py) --------------------------------------------------
     # An object is *needed* while a queued or running job works on an event whose media refers to
     # it: the event's ingest job reuses stored rows by ``source_key`` (the same attachment in a
     # redelivery, in ``message`` and ``message.any``, or quoted in a reply), and its deliver jobs
