@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -69,7 +69,7 @@ def _media(n: int, **values: Any) -> MediaRow:
         "id": media_id, "sha256": "0" * 64, "size": 100 * n, "mimetype": "image/jpeg", "category": "image",
         "filename": f"{n}.jpg", "backend": "local", "key": f"k/{media_id}", "provider": "waha",
         "source_key": f"src:{n}", "created_at": T0 + n, **values}
-    return row  # type: ignore[return-value]
+    return cast(MediaRow, row)
 
 
 def _rule(**values: Any) -> ExpiryRule:
