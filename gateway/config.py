@@ -231,7 +231,7 @@ class ApiKeySettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     key: SecretStr | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    scopes: list[Literal["read", "write", "admin"]] = Field(default_factory=lambda: ["read"])
+    scopes: list[Literal["read", "write", "admin"]] = ["read"]  # pydantic copies a mutable default per instance
     tenant: str | None = None
 
     @model_validator(mode="after")
@@ -336,7 +336,7 @@ class RetentionSettings(_Section):
     @field_validator("schedule")
     @classmethod
     def _check_schedule(cls, value: str) -> str:
-        from gateway.retention import crontab_trigger
+        from gateway.retention.cron import crontab_trigger
 
         crontab_trigger(value)  # ValueError names the bad field
         return value

@@ -16,20 +16,8 @@ from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError
 from gateway.config import QueueSettings
 from gateway.jobs import Job, JobQueue, JobResult, PermanentError, backoff_delay
 from gateway.metrics import Metrics
-from gateway.providers import MediaRef, WebhookEvent
-
-T0 = 1_000_000.0  # an injected clock for the catalog's own ``now`` parameters
-
-
-def _event(key: str, media: int = 1) -> WebhookEvent:
-    return WebhookEvent(
-        idempotency_key=key, event="message", account="default",
-        payload={"id": key, "body": "hi"},
-        media=[MediaRef(path="payload.media", url=f"http://waha/files/{key}-{i}", source_key=f"src:{key}:{i}",
-                        mimetype="image/jpeg") for i in range(media)],
-        chat="123@c.us", message_id=key,
-    )
-
+from gateway.providers import MediaRef
+from tests.test_catalog_contract import T0, _event
 
 @pytest.fixture
 async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
@@ -122,121 +110,6 @@ async def test_record_webhook_commits_events_and_ingest_jobs(catalog, tmp_path):
     # committed: another connection sees them while the catalog is open
     assert _sql(catalog.path, "SELECT COUNT(*) FROM events") == [(2,)]
     assert _sql(catalog.path, "SELECT COUNT(*) FROM jobs WHERE kind='ingest'") == [(2,)]
-
-
-async def test_record_webhook_reports_duplicates(catalog):
-    first, _ = await catalog.record_webhook("waha", b"1", [_event("k1")], now=T0)
-    accepted, dups = await catalog.record_webhook("waha", b"2", [_event("k1"), _event("k3")], now=T0 + 1)
-    assert dups == ["k1"] and len(accepted) == 1
-    assert await catalog.count("events") == 2
-    assert await catalog.count("jobs") == 2
-    # the first copy is untouched
-    assert (await catalog.get_event(first[0]))["raw"] == b"1"
-    # a repeat inside one body is a duplicate too
-    accepted, dups = await catalog.record_webhook("waha", b"3", [_event("k4"), _event("k4")], now=T0)
-    assert len(accepted) == 1 and dups == ["k4"]
-
-
-async def test_concurrent_redeliveries_store_one_event(catalog):
-    results = await asyncio.gather(*(catalog.record_webhook("waha", b"x", [_event("same")], now=T0)
-                                     for _ in range(10)))
-    assert sum(len(a) for a, _ in results) == 1
-    assert sum(len(d) for _, d in results) == 9
-    assert await catalog.count("events") == 1 and await catalog.count("jobs") == 1
-
-
-async def test_get_event_unknown(catalog):
-    assert await catalog.get_event("ev_nope") is None
-
-
-# -- jobs in the catalog --------------------------------------------------------------------------
-
-async def test_claim_respects_run_at_and_order(catalog):
-    a, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
-    b, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
-    assert await catalog.next_run_at() == T0
-    assert await catalog.claim_job(now=T0 - 1) is None
-    job = await catalog.claim_job(now=T0 + 10)
-    assert job["payload"] == {"event_id": a[0]} and job["attempts"] == 1 and job["kind"] == "ingest"
-    assert (await catalog.get_job(job["id"]))["state"] == "running"
-    job2 = await catalog.claim_job(now=T0 + 10)
-    assert job2["payload"] == {"event_id": b[0]}
-    assert await catalog.claim_job(now=T0 + 10) is None
-    assert await catalog.next_run_at() is None
-
-
-async def test_complete_job_with_followups_and_event_update(catalog):
-    [eid], _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
-    job = await catalog.claim_job(now=T0)
-    followups = [("deliver", f"deliver:{eid}:bot", {"event_id": eid, "target": "bot"}),
-                 ("deliver", f"deliver:{eid}:bot2", {"event_id": eid, "target": "bot2"})]
-    await catalog.complete_job(job["id"], followups, (eid, {"state": "stored", "forward": {"x": [1]},
-                                                            "notes": ["n1"]}))
-    done = await catalog.get_job(job["id"])
-    assert done["state"] == "done" and done["last_error"] is None and done["attempts"] == 1
-    ev = await catalog.get_event(eid)
-    assert ev["state"] == "stored" and ev["forward"] == {"x": [1]} and ev["notes"] == ["n1"]
-    deliver = await catalog.list_jobs(state="queued", kind="deliver")
-    assert [j["payload"]["target"] for j in deliver] == ["bot", "bot2"]
-    assert all(j["attempts"] == 0 for j in deliver)
-    # follow-ups are idempotent by key
-    assert await catalog.enqueue("deliver", f"deliver:{eid}:bot", {"dup": True}) is False
-    assert await catalog.count("jobs", "kind = ?", ["deliver"]) == 2
-    assert await catalog.job_counts() == {("ingest", "done"): 1, ("deliver", "queued"): 2}
-
-
-async def test_fail_job_retry_then_dead(catalog):
-    await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
-    job = await catalog.claim_job(now=T0)
-    await catalog.fail_job(job["id"], "ConnectionError: refused", retry_at=T0 + 30)
-    row = await catalog.get_job(job["id"])
-    assert (row["state"], row["run_at"], row["last_error"], row["attempts"]) == (
-        "queued", T0 + 30, "ConnectionError: refused", 1)
-    assert await catalog.claim_job(now=T0 + 29) is None
-    again = await catalog.claim_job(now=T0 + 30)
-    assert again["id"] == job["id"] and again["attempts"] == 2
-
-    await catalog.fail_job(job["id"], "x" * 5000, retry_at=None)
-    row = await catalog.get_job(job["id"])
-    assert row["state"] == "dead" and row["last_error"] == "x" * 2000  # bounded
-    assert await catalog.claim_job(now=T0 + 10**9) is None
-
-
-async def test_release_job_uncounts_the_attempt(catalog):
-    await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
-    job = await catalog.claim_job(now=T0)
-    await catalog.release_job(job["id"])
-    row = await catalog.get_job(job["id"])
-    assert (row["state"], row["attempts"]) == ("queued", 0)
-    await catalog.release_job(job["id"])  # only a running job is released
-    assert (await catalog.get_job(job["id"]))["attempts"] == 0
-
-
-async def test_requeue_running_after_a_crash(tmp_path):
-    path = tmp_path / "gateway.db"
-    c = Catalog(path)
-    await c.open()
-    await c.record_webhook("waha", b"a", [_event("a"), _event("b")], now=T0)
-    claimed = await c.claim_job(now=T0)
-    await c.close()  # "crash": the job is never finished
-
-    c2 = Catalog(path)
-    await c2.open()
-    try:
-        assert (await c2.get_job(claimed["id"]))["state"] == "running"
-        other = await c2.claim_job(now=T0)
-        assert other["id"] != claimed["id"]
-        assert await c2.claim_job(now=T0) is None  # the running one is not handed out twice
-        await c2.release_job(other["id"])
-        assert await c2.requeue_running() == 1
-        assert (await c2.get_job(claimed["id"]))["state"] == "queued"
-        assert await c2.requeue_running() == 0
-        jobs = [await c2.claim_job(now=T0), await c2.claim_job(now=T0)]
-        assert {j["id"] for j in jobs} == {claimed["id"], other["id"]}
-        again = next(j for j in jobs if j["id"] == claimed["id"])
-        assert again["attempts"] == 2  # the crashed attempt counts (a poison job cannot loop forever)
-    finally:
-        await c2.close()
 
 
 # -- backoff --------------------------------------------------------------------------------------

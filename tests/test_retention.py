@@ -1,4 +1,4 @@
-"""Retention cleanup (gateway/retention.py): what goes, what stays, on local storage and on S3
+"""Retention cleanup (gateway/retention/): what goes, what stays, on local storage and on S3
 (SeaweedFS), with the policy's "now" injected through the cleaner's clock instead of waiting."""
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from gateway.app import CATALOG, METRICS, RETENTION, STORAGE, create_app
-from gateway.catalog import Catalog
-from gateway.config import ConfigError, RetentionSettings, Settings, load_settings
-from gateway.media import CATEGORIES, new_media_id
-from gateway.retention import CleanupBusy, CleanupItem, crontab_trigger, expiry_rule, max_age_seconds
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.media import new_media_id
+from gateway.retention import CleanupBusy, CleanupItem, crontab_trigger, max_age_seconds
 from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, s3_config, waha_payload
 from tests.daemon import write_toml
 from tests.emulators.waha import WahaEmulator
@@ -196,37 +195,6 @@ async def test_cleanup_deletes_exactly_the_expired_set(start_gateway, waha, sink
 
     again = await gw.app[RETENTION].run()
     assert again.objects == 0 and await stored_keys(gw) == {keys[n] for n in plan if n not in going}
-
-
-async def test_the_sql_rule_is_the_documented_rule(tmp_path):
-    """Every provider x category x age combination: the catalog's query picks exactly the rows
-    :func:`max_age_seconds` says are too old (the rule the README documents)."""
-    settings = RetentionSettings(max_age_days=30, keep_public=True,
-                                 category_max_age_days={"video": 5, "document": "forever", "audio": 60},
-                                 provider_max_age_days={"meta": 10, "waha": 45})
-    catalog = Catalog(tmp_path / "gateway.db")
-    await catalog.open()
-    now = 1_800_000_000.0
-    want, n = set(), 0
-    try:
-        for provider in ("waha", "meta", "other"):
-            for category in CATEGORIES:
-                for age in (1, 6, 11, 31, 46, 61, 1000):
-                    n += 1
-                    media_id = f"m_{n:027x}"
-                    public = n % 11 == 0
-                    await catalog.insert_media({
-                        "id": media_id, "sha256": "0" * 64, "size": 1, "mimetype": "x/y", "category": category,
-                        "filename": "f", "backend": "local", "key": f"k/{media_id}", "provider": provider,
-                        "source_key": media_id, "created_at": now - age * DAY, "is_public": int(public)})
-                    if age * DAY > max_age_seconds(settings, provider, category) and not public:
-                        want.add(media_id)
-        rule = expiry_rule(settings, "local", now, now)
-        got = {r["id"] for r in await catalog.expired_media(rule, "", 10_000, claim=False)}
-        assert got == want and 0 < len(want) < n
-        assert (await catalog.count_expired_media(rule))[:2] == (len(want), 0)
-    finally:
-        await catalog.close()
 
 
 # -- orphans and missing objects ------------------------------------------------------------------

@@ -8,7 +8,7 @@ One run, in this order (``[retention]`` in :class:`gateway.config.RetentionSetti
 2. **Expired objects.** A stored object goes when its ``expires_at`` has passed, or when it is
    older than its maximum age (the longest of its provider's and its category's age when either is
    set, else ``max_age_days``; public objects are kept with ``keep_public``). An expired object
-   that a queued or running job still needs is kept (see :class:`gateway.catalog.Catalog`: the
+   that a queued or running job still needs is kept (see :class:`gateway.catalog.CatalogContract`: the
    jobs' events refer to it by ``source_key``, or it was stored for such an event); claiming a row
    and checking that happen in one transaction. Each claimed object is deleted from storage first,
    then its row; a failed delete leaves the row (state ``deleting``) for the next run.
@@ -33,6 +33,9 @@ One run at a time: an :class:`asyncio.Lock` in the process and an exclusive ``fl
 ``<catalog>.cleanup-lock`` across processes (the daemon and ``gateway cleanup``). A second run
 raises :class:`CleanupBusy`. The schedule runs on APScheduler 3's :class:`AsyncIOScheduler` with a
 :class:`CronTrigger` (:func:`crontab_trigger`), started and stopped in the app's cleanup_ctx.
+
+This module is the run; :mod:`.policy` says what expires, :mod:`.report` what a run reports and
+:mod:`.cron` reads the schedule. The catalog's queries are in :mod:`gateway.catalog.sqlite.retention`.
 """
 
 from __future__ import annotations
@@ -44,20 +47,21 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pluggy
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
 
-from gateway.catalog import Catalog, ExpiryRule
-from gateway.config import MaxAgeDays, RetentionSettings, Settings
+from gateway.catalog import CatalogContract, DoomedMedia
+from gateway.config import MaxAgeDays, Settings
 from gateway.metrics import Metrics
 from gateway.plugins import await_me_maybe
+from gateway.retention.cron import crontab_trigger
+from gateway.retention.policy import age_seconds, expiry_rule
+from gateway.retention.report import MAX_LISTED_IDS, CleanupItem, CleanupReport, NoProgress, Progress
 from gateway.storage import IncompleteUploads, StorageBackend, StorageError
 
 log = logging.getLogger("gateway.retention")
@@ -68,210 +72,12 @@ Clock = Callable[[], float]
 MEDIA_ID = re.compile(r"(?<![0-9a-z])m_[0-9a-f]{27}(?![0-9a-f])")
 """A media id as :func:`gateway.media.new_media_id` makes it; every object key holds one."""
 DELETE_CONCURRENCY = 8
-DAY = 86400.0
-_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 (and 7) = Sunday
-MAX_LISTED_IDS = 1000  # media ids a report lists (missing ones); the counts are always complete
 
 
 class CleanupBusy(Exception):
     """Another cleanup run is in progress, in this process or another (HTTP 409; CLI exit 3)."""
 
 
-# -- schedule ---------------------------------------------------------------------------------
-
-def _weekday(token: str, *, upper: bool = False) -> int:
-    token = token.strip().lower()
-    if token.isdigit():
-        value = int(token)
-        if not 0 <= value <= 7:
-            raise ValueError(f"day of week {token} is not 0-7")
-        return value if upper else value % 7
-    if token[:3] in _WEEKDAYS and len(token) == 3:
-        value = _WEEKDAYS.index(token)
-        return 7 if upper and value == 0 else value
-    raise ValueError(f"day of week {token!r} is not 0-7 or sun..sat")
-
-
-def _crontab_weekdays(spec: str) -> str:
-    """Crontab's day-of-week field as day names, the only unambiguous form for APScheduler 3,
-    whose numbers start at Monday (https://github.com/agronholm/apscheduler/issues/286)."""
-    if spec == "*":
-        return "*"
-    days: set[int] = set()
-    for part in spec.split(","):
-        span, slash, step_text = part.partition("/")
-        try:
-            step = int(step_text) if slash else 1
-        except ValueError:
-            raise ValueError(f"day of week step {step_text!r} is not a number") from None
-        if step < 1:
-            raise ValueError("day of week step must be at least 1")
-        if span == "*":
-            low, high = 0, 7
-        elif "-" in span:
-            a, b = span.split("-", 1)
-            low, high = _weekday(a), _weekday(b, upper=True)
-        else:
-            low = _weekday(span)
-            high = 7 if slash else low  # "1/2": from Monday to the end of the week, as cronie reads it
-        if low > high:
-            raise ValueError(f"day of week range {span!r} runs backwards")
-        days.update(d % 7 for d in range(low, high + 1, step))
-    return ",".join(_WEEKDAYS[d] for d in sorted(days))
-
-
-def crontab_trigger(expr: str, timezone: str = "UTC") -> CronTrigger:
-    """An APScheduler :class:`CronTrigger` for a standard five-field crontab line ``expr``
-    (minute, hour, day of month, month, day of week; crontab(5) numbering: 0 or 7 = Sunday, or
-    names ``sun``..``sat``), read in the IANA ``timezone``.
-
-    Raises ``ValueError`` for a malformed line, and for one that restricts both the day of month
-    and the day of week (cron runs when either matches, APScheduler only when both do: say one).
-    """
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"a crontab line has 5 fields (minute hour day-of-month month day-of-week), "
-                         f"got {len(fields)}")
-    minute, hour, day, month, weekday = fields
-    if day != "*" and weekday != "*":
-        raise ValueError("restrict the day of month or the day of week, not both")
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month,
-                       day_of_week=_crontab_weekdays(weekday), timezone=ZoneInfo(timezone))
-
-
-# -- policy -----------------------------------------------------------------------------------
-
-def age_seconds(days: MaxAgeDays) -> float:
-    """An age setting in seconds (``"forever"``: ``math.inf``)."""
-    return math.inf if days == "forever" else float(days) * DAY
-
-
-def max_age_seconds(settings: RetentionSettings, provider: str | None, category: str) -> float:
-    """The maximum age, in seconds (``math.inf``: kept), of an object of ``provider`` and
-    ``category``: the longest of the provider's and the category's ages when either is set, else
-    ``max_age_days``. The same rule :meth:`gateway.catalog.Catalog.expired_media` applies in SQL."""
-    rules = [age_seconds(a) for a in (settings.provider_max_age_days.get(provider or ""),
-                                      settings.category_max_age_days.get(category)) if a is not None]
-    return max(rules) if rules else age_seconds(settings.max_age_days)
-
-
-def expiry_rule(settings: RetentionSettings, backend: str, now: float, before: float) -> ExpiryRule:
-    """The catalog query's form of ``settings`` for a run on ``backend`` at policy time ``now``
-    that leaves alone rows created at or after ``before`` (epoch seconds)."""
-    return ExpiryRule(
-        backend=backend, now=now, before=before, default_age=age_seconds(settings.max_age_days),
-        provider_ages={k: age_seconds(v) for k, v in settings.provider_max_age_days.items()},
-        category_ages={k: age_seconds(v) for k, v in settings.category_max_age_days.items()},
-        keep_public=settings.keep_public,
-    )
-
-
-# -- reporting --------------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class CleanupItem:
-    """One object a run handled, for progress displays.
-
-    ``action``: ``delete`` (deleted; in a dry run: would be), ``failed`` (delete failed, kept for
-    the next run), ``missing`` (row marked missing), ``kept`` (expired but needed by a job),
-    ``abort`` (an incomplete upload aborted; in a dry run: would be).
-    ``reason``: ``age``, ``expires_at``, ``orphan``, ``missing`` or ``incomplete_upload``.
-    ``size`` in bytes (0 for an incomplete upload).
-    """
-
-    action: str
-    reason: str
-    key: str
-    size: int
-    bucket: str | None = None
-    media_id: str | None = None
-    provider: str | None = None
-    error: str | None = None
-
-
-class Progress(Protocol):
-    """Receives a run's progress (the CLI draws a progress bar from it)."""
-
-    def phase(self, name: str, total: int | None) -> None:
-        """A phase starts (``expired``, ``pending``, ``listing``, ``orphans``, ``missing``,
-        ``uploads``, ``pruning``); ``total``: items it will handle, when known."""
-
-    def item(self, item: CleanupItem) -> None:
-        """One object was handled."""
-
-
-class _NoProgress:
-    def phase(self, name: str, total: int | None) -> None:
-        pass
-
-    def item(self, item: CleanupItem) -> None:
-        pass
-
-
-@dataclass(slots=True)
-class CleanupReport:
-    """What a run did (in a dry run: would have done). Times in epoch seconds, sizes in bytes.
-
-    - ``now``: the policy clock's time; ``started_at``/``finished_at``: real time;
-    - ``deleted``: ``{reason: {"objects": n, "bytes": n}}``, reasons ``age``, ``expires_at``,
-      ``orphan``; ``rows_without_object``: deleted rows whose object was already gone;
-    - ``failed``: deletes that failed (rows kept for the next run), ``errors``: the first messages;
-    - ``kept_in_use``: expired objects kept because a queued or running job needs them;
-    - ``missing``: rows marked missing (``missing_ids``: the first :data:`MAX_LISTED_IDS`);
-    - ``listed``: objects the storage listed (None without ``reconcile``); ``orphans_in_grace``:
-      orphans younger than the grace period; ``foreign_objects``: keys without a media id, left alone;
-    - ``aborted_uploads``: incomplete uploads aborted (in a dry run: that would be);
-      ``uploads_in_grace``: the gateway's incomplete uploads younger than the grace period (they may
-      still be going on); None for backends without incomplete uploads;
-    - ``pruned``: ``{"events": n, "jobs": n}``;
-    - ``error``: why the run stopped early (storage or catalog unavailable), else None.
-    """
-
-    dry_run: bool
-    trigger: str
-    backend: str
-    now: float
-    started_at: float
-    finished_at: float | None = None
-    deleted: dict[str, dict[str, int]] = field(default_factory=dict)
-    rows_without_object: int = 0
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
-    kept_in_use: int = 0
-    missing: int = 0
-    missing_ids: list[str] = field(default_factory=list)
-    listed: int | None = None
-    orphans_in_grace: int = 0
-    foreign_objects: int = 0
-    aborted_uploads: int | None = None
-    uploads_in_grace: int | None = None
-    pruned: dict[str, int] = field(default_factory=lambda: {"events": 0, "jobs": 0})
-    error: str | None = None
-
-    @property
-    def objects(self) -> int:
-        """Objects deleted (or that would be), all reasons."""
-        return sum(d["objects"] for d in self.deleted.values())
-
-    @property
-    def bytes(self) -> int:
-        """Bytes deleted (or that would be), all reasons."""
-        return sum(d["bytes"] for d in self.deleted.values())
-
-    def count_deleted(self, reason: str, size: int) -> None:
-        """Add one deleted object of ``size`` bytes."""
-        entry = self.deleted.setdefault(reason, {"objects": 0, "bytes": 0})
-        entry["objects"] += 1
-        entry["bytes"] += size
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-able data (the admin endpoint's answer), with ``objects`` and ``bytes`` totals."""
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        data["objects"], data["bytes"] = self.objects, self.bytes
-        return data
-
-
-# -- the runner -------------------------------------------------------------------------------
 
 class _LockFile:
     """An exclusive, non-blocking ``flock`` on ``path`` (released when the process dies)."""
@@ -303,7 +109,7 @@ class Retention:
     (:meth:`run`, as ``gateway cleanup`` does). ``clock`` gives the policy's "now" (epoch seconds).
     """
 
-    def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend, metrics: Metrics,
+    def __init__(self, settings: Settings, catalog: CatalogContract, storage: StorageBackend, metrics: Metrics,
                  clock: Clock = time.time, pm: pluggy.PluginManager | None = None):
         self.pm = pm  # fires media_deleted for each deleted object when given
         self.settings = settings.retention
@@ -387,7 +193,7 @@ class Retention:
                 self.metrics.cleanup_runs.labels(trigger, "busy").inc()
                 raise
             try:
-                return await self._run(dry_run, trigger, progress or _NoProgress())
+                return await self._run(dry_run, trigger, progress or NoProgress())
             finally:
                 lock.release()
 
@@ -458,7 +264,7 @@ class Retention:
                     doomed.append(row)
             await self._delete_rows(report, doomed, progress)
 
-    async def _delete_rows(self, report: CleanupReport, rows: list[dict[str, Any]], progress: Progress) -> None:
+    async def _delete_rows(self, report: CleanupReport, rows: Sequence[DoomedMedia], progress: Progress) -> None:
         """Delete the objects of claimed rows, then the rows of those that went (a dry run counts)."""
         if report.dry_run:
             for row in rows:
@@ -467,9 +273,9 @@ class Retention:
                                           row["id"], row["provider"]))
             return
         slots = asyncio.Semaphore(DELETE_CONCURRENCY)
-        done: list[tuple[dict[str, Any], bool]] = []
+        done: list[tuple[DoomedMedia, bool]] = []
 
-        async def delete(row: dict[str, Any]) -> None:
+        async def delete(row: DoomedMedia) -> None:
             extra = {"media_id": row["id"], "provider": row["provider"]}
             async with slots:
                 try:

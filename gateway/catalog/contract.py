@@ -1,0 +1,345 @@
+"""The catalog contract (DESIGN §5-6): what the host asks of the store that holds the webhook events,
+the durable job queue, the media rows and the retention log. :class:`CatalogContract` is what an
+implementation provides; :class:`gateway.catalog.sqlite.SQLiteCatalog` is the default one.
+
+Rules every implementation keeps (the contract suite, ``tests/test_catalog_contract.py``, checks them):
+
+- **Durable on return.** A coroutine that changes something returns after the change is committed
+  (a crash or power loss afterwards keeps it); the changes of one call commit together or not at all.
+- **Idempotent by key.** An event's ``idempotency_key`` and a job's ``key`` are unique across all
+  providers: a second insert is a duplicate, not an error and not a second row. A media row's
+  ``source_key`` is unique among ``stored`` rows.
+- **Jobs are leased one at a time.** :meth:`CatalogContract.claim_job` hands a due queued job to
+  exactly one caller, even with several workers (a PostgreSQL implementation: ``FOR UPDATE SKIP
+  LOCKED``), and counts the attempt.
+- **Times** are epoch seconds (float), injected where a method takes ``now`` (tests move the clock);
+  media times are stored at whole microseconds (:func:`exact_time`). **Sizes** are bytes.
+- **Errors.** :class:`CatalogError` when the catalog is not open, cannot be opened, or is from a
+  newer gateway; :class:`CatalogLocked` when another daemon holds it. Anything else a driver raises
+  (the database went away) propagates: the caller treats it as an outage and retries later.
+- ``where`` arguments (:meth:`CatalogContract.count`, :meth:`CatalogContract.list_media`) are SQL
+  conditions over the named table with ``?`` placeholders, built by the host from fixed column names;
+  another SQL implementation translates the placeholders.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.catalog.rows import (
+    ClaimedJob,
+    CleanupRunRow,
+    DoomedMedia,
+    EventRow,
+    ExpiredMedia,
+    JobRow,
+    ListedObject,
+    MediaRow,
+    StatsGroup,
+    UnlistedMedia,
+)
+from gateway.providers import WebhookEvent
+
+JOB_STATES = ("queued", "running", "done", "dead")
+"""A job's states: ``queued`` (waiting for ``run_at``), ``running`` (claimed by a worker), ``done``,
+``dead`` (failed for good; waits for a person to retry it)."""
+
+
+def exact_time(ts: float | None) -> float | None:
+    """Epoch seconds rounded to whole microseconds: the one precision media timestamps are stored
+    at, shown at (RFC 3339 with six decimals) and compared at. ``None`` stays ``None``."""
+    return None if ts is None else round(ts, 6)
+
+
+class CatalogError(Exception):
+    """The catalog could not be opened, is not open, or is from a newer gateway."""
+
+
+class CatalogLocked(CatalogError):
+    """Another process holds the catalog's exclusive lock (a daemon already runs on it).
+
+    ``pid`` is the holder's process id as written in the lock file (None if unreadable).
+    """
+
+    def __init__(self, path: Path, pid: int | None):
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"catalog {path} is in use by {holder} (a gateway daemon already runs on it)")
+        self.path, self.pid = path, pid
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryRule:
+    """Which media rows a cleanup deletes (:meth:`CatalogContract.expired_media`). Times are epoch
+    seconds, ages seconds (``math.inf``: never).
+
+    - ``backend``: only rows stored on this backend (the one the cleanup can reach);
+    - ``now``: the policy clock; ages and ``expires_at`` are measured against it;
+    - ``before``: rows created at or after it are left alone (the run's real start, so that what
+      an ingest stores while a run goes on is never part of it);
+    - ``default_age``, ``provider_ages``, ``category_ages``: a row's maximum age is the longest of
+      its provider's and its category's when either is given, else ``default_age``;
+    - ``keep_public``: rows with ``is_public`` never expire by age (``expires_at`` still applies).
+    """
+
+    backend: str
+    now: float
+    before: float
+    default_age: float
+    provider_ages: Mapping[str, float] = field(default_factory=dict)
+    category_ages: Mapping[str, float] = field(default_factory=dict)
+    keep_public: bool = True
+
+
+@dataclass(slots=True)
+class CatalogStats:
+    """What ``/metrics`` reads from the catalog at scrape time (:meth:`CatalogContract.stats`).
+
+    ``jobs``: ``{(kind, state): count}``; ``oldest_queued``: ``{kind: created_at}`` of the oldest
+    queued job; ``media``: ``(backend, category, state, count, bytes)`` rows;
+    ``last_cleanup``: ``finished_at`` of the last successful, non-dry cleanup run, or None.
+    """
+
+    jobs: dict[tuple[str, str], int]
+    oldest_queued: dict[str, float]
+    media: list[tuple[str, str, str, int, int]]
+    last_cleanup: float | None
+
+
+class CatalogContract(abc.ABC):
+    """The catalog as the host uses it. Every method but :meth:`lock` is a coroutine and never
+    blocks the event loop. Open with :meth:`open` before anything else, close with :meth:`close`."""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def lock(self) -> None:
+        """Make this process the catalog's one daemon, without waiting; held until :meth:`close`
+        or the process's death. Idempotent. Readers (``gateway cleanup``) do not take it.
+
+        Raises :class:`CatalogLocked` naming the holder if another process holds it."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create what is missing and apply the numbered migrations.
+
+        Raises :class:`CatalogLocked` (an exclusive catalog, see :meth:`lock`), :class:`CatalogError`
+        if the schema is newer than this gateway knows."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection and the lock. Idempotent."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Return if the catalog answers a query (``/readyz``); raise otherwise
+        (:class:`CatalogError` when it is not open)."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The number of migrations applied."""
+
+    # -- events ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
+                             now: float | None = None) -> tuple[list[str], list[str]]:
+        """Commit each event of one webhook body ``raw`` with its ``ingest`` job (key
+        ``ingest:<event id>``, payload ``{"event_id": ...}``, due at ``now``) in one transaction.
+
+        Returns ``(accepted event ids, idempotency keys already seen)``: an event whose
+        idempotency key exists (from any provider, or earlier in ``events``) is a duplicate: no row,
+        no job. Concurrent calls with one key accept it once."""
+
+    @abc.abstractmethod
+    async def get_event(self, event_id: str) -> EventRow | None:
+        """The event (JSON columns decoded), or None."""
+
+    @abc.abstractmethod
+    async def count(self, table: str, where: str | None = None, args: list[Any] | None = None) -> int:
+        """Rows in ``table`` (``events``, ``jobs`` or ``media``) matching the SQL condition ``where``
+        (``?`` placeholders bound to ``args``). Raises ``ValueError`` for another table."""
+
+    # -- jobs -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def enqueue(self, kind: str, key: str, payload: dict[str, Any]) -> bool:
+        """Add a queued job, due now, unless one with ``key`` (its idempotency key) exists, in any
+        state. ``True`` if added."""
+
+    @abc.abstractmethod
+    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
+        """Take the due queued job (``run_at <= now``) with the earliest ``run_at`` (then id):
+        mark it running, count the attempt, return it; None when nothing is due. A job is handed
+        to one caller only."""
+
+    @abc.abstractmethod
+    async def next_run_at(self) -> float | None:
+        """When the earliest queued job is due (epoch seconds), or None."""
+
+    @abc.abstractmethod
+    async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
+                           event_update: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Mark a job done (``last_error`` cleared), enqueue ``followups`` ``(kind, key, payload)``
+        (idempotent by key, as :meth:`enqueue`) and apply ``event_update`` ``(event_id, {column:
+        value})`` (dicts and lists stored as JSON), all in one transaction. Runs ahead of other
+        waiting catalog work: the job's effect has happened, and a crash before the commit repeats it."""
+
+    @abc.abstractmethod
+    async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
+        """Record a failed attempt with ``error`` (kept to 2000 characters): back to ``queued``
+        due at ``retry_at``, or ``dead`` when it is None."""
+
+    @abc.abstractmethod
+    async def release_job(self, job_id: int) -> None:
+        """Return a running job to the queue without counting the attempt (a worker stopping);
+        a job that is not running is left alone."""
+
+    @abc.abstractmethod
+    async def requeue_running(self) -> int:
+        """Return every running job to the queue, attempts kept (their worker crashed; called at
+        start by the daemon that holds :meth:`lock`). Returns how many."""
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: int) -> JobRow | None:
+        """The job (``payload`` decoded), or None."""
+
+    @abc.abstractmethod
+    async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
+        """Jobs filtered by ``state`` and ``kind`` (None: any), oldest (by id) first."""
+
+    @abc.abstractmethod
+    async def job_counts(self) -> dict[tuple[str, str], int]:
+        """``{(kind, state): count}`` for the metrics; groups without jobs are absent."""
+
+    @abc.abstractmethod
+    async def retry_dead_job(self, job_id: int) -> JobRow | None:
+        """Queue a dead job again, due now, attempts reset. Returns the row as queued again (read
+        in the same transaction, before a worker can claim it), or None if the job was not dead."""
+
+    # -- media ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def media_by_source(self, source_key: str) -> MediaRow | None:
+        """The stored row for ``source_key`` (see :class:`gateway.providers.MediaRef`); rows being
+        deleted or found missing do not count (the attachment is fetched again)."""
+
+    @abc.abstractmethod
+    async def get_media(self, media_id: str) -> MediaRow | None:
+        """The media row in any state, or None."""
+
+    @abc.abstractmethod
+    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
+        """Insert a media row, written after its object. If its ``source_key`` is taken by a stored
+        row (a concurrent ingest stored the same attachment) nothing is inserted and the result is
+        ``(that row, False)``; else ``(record, True)``."""
+
+    @abc.abstractmethod
+    async def update_media(self, media_id: str, values: dict[str, Any]) -> bool:
+        """Set columns ``{column: value}`` of a media row (dicts and lists as JSON, bools as 0/1);
+        ``True`` if the row exists."""
+
+    @abc.abstractmethod
+    async def list_media(self, where: list[str], args: list[Any], sort: str, descending: bool,
+                         after: tuple[Any, str] | None, limit: int) -> list[MediaRow]:
+        """Up to ``limit`` media rows matching every SQL condition of ``where`` (``?`` placeholders
+        bound to ``args``), in ``sort`` order (``created_at`` or ``size``; else ``ValueError``) then
+        ``id``, starting after the keyset ``after`` = ``(sort value, id)``: pages that stay
+        correct while rows are added."""
+
+    @abc.abstractmethod
+    async def media_stats(self, tenant: str | None) -> dict[str, list[StatsGroup]]:
+        """``{"category"|"provider"|"backend": [(value, count, bytes)]}`` over media not being
+        deleted, of one tenant when ``tenant`` is given, by value (NULL as "")."""
+
+    @abc.abstractmethod
+    async def claim_media_for_delete(self, media_id: str, now: float) -> MediaRow | None:
+        """Move a media row to ``deleting`` (reason ``api``) so that neither ingest nor a cleanup
+        uses it meanwhile, and return it; None if there is no such row or another deletion has it."""
+
+    @abc.abstractmethod
+    async def media_totals(self) -> list[tuple[str, str, str, int, int]]:
+        """``(backend, provider or "", category, count, bytes)`` of every group of media rows."""
+
+    # -- retention queries (gateway.retention) ----------------------------------------------
+    # An object is *needed* while a queued or running job works on an event whose media refers to
+    # it (by ``source_key``), or was stored for such an event; needed rows are never claimed, and
+    # claiming happens in the same transaction as that check. Dead jobs protect nothing.
+    @abc.abstractmethod
+    async def count_expired_media(self, rule: ExpiryRule) -> tuple[int, int, int]:
+        """``(expired rows, of which needed, bytes of the others)`` under ``rule``."""
+
+    @abc.abstractmethod
+    async def expired_media(self, rule: ExpiryRule, after: str, limit: int, claim: bool
+                            ) -> list[ExpiredMedia]:
+        """Up to ``limit`` rows (``stored`` or ``missing``) expired under ``rule``, with ``id >
+        after``, by id. With ``claim``, the rows not in use move to ``deleting`` (reason: theirs)
+        in the same transaction; their objects are then deleted, then :meth:`forget_media`."""
+
+    @abc.abstractmethod
+    async def media_being_deleted(self, backend: str, after: str, limit: int) -> list[DoomedMedia]:
+        """Rows of ``backend`` in state ``deleting`` (a deletion that failed or was interrupted),
+        ``id > after``, by id, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def forget_media(self, ids: list[str]) -> int:
+        """Delete the rows ``ids`` that are ``deleting`` (their objects are gone). Returns how many."""
+
+    @abc.abstractmethod
+    async def begin_listing(self) -> None:
+        """Start an empty storage listing, private to this catalog connection (one at a time)."""
+
+    @abc.abstractmethod
+    async def add_listing(self, objects: list[ListedObject]) -> None:
+        """Add listed objects to the listing (a repeat replaces)."""
+
+    @abc.abstractmethod
+    async def end_listing(self) -> None:
+        """Drop the listing. Idempotent."""
+
+    @abc.abstractmethod
+    async def listed_without_row(self, backend: str, after: tuple[str, str], limit: int
+                                 ) -> list[ListedObject]:
+        """Listed objects that no media row of ``backend`` points at (orphan candidates), by
+        ``(bucket, key)`` after ``after``, at most ``limit``. A row without a bucket matches the
+        key in any bucket, an object listed without a bucket ("") any row's bucket."""
+
+    @abc.abstractmethod
+    async def rows_not_listed(self, backend: str, created_before: float, after: str, limit: int
+                              ) -> list[UnlistedMedia]:
+        """Stored rows of ``backend`` created before ``created_before`` whose object is not in the
+        listing, by id after ``after``, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def media_keys_present(self, backend: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of ``keys`` (``(bucket or "", key)``) a media row of ``backend`` points at now."""
+
+    @abc.abstractmethod
+    async def mark_missing(self, ids: list[str], now: float) -> int:
+        """Move stored rows ``ids`` to ``missing`` (reason ``not in storage``). Returns how many."""
+
+    @abc.abstractmethod
+    async def count_prunable(self, events_before: float | None, jobs_before: float | None) -> tuple[int, int]:
+        """``(events, jobs)`` that :meth:`prune_events` then :meth:`prune_done_jobs` would delete
+        with these bounds (``None``: kept forever)."""
+
+    @abc.abstractmethod
+    async def prune_events(self, before: float, limit: int) -> tuple[int, int]:
+        """Delete up to ``limit`` events received before ``before``, no longer queued, whose jobs
+        are all done, with those jobs. Returns ``(events, jobs)`` deleted."""
+
+    @abc.abstractmethod
+    async def prune_done_jobs(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` done jobs last updated before ``before``. Returns how many."""
+
+    @abc.abstractmethod
+    async def record_cleanup_run(self, trigger: str, started_at: float, finished_at: float, ok: bool,
+                                 report: dict[str, Any], keep: int = 100) -> None:
+        """Log a finished cleanup run (``report`` as JSON); keep only the last ``keep`` runs."""
+
+    @abc.abstractmethod
+    async def cleanup_runs(self, limit: int = 10) -> list[CleanupRunRow]:
+        """The last ``limit`` cleanup runs, newest first (``report`` decoded)."""
+
+    @abc.abstractmethod
+    async def stats(self) -> CatalogStats:
+        """Everything ``/metrics`` reads from the catalog, in one round trip."""

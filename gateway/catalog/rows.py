@@ -1,0 +1,161 @@
+"""The catalog's rows as the host sees them (DESIGN §5-6): what :class:`gateway.catalog.CatalogContract`
+methods take and return. Times are epoch seconds (floats; media times at whole microseconds, see
+:func:`gateway.catalog.exact_time`), sizes bytes. JSON columns are decoded where a method says so.
+
+Every implementation returns these keys; a ``NotRequired`` key may be absent (a row inserted
+without it), a value typed ``X | None`` may be NULL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+
+class EventRow(TypedDict):
+    """One webhook event (table ``events``), as :meth:`~gateway.catalog.CatalogContract.get_event`
+    returns it: ``payload``, ``media``, ``forward`` and ``notes`` decoded from JSON.
+
+    ``idempotency_key`` is unique across providers; ``raw`` is the webhook body as received (bytes);
+    ``media``: the event's :class:`gateway.providers.MediaRef` dicts; ``state``: ``queued`` until
+    its ingest job ran, then what that job set (``stored``, ...).
+    """
+
+    id: str
+    provider: str
+    idempotency_key: str
+    event: str
+    account: str | None
+    chat: str | None
+    message_id: str | None
+    received_at: float
+    raw: bytes
+    payload: Any
+    media: list[dict[str, Any]] | None
+    forward: Any
+    state: str
+    notes: Any
+
+
+class JobRow(TypedDict):
+    """One job of the durable queue (table ``jobs``), ``payload`` decoded.
+
+    ``key`` is the job's idempotency key (unique); ``state`` one of
+    :data:`gateway.catalog.JOB_STATES`; ``attempts`` counts claims (a crash's attempt too);
+    ``run_at``: when it is due; ``last_error``: the last failure's message (at most 2000 characters).
+    """
+
+    id: int
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    state: str
+    attempts: int
+    run_at: float
+    created_at: float
+    updated_at: float
+    last_error: str | None
+
+
+class ClaimedJob(TypedDict):
+    """What :meth:`~gateway.catalog.CatalogContract.claim_job` hands a worker: the job, now
+    ``running``, with the attempt counted."""
+
+    id: int
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: float
+
+
+class MediaRow(TypedDict):
+    """One stored object (table ``media``). ``id`` is the media id (``m_`` + 27 hex digits);
+    ``key`` the object key on ``backend`` (in ``bucket`` where the backend has buckets);
+    ``source_key`` identifies the provider's attachment and is unique among ``stored`` rows, across
+    providers; ``direction``: ``inbound``, ``outbound`` or ``upload``; ``is_public``: 0 or 1;
+    ``extra``: JSON text. ``state``: ``stored``, ``deleting`` (a deletion claimed it) or
+    ``missing`` (its object was not found in storage), changed at ``state_at`` for ``state_reason``.
+
+    :meth:`~gateway.catalog.CatalogContract.insert_media` takes one without the columns that have
+    defaults (``NotRequired``).
+    """
+
+    id: str
+    sha256: str
+    size: int
+    mimetype: str
+    category: str
+    filename: str
+    backend: str
+    key: str
+    created_at: float
+    declared_mimetype: NotRequired[str | None]
+    bucket: NotRequired[str | None]
+    provider: NotRequired[str | None]
+    account: NotRequired[str | None]
+    chat: NotRequired[str | None]
+    message_id: NotRequired[str | None]
+    direction: NotRequired[str]
+    source_key: NotRequired[str | None]
+    source_url: NotRequired[str | None]
+    event_id: NotRequired[str | None]
+    expires_at: NotRequired[float | None]
+    tenant: NotRequired[str | None]
+    is_public: NotRequired[int]
+    extra: NotRequired[Any]
+    state: NotRequired[str]
+    state_at: NotRequired[float | None]
+    state_reason: NotRequired[str | None]
+
+
+class DoomedMedia(TypedDict):
+    """A media row a cleanup deletes (object first, then row): what
+    :meth:`~gateway.catalog.CatalogContract.media_being_deleted` returns. ``reason``: ``age``,
+    ``expires_at`` or ``api``."""
+
+    id: str
+    key: str
+    bucket: str | None
+    size: int
+    category: str
+    provider: str | None
+    reason: str
+
+
+class ExpiredMedia(DoomedMedia):
+    """An expired media row (:meth:`~gateway.catalog.CatalogContract.expired_media`); ``in_use``:
+    a queued or running job needs it, so it is kept (and never claimed)."""
+
+    in_use: bool
+
+
+class UnlistedMedia(TypedDict):
+    """A stored row whose object the storage listing did not show
+    (:meth:`~gateway.catalog.CatalogContract.rows_not_listed`)."""
+
+    id: str
+    key: str
+    bucket: str | None
+    size: int
+    provider: str | None
+    event_id: str | None
+
+
+class CleanupRunRow(TypedDict):
+    """A finished cleanup run (table ``cleanup_runs``): ``trigger`` (``schedule``, ``api``,
+    ``cli``), real start and end times, ``ok`` (0 or 1), ``report``: the decoded
+    :meth:`gateway.retention.CleanupReport.to_dict`, or None."""
+
+    id: int
+    trigger: str
+    started_at: float
+    finished_at: float
+    ok: int
+    report: dict[str, Any] | None
+
+
+ListedObject = tuple[str, str, int, float]
+"""An object a storage listing showed: ``(bucket or "", key, size in bytes, modified epoch seconds)``."""
+
+StatsGroup = tuple[str, int, int]
+"""``(value, count, bytes)``: one group of :meth:`~gateway.catalog.CatalogContract.media_stats`."""

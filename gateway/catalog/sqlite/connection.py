@@ -1,0 +1,236 @@
+"""The SQLite catalog's connection: one dedicated thread owns it, so the event loop never blocks on
+SQLite and there is exactly one writer. WAL mode with ``synchronous=FULL``: a committed webhook
+survives a crash or power loss. One daemon per catalog: an exclusive ``flock`` on ``<path>.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import itertools
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from gateway.catalog.contract import CatalogError, CatalogLocked
+from gateway.catalog.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
+
+T = TypeVar("T")
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` (the write lock at once, so the transaction never fails half-way on a
+    busy database) ... ``COMMIT``; ``ROLLBACK`` when the block raises."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def fetch_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """The cursor's remaining rows as ``{column: value}`` dicts."""
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+def to_sql(value: Any) -> Any:
+    """A column value as SQLite stores it: dicts and lists as JSON text, bools as 0/1."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+class _CatalogThread(Executor):
+    """The catalog's one thread: runs submitted calls one at a time in submission order, except
+    that :meth:`submit_first` calls run before every call still waiting. Marking a job done goes
+    first, so that the moment between a job's effect (a bot's 2xx) and the commit that records it,
+    in which a crash repeats the job, is not stretched by a queue of other catalog work."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` after the calls already waiting."""
+        return self._put(1, fn, args, kwargs)
+
+    def submit_first(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` before the ordinary calls already waiting."""
+        return self._put(0, fn, args, {})
+
+    def _put(self, priority: int, fn: Callable[..., T], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="catalog", daemon=True)
+                self._thread.start()
+            self._queue.put((priority, next(self._seq), (future, fn, args, kwargs)))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop after the calls already submitted; ``wait``: until they ran."""
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            thread = self._thread
+            self._queue.put((2, next(self._seq), None))
+        if wait and thread is not None:
+            thread.join()
+
+
+class SQLiteConnection:
+    """The SQLite catalog's connection at ``path`` and its one thread: opening (WAL,
+    ``synchronous=FULL``, migrations), the daemon's lock, and :meth:`run` to reach the database
+    from the event loop. The concern modules (events, jobs, media, retention) build on it;
+    :class:`gateway.catalog.sqlite.SQLiteCatalog` puts them together.
+
+    ``exclusive``: :meth:`open` takes :meth:`lock` first (the daemon's catalog).
+    """
+
+    def __init__(self, path: Path, exclusive: bool = False):
+        self.path = Path(path)
+        self.exclusive = exclusive
+        self._executor = _CatalogThread()
+        self._db: sqlite_utils.Database | None = None
+        self._lock_fd: int | None = None
+
+    # -- the daemon's lock ----------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        """The lock file beside the database: ``<path>.lock``, holding the holder's PID."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def lock(self) -> None:
+        """Take the catalog's exclusive lock for this process (``flock`` on :attr:`lock_path`,
+        which then holds our PID), without waiting. One daemon per catalog: the lock lives as long
+        as the catalog is open (:meth:`close` releases it; so does the process's death).
+        ``gateway cleanup`` and other readers do not take it. Idempotent.
+
+        Raises :class:`CatalogLocked` naming the holder's PID if another process holds it.
+        (A PostgreSQL catalog would use leases instead; the lock stays the catalog's business.)
+        """
+        if self._lock_fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CatalogLocked(self.path, int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.ftruncate(fd, 0)
+            os.close(fd)  # releases the flock
+
+    # -- plumbing -------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(db, *args)`` on the catalog thread and return its result. Raises
+        :class:`CatalogError` when the catalog is not open (before :meth:`open`, after :meth:`close`)."""
+        self._require()  # a closed catalog's thread is gone: say so rather than fail to schedule
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._require(), *args))
+
+    async def _run_first(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`run`, ahead of the calls waiting for the catalog thread."""
+        self._require()
+        return await asyncio.wrap_future(self._executor.submit_first(lambda: fn(self._require(), *args)))
+
+    def _require(self) -> sqlite_utils.Database:
+        if self._db is None:
+            raise CatalogError("catalog is not open")
+        return self._db
+
+    async def open(self) -> None:
+        """Create the file and directory if needed, enable WAL, apply migrations. An ``exclusive``
+        catalog (the daemon's) first takes :meth:`lock`, so nothing is touched while another
+        daemon runs on it.
+
+        Raises :class:`CatalogLocked` (see :meth:`lock`), :class:`CatalogError` if the schema is
+        newer than this gateway knows.
+        """
+        if self.exclusive:
+            self.lock()
+        def _open() -> sqlite_utils.Database:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            db = sqlite_utils.Database(conn)
+            db.enable_wal()
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CatalogError(
+                    f"catalog {self.path} has schema version {version}; this gateway knows {SCHEMA_VERSION}"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                with transaction(db):
+                    MIGRATIONS[number](db)
+                    conn.execute(f"PRAGMA user_version={number + 1}")
+            return db
+
+        loop = asyncio.get_running_loop()
+        try:
+            self._db = await loop.run_in_executor(self._executor, _open)
+        except BaseException:
+            self._unlock()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection and stop the catalog thread."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, db.conn.close)
+        self._executor.shutdown(wait=True)
+        self._unlock()
+
+    async def check(self) -> None:
+        """Raise if the catalog cannot answer a query (for ``/readyz``)."""
+        await self.run(lambda db: db.conn.execute("SELECT 1").fetchone())
+
+    async def schema_version(self) -> int:
+        """The ``user_version`` of the open database."""
+        return await self.run(lambda db: db.conn.execute("PRAGMA user_version").fetchone()[0])

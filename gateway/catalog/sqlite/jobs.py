@@ -1,0 +1,171 @@
+"""The SQLite catalog's ``jobs``: the durable queue's rows (DESIGN §6). One writer (the catalog
+thread), so claiming the oldest due job in one ``UPDATE ... RETURNING`` hands it to one worker."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import sqlite_utils
+
+from gateway.catalog.rows import ClaimedJob, JobRow
+from gateway.catalog.sqlite.connection import SQLiteConnection, to_sql, transaction
+
+
+def insert_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str, Any],
+                now: float, run_at: float | None = None) -> bool:
+    """Queue a job unless one with ``key`` (its idempotency key) exists; ``True`` if added. Inside the
+    caller's transaction ``conn``."""
+    cur = conn.execute(
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
+        " VALUES (?,?,?, 'queued', 0, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+        (kind, key, json.dumps(payload), run_at if run_at is not None else now, now, now),
+    )
+    return cur.rowcount > 0
+
+
+def job_row(db: sqlite_utils.Database, job_id: int) -> JobRow | None:
+    """The job ``job_id`` (``payload`` decoded), or None."""
+    rows = list(db["jobs"].rows_where("id = ?", [job_id]))
+    if not rows:
+        return None
+    rows[0]["payload"] = json.loads(rows[0]["payload"])
+    return cast(JobRow, rows[0])
+
+
+class JobsMixin(SQLiteConnection):
+    """:class:`gateway.catalog.CatalogContract`'s jobs methods on SQLite."""
+
+    async def enqueue(self, kind: str, key: str, payload: dict[str, Any]) -> bool:
+        """Add a job unless one with ``key`` exists (idempotency key). ``True`` if added."""
+        def _enqueue(db: sqlite_utils.Database) -> bool:
+            with transaction(db) as conn:
+                return insert_job(conn, kind, key, payload, time.time())
+
+        return await self.run(_enqueue)
+
+    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
+        """Take the oldest due queued job: mark it running, count the attempt, return it."""
+        now = now if now is not None else time.time()
+
+        def _claim(db: sqlite_utils.Database) -> ClaimedJob | None:
+            with transaction(db) as conn:
+                cur = conn.execute(
+                    "UPDATE jobs SET state='running', attempts=attempts+1, updated_at=?"
+                    " WHERE id = (SELECT id FROM jobs WHERE state='queued' AND run_at<=?"
+                    " ORDER BY run_at, id LIMIT 1)"
+                    " RETURNING id, kind, key, payload, attempts, created_at",
+                    (now, now),
+                )
+                row = cur.fetchone()
+            if row is None:
+                return None
+            return {"id": row[0], "kind": row[1], "key": row[2], "payload": json.loads(row[3]),
+                    "attempts": row[4], "created_at": row[5]}
+
+        return await self.run(_claim)
+
+    async def next_run_at(self) -> float | None:
+        """When the earliest queued job is due (epoch seconds), or None."""
+        return await self.run(lambda db: db.conn.execute(
+            "SELECT MIN(run_at) FROM jobs WHERE state='queued'").fetchone()[0])
+
+    async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
+                           event_update: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` and apply
+        ``event_update`` ``(event_id, {column: value})``, all in one transaction, ahead of other
+        waiting catalog work."""
+        now = time.time()
+
+        def _complete(db: sqlite_utils.Database) -> None:
+            with transaction(db) as conn:
+                if event_update is not None:
+                    event_id, values = event_update
+                    cols = ", ".join(f"{c} = ?" for c in values)
+                    conn.execute(f"UPDATE events SET {cols} WHERE id = ?",
+                                 [*(to_sql(v) for v in values.values()), event_id])
+                for kind, key, payload in followups:
+                    insert_job(conn, kind, key, payload, now)
+                conn.execute("UPDATE jobs SET state='done', updated_at=?, last_error=NULL WHERE id=?",
+                             (now, job_id))
+
+        await self._run_first(_complete)  # the job's effect has happened: record it at once
+
+    async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
+        """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None."""
+        now = time.time()
+
+        def _fail(db: sqlite_utils.Database) -> None:
+            with transaction(db) as conn:
+                if retry_at is None:
+                    conn.execute("UPDATE jobs SET state='dead', last_error=?, updated_at=? WHERE id=?",
+                                 (error[:2000], now, job_id))
+                else:
+                    conn.execute("UPDATE jobs SET state='queued', last_error=?, run_at=?, updated_at=?"
+                                 " WHERE id=?", (error[:2000], retry_at, now, job_id))
+
+        await self.run(_fail)
+
+    async def release_job(self, job_id: int) -> None:
+        """Return an interrupted running job to the queue without counting the attempt."""
+        def _release(db: sqlite_utils.Database) -> None:
+            with transaction(db) as conn:
+                conn.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts-1, 0), updated_at=?"
+                             " WHERE id=? AND state='running'", (time.time(), job_id))
+
+        await self.run(_release)
+
+    async def requeue_running(self) -> int:
+        """Jobs left ``running`` by a crash go back to ``queued`` (called at start). Returns how many."""
+        def _requeue(db: sqlite_utils.Database) -> int:
+            with transaction(db) as conn:
+                return conn.execute("UPDATE jobs SET state='queued', updated_at=? WHERE state='running'",
+                                    (time.time(),)).rowcount
+
+        return await self.run(_requeue)
+
+    async def get_job(self, job_id: int) -> JobRow | None:
+        """The job row (``payload`` decoded), or None."""
+        return await self.run(job_row, job_id)
+
+    async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
+        """Jobs filtered by ``state`` and ``kind``, oldest first."""
+        def _list(db: sqlite_utils.Database) -> list[JobRow]:
+            where: list[str] = []
+            args: list[str] = []
+            if state:
+                where.append("state = ?")
+                args.append(state)
+            if kind:
+                where.append("kind = ?")
+                args.append(kind)
+            rows = list(db["jobs"].rows_where(" AND ".join(where) or None, args, order_by="id"))
+            for r in rows:
+                r["payload"] = json.loads(r["payload"])
+            return cast(list[JobRow], rows)
+
+        return await self.run(_list)
+
+    async def job_counts(self) -> dict[tuple[str, str], int]:
+        """``{(kind, state): count}`` for the metrics."""
+        def _counts(db: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+            rows = db.conn.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")
+            return {(k, s): n for k, s, n in rows}
+
+        return await self.run(_counts)
+
+    async def retry_dead_job(self, job_id: int) -> JobRow | None:
+        """Queue a dead job again (attempts reset). The row as queued again (read in the same
+        transaction, before a worker can claim it), or None if the job was not dead."""
+        def _retry(db: sqlite_utils.Database) -> JobRow | None:
+            with transaction(db) as conn:
+                if not conn.execute(
+                        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+                        " WHERE id = ? AND state = 'dead'", (time.time(), time.time(), job_id)).rowcount:
+                    return None
+                return job_row(db, job_id)
+
+        return await self.run(_retry)

@@ -1,0 +1,389 @@
+"""The catalog contract (:class:`gateway.catalog.CatalogContract`): its behaviours, through the
+contract's methods only, for every implementation in :data:`IMPLEMENTATIONS` (today SQLite; another
+implementation adds itself there and passes the same tests). Real databases, nothing mocked.
+Implementation-specific checks (SQLite's WAL mode, migrations) stay in ``test_catalog_jobs.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, SQLiteCatalog
+from gateway.config import RetentionSettings
+from gateway.media import CATEGORIES
+from gateway.providers import MediaRef, WebhookEvent
+from gateway.retention import DAY, expiry_rule, max_age_seconds
+
+T0 = 1_000_000.0  # an injected clock for the catalog's own ``now`` parameters
+
+IMPLEMENTATIONS: dict[str, Callable[[Path], CatalogContract]] = {
+    "sqlite": lambda tmp_path: SQLiteCatalog(tmp_path / "var" / "gateway.db"),
+}
+"""How to make a catalog on a fresh store in ``tmp_path``; every instance made for one test shares it."""
+
+OpenCatalog = Callable[[], Awaitable[CatalogContract]]
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+async def open_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenCatalog]:
+    """Opens a catalog on this test's store (a second call: another process's view of the same store,
+    as after a restart); all are closed at the end."""
+    opened: list[CatalogContract] = []
+
+    async def _open() -> CatalogContract:
+        catalog = IMPLEMENTATIONS[request.param](tmp_path)
+        await catalog.open()
+        opened.append(catalog)
+        return catalog
+
+    yield _open
+    for catalog in opened:
+        await catalog.close()
+
+
+@pytest.fixture
+async def catalog(open_catalog: OpenCatalog) -> CatalogContract:
+    return await open_catalog()
+
+
+def _event(key: str, media: int = 1) -> WebhookEvent:
+    return WebhookEvent(
+        idempotency_key=key, event="message", account="default",
+        payload={"id": key, "body": "hi"},
+        media=[MediaRef(path="payload.media", url=f"http://waha/files/{key}-{i}", source_key=f"src:{key}:{i}",
+                        mimetype="image/jpeg") for i in range(media)],
+        chat="123@c.us", message_id=key,
+    )
+
+
+def _media(n: int, **values: Any) -> MediaRow:
+    """Media row ``n`` (created at ``T0 + n``, ``n`` * 100 bytes) with ``values`` changed."""
+    media_id = f"m_{n:027x}"
+    row: dict[str, Any] = {
+        "id": media_id, "sha256": "0" * 64, "size": 100 * n, "mimetype": "image/jpeg", "category": "image",
+        "filename": f"{n}.jpg", "backend": "local", "key": f"k/{media_id}", "provider": "waha",
+        "source_key": f"src:{n}", "created_at": T0 + n, **values}
+    return cast(MediaRow, row)
+
+
+def _rule(**values: Any) -> ExpiryRule:
+    """Everything on ``local`` older than 10 s at ``T0 + 1000`` expires."""
+    return ExpiryRule(**{"backend": "local", "now": T0 + 1000, "before": T0 + 1000, "default_age": 10.0, **values})
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+async def test_record_webhook_reports_duplicates(catalog):
+    first, _ = await catalog.record_webhook("waha", b"1", [_event("k1")], now=T0)
+    accepted, dups = await catalog.record_webhook("waha", b"2", [_event("k1"), _event("k3")], now=T0 + 1)
+    assert dups == ["k1"] and len(accepted) == 1
+    assert await catalog.count("events") == 2
+    assert await catalog.count("jobs") == 2
+    # the first copy is untouched
+    assert (await catalog.get_event(first[0]))["raw"] == b"1"
+    # a repeat inside one body is a duplicate too
+    accepted, dups = await catalog.record_webhook("waha", b"3", [_event("k4"), _event("k4")], now=T0)
+    assert len(accepted) == 1 and dups == ["k4"]
+
+
+async def test_concurrent_redeliveries_store_one_event(catalog):
+    results = await asyncio.gather(*(catalog.record_webhook("waha", b"x", [_event("same")], now=T0)
+                                     for _ in range(10)))
+    assert sum(len(a) for a, _ in results) == 1
+    assert sum(len(d) for _, d in results) == 9
+    assert await catalog.count("events") == 1 and await catalog.count("jobs") == 1
+
+
+async def test_get_event_unknown(catalog):
+    assert await catalog.get_event("ev_nope") is None
+
+
+async def test_claim_respects_run_at_and_order(catalog):
+    a, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    b, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
+    assert await catalog.next_run_at() == T0
+    assert await catalog.claim_job(now=T0 - 1) is None
+    job = await catalog.claim_job(now=T0 + 10)
+    assert job["payload"] == {"event_id": a[0]} and job["attempts"] == 1 and job["kind"] == "ingest"
+    assert (await catalog.get_job(job["id"]))["state"] == "running"
+    job2 = await catalog.claim_job(now=T0 + 10)
+    assert job2["payload"] == {"event_id": b[0]}
+    assert await catalog.claim_job(now=T0 + 10) is None
+    assert await catalog.next_run_at() is None
+
+
+async def test_complete_job_with_followups_and_event_update(catalog):
+    [eid], _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    followups = [("deliver", f"deliver:{eid}:bot", {"event_id": eid, "target": "bot"}),
+                 ("deliver", f"deliver:{eid}:bot2", {"event_id": eid, "target": "bot2"})]
+    await catalog.complete_job(job["id"], followups, (eid, {"state": "stored", "forward": {"x": [1]},
+                                                            "notes": ["n1"]}))
+    done = await catalog.get_job(job["id"])
+    assert done["state"] == "done" and done["last_error"] is None and done["attempts"] == 1
+    ev = await catalog.get_event(eid)
+    assert ev["state"] == "stored" and ev["forward"] == {"x": [1]} and ev["notes"] == ["n1"]
+    deliver = await catalog.list_jobs(state="queued", kind="deliver")
+    assert [j["payload"]["target"] for j in deliver] == ["bot", "bot2"]
+    assert all(j["attempts"] == 0 for j in deliver)
+    # follow-ups are idempotent by key
+    assert await catalog.enqueue("deliver", f"deliver:{eid}:bot", {"dup": True}) is False
+    assert await catalog.count("jobs", "kind = ?", ["deliver"]) == 2
+    assert await catalog.job_counts() == {("ingest", "done"): 1, ("deliver", "queued"): 2}
+
+
+async def test_fail_job_retry_then_dead(catalog):
+    await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    await catalog.fail_job(job["id"], "ConnectionError: refused", retry_at=T0 + 30)
+    row = await catalog.get_job(job["id"])
+    assert (row["state"], row["run_at"], row["last_error"], row["attempts"]) == (
+        "queued", T0 + 30, "ConnectionError: refused", 1)
+    assert await catalog.claim_job(now=T0 + 29) is None
+    again = await catalog.claim_job(now=T0 + 30)
+    assert again["id"] == job["id"] and again["attempts"] == 2
+
+    await catalog.fail_job(job["id"], "x" * 5000, retry_at=None)
+    row = await catalog.get_job(job["id"])
+    assert row["state"] == "dead" and row["last_error"] == "x" * 2000  # bounded
+    assert await catalog.claim_job(now=T0 + 10**9) is None
+
+
+async def test_release_job_uncounts_the_attempt(catalog):
+    await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    await catalog.release_job(job["id"])
+    row = await catalog.get_job(job["id"])
+    assert (row["state"], row["attempts"]) == ("queued", 0)
+    await catalog.release_job(job["id"])  # only a running job is released
+    assert (await catalog.get_job(job["id"]))["attempts"] == 0
+
+
+async def test_requeue_running_after_a_crash(open_catalog):
+    c = await open_catalog()
+    await c.record_webhook("waha", b"a", [_event("a"), _event("b")], now=T0)
+    claimed = await c.claim_job(now=T0)
+    await c.close()  # "crash": the job is never finished
+
+    c2 = await open_catalog()  # the next daemon on the same store
+    try:
+        assert (await c2.get_job(claimed["id"]))["state"] == "running"
+        other = await c2.claim_job(now=T0)
+        assert other["id"] != claimed["id"]
+        assert await c2.claim_job(now=T0) is None  # the running one is not handed out twice
+        await c2.release_job(other["id"])
+        assert await c2.requeue_running() == 1
+        assert (await c2.get_job(claimed["id"]))["state"] == "queued"
+        assert await c2.requeue_running() == 0
+        jobs = [await c2.claim_job(now=T0), await c2.claim_job(now=T0)]
+        assert {j["id"] for j in jobs} == {claimed["id"], other["id"]}
+        again = next(j for j in jobs if j["id"] == claimed["id"])
+        assert again["attempts"] == 2  # the crashed attempt counts (a poison job cannot loop forever)
+    finally:
+        await c2.close()
+
+
+async def test_a_closed_catalog_raises_catalog_error(open_catalog):
+    from gateway.catalog import CatalogError
+    catalog = await open_catalog()
+    await catalog.check()
+    await catalog.close()
+    with pytest.raises(CatalogError):
+        await catalog.check()
+    await catalog.close()  # idempotent
+
+
+# -- media ----------------------------------------------------------------------------------------
+
+async def test_insert_media_is_idempotent_by_source_key(catalog):
+    row, inserted = await catalog.insert_media(_media(1))
+    assert inserted and row["id"] == _media(1)["id"]
+    stored = await catalog.get_media(row["id"])
+    assert stored is not None
+    assert (stored["state"], stored["direction"], stored["is_public"], stored["size"]) == ("stored", "inbound", 0, 100)
+    # a concurrent ingest stored the same attachment: the first row is the answer, no second row
+    again, inserted = await catalog.insert_media(_media(2, source_key="src:1"))
+    assert not inserted and again["id"] == row["id"]
+    assert await catalog.count("media") == 1
+    assert (await catalog.media_by_source("src:1"))["id"] == row["id"]
+    assert await catalog.media_by_source("src:nope") is None
+    assert await catalog.get_media("m_nope") is None
+
+
+async def test_a_row_being_deleted_no_longer_counts_for_its_source_key(catalog):
+    await catalog.insert_media(_media(1))
+    claimed = await catalog.claim_media_for_delete(_media(1)["id"], T0)
+    assert claimed is not None and claimed["state"] == "deleting" and claimed["state_reason"] == "api"
+    assert await catalog.claim_media_for_delete(_media(1)["id"], T0) is None  # another deletion has it
+    assert await catalog.claim_media_for_delete("m_nope", T0) is None
+    assert await catalog.media_by_source("src:1") is None  # the attachment is fetched again
+    _, inserted = await catalog.insert_media(_media(2, source_key="src:1"))
+    assert inserted and (await catalog.media_by_source("src:1"))["id"] == _media(2)["id"]
+
+
+async def test_update_media_sets_columns_of_an_existing_row(catalog):
+    await catalog.insert_media(_media(1))
+    assert await catalog.update_media(_media(1)["id"], {"chat": "c@c.us", "is_public": True})
+    row = await catalog.get_media(_media(1)["id"])
+    assert (row["chat"], row["is_public"]) == ("c@c.us", 1)
+    assert await catalog.update_media("m_nope", {"chat": "x"}) is False
+
+
+async def test_list_media_filters_sorts_and_pages_by_keyset(catalog):
+    sizes = {1: 500, 2: 100, 3: 300, 4: 300, 5: 200}
+    for n, size in sizes.items():
+        await catalog.insert_media(_media(n, size=size, provider="meta" if n % 2 else "waha",
+                                          tenant="t1" if n < 4 else None))
+    ids = {n: _media(n)["id"] for n in sizes}
+    rows = await catalog.list_media(["provider = ?"], ["meta"], "created_at", False, None, 10)
+    assert [r["id"] for r in rows] == [ids[1], ids[3], ids[5]]
+    assert await catalog.count("media", "provider = ?", ["waha"]) == 2
+    # pages of two by size, largest first, ties by id: the keyset of the last row starts the next page
+    pages, after = [], None
+    while page := await catalog.list_media([], [], "size", True, after, 2):
+        pages.append([r["id"] for r in page])
+        after = (page[-1]["size"], page[-1]["id"])
+    assert pages == [[ids[1], ids[4]], [ids[3], ids[5]], [ids[2]]]
+    with pytest.raises(ValueError):
+        await catalog.list_media([], [], "filename", False, None, 1)
+    with pytest.raises(ValueError):
+        await catalog.count("cleanup_runs")
+
+
+async def test_media_stats_and_totals_group_what_is_stored(catalog):
+    await catalog.insert_media(_media(1, tenant="t1"))
+    await catalog.insert_media(_media(2, category="video", provider="meta"))
+    await catalog.insert_media(_media(3, tenant="t1"))
+    await catalog.claim_media_for_delete(_media(3)["id"], T0)  # being deleted: not counted by media_stats
+    assert await catalog.media_stats(None) == {
+        "category": [("image", 1, 100), ("video", 1, 200)],
+        "provider": [("meta", 1, 200), ("waha", 1, 100)],
+        "backend": [("local", 2, 300)]}
+    assert (await catalog.media_stats("t1"))["category"] == [("image", 1, 100)]
+    assert sorted(await catalog.media_totals()) == [("local", "meta", "video", 1, 200),
+                                                    ("local", "waha", "image", 2, 400)]
+
+
+# -- retention queries ----------------------------------------------------------------------------
+
+async def test_expired_media_keeps_what_a_queued_job_needs_and_claims_the_rest(catalog):
+    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)  # needs src:a:0
+    await catalog.insert_media(_media(1, source_key="src:a:0"))
+    await catalog.insert_media(_media(2))
+    await catalog.insert_media(_media(3, created_at=T0 + 995, expires_at=T0 + 1000))  # young, but expires now
+    await catalog.insert_media(_media(4, created_at=T0 + 1000))  # created at the run's start: left alone
+    await catalog.insert_media(_media(5, backend="s3"))  # another backend
+    ids = [_media(n)["id"] for n in range(6)]
+    rule = _rule()
+    assert await catalog.count_expired_media(rule) == (3, 1, 200 + 300)
+    rows = await catalog.expired_media(rule, "", 10, claim=True)
+    assert [(r["id"], r["reason"], r["in_use"]) for r in rows] == [
+        (ids[1], "age", True), (ids[2], "age", False), (ids[3], "expires_at", False)]
+    assert [(await catalog.get_media(i))["state"] for i in ids[1:4]] == ["stored", "deleting", "deleting"]
+    assert await catalog.expired_media(rule, ids[3], 10, claim=False) == []
+    being_deleted = await catalog.media_being_deleted("local", "", 10)
+    assert [(r["id"], r["reason"], r["size"]) for r in being_deleted] == [(ids[2], "age", 200),
+                                                                          (ids[3], "expires_at", 300)]
+    assert await catalog.media_being_deleted("local", ids[2], 10) == being_deleted[1:]
+    assert await catalog.forget_media([ids[1], ids[2], ids[3]]) == 2  # only rows being deleted
+    assert await catalog.get_media(ids[2]) is None and await catalog.get_media(ids[1]) is not None
+    # once the event's job is done, nothing needs the object any more
+    job = await catalog.claim_job(now=T0)
+    await catalog.complete_job(job["id"], [], (eid, {"state": "stored"}))
+    assert [(r["id"], r["in_use"]) for r in await catalog.expired_media(rule, "", 10, claim=False)] == [
+        (ids[1], False)]
+
+
+async def test_reconciliation_finds_orphans_and_rows_without_object(catalog):
+    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)
+    await catalog.insert_media(_media(1))
+    await catalog.insert_media(_media(2, event_id=eid))
+    await catalog.insert_media(_media(3, created_at=T0 + 500))  # created after the listing started
+    ids = [_media(n)["id"] for n in range(4)]
+    await catalog.begin_listing()
+    await catalog.add_listing([("", f"k/{ids[1]}", 100, T0), ("", "foreign/x", 7, T0)])
+    await catalog.add_listing([("", "orphan/y", 9, T0 + 1)])
+    assert await catalog.listed_without_row("local", ("", ""), 10) == [("", "foreign/x", 7, T0),
+                                                                      ("", "orphan/y", 9, T0 + 1)]
+    assert await catalog.listed_without_row("local", ("", "foreign/x"), 10) == [("", "orphan/y", 9, T0 + 1)]
+    unlisted = await catalog.rows_not_listed("local", T0 + 100, "", 10)
+    assert [(r["id"], r["key"], r["size"], r["event_id"]) for r in unlisted] == [(ids[2], f"k/{ids[2]}", 200, eid)]
+    assert await catalog.media_keys_present("local", [("", f"k/{ids[1]}"), ("", "orphan/y")]) == {
+        ("", f"k/{ids[1]}")}
+    assert await catalog.mark_missing([ids[2], ids[1] + "x"], T0) == 1
+    missing = await catalog.get_media(ids[2])
+    assert (missing["state"], missing["state_reason"]) == ("missing", "not in storage")
+    assert await catalog.media_by_source("src:2") is None
+    await catalog.end_listing()
+    await catalog.end_listing()  # idempotent
+
+
+async def test_pruning_deletes_finished_events_with_their_jobs(catalog):
+    [done, waiting], _ = await catalog.record_webhook("waha", b"{}", [_event("a"), _event("b")], now=T0)
+    job = await catalog.claim_job(now=T0)
+    assert job["payload"] == {"event_id": done}
+    await catalog.complete_job(job["id"], [], (done, {"state": "stored"}))
+    assert await catalog.count_prunable(T0 + 1, None) == (1, 1)
+    assert await catalog.count_prunable(None, None) == (0, 0)
+    assert await catalog.count_prunable(T0, None) == (0, 0)  # received at T0: not before it
+    assert await catalog.prune_events(T0 + 1, 10) == (1, 1)
+    assert await catalog.get_event(done) is None and await catalog.get_event(waiting) is not None
+    assert await catalog.prune_events(T0 + 1, 10) == (0, 0)
+    assert await catalog.enqueue("deliver", "d1", {"n": 1})
+    job = await catalog.claim_job()
+    await catalog.complete_job(job["id"])
+    assert await catalog.prune_done_jobs(time.time() - 60, 10) == 0
+    assert await catalog.count_prunable(None, time.time() + 60) == (0, 1)
+    assert await catalog.prune_done_jobs(time.time() + 60, 10) == 1
+    assert await catalog.count("jobs") == 1  # the waiting event's ingest job
+
+
+async def test_cleanup_runs_are_logged_newest_first_and_bounded(catalog):
+    for n in range(3):
+        await catalog.record_cleanup_run("cli", T0 + n, T0 + n + 0.5, ok=n < 2, report={"n": n}, keep=2)
+    runs = await catalog.cleanup_runs()
+    assert [(r["trigger"], r["ok"], r["report"], r["finished_at"]) for r in runs] == [
+        ("cli", 0, {"n": 2}, T0 + 2.5), ("cli", 1, {"n": 1}, T0 + 1.5)]
+    assert len(await catalog.cleanup_runs(limit=1)) == 1
+    await catalog.insert_media(_media(1))
+    await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)
+    stats = await catalog.stats()
+    assert stats.last_cleanup == T0 + 1.5  # the last successful run
+    assert stats.jobs == {("ingest", "queued"): 1} and stats.oldest_queued == {"ingest": T0}
+    assert stats.media == [("local", "image", "stored", 1, 100)]
+
+
+async def test_the_sql_rule_is_the_documented_rule(open_catalog):
+    """Every provider x category x age combination: the catalog's query picks exactly the rows
+    :func:`max_age_seconds` says are too old (the rule the README documents)."""
+    settings = RetentionSettings(max_age_days=30, keep_public=True,
+                                 category_max_age_days={"video": 5, "document": "forever", "audio": 60},
+                                 provider_max_age_days={"meta": 10, "waha": 45})
+    catalog = await open_catalog()
+    now = 1_800_000_000.0
+    want, n = set(), 0
+    try:
+        for provider in ("waha", "meta", "other"):
+            for category in CATEGORIES:
+                for age in (1, 6, 11, 31, 46, 61, 1000):
+                    n += 1
+                    media_id = f"m_{n:027x}"
+                    public = n % 11 == 0
+                    await catalog.insert_media({
+                        "id": media_id, "sha256": "0" * 64, "size": 1, "mimetype": "x/y", "category": category,
+                        "filename": "f", "backend": "local", "key": f"k/{media_id}", "provider": provider,
+                        "source_key": media_id, "created_at": now - age * DAY, "is_public": int(public)})
+                    if age * DAY > max_age_seconds(settings, provider, category) and not public:
+                        want.add(media_id)
+        rule = expiry_rule(settings, "local", now, now)
+        got = {r["id"] for r in await catalog.expired_media(rule, "", 10_000, claim=False)}
+        assert got == want and 0 < len(want) < n
+        assert (await catalog.count_expired_media(rule))[:2] == (len(want), 0)
+    finally:
+        await catalog.close()
