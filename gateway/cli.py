@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -138,7 +138,7 @@ class _CleanupDisplay:
 
     def __init__(self, bar: bool, verbose: bool, dry_run: bool):
         self.bar_enabled, self.verbose, self.dry_run = bar, verbose, dry_run
-        self._bar = None
+        self._bar: Any = None  # click's progress bar while a phase with a known total runs
 
     def phase(self, name: str, total: int | None) -> None:
         self.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -127,8 +127,8 @@ class Ingestor:
                 raise
             return self._outcome(ref, record)
 
-    def _outcome(self, ref: MediaRef, record: dict[str, Any]) -> MediaOutcome:
-        return MediaOutcome(ref, record=record, link=self.links.link(record["id"], record["filename"]))
+    def _outcome(self, ref: MediaRef, record: Mapping[str, Any]) -> MediaOutcome:
+        return MediaOutcome(ref, record=dict(record), link=self.links.link(record["id"], record["filename"]))
 
     async def _store(self, provider: Provider, event: WebhookEvent, event_id: str,
                      ref: MediaRef) -> dict[str, Any]:

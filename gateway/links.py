@@ -78,5 +78,5 @@ class LinkSigner:
         if segments[1] == "public":
             return media_id, filename, False
         query = parse_qs(parts.query)
-        self.verify(media_id, filename, (query.get("exp") or [None])[0], (query.get("sig") or [None])[0], now)
+        self.verify(media_id, filename, (query.get("exp") or [""])[0], (query.get("sig") or [""])[0], now)
         return media_id, filename, True

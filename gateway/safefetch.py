@@ -162,6 +162,6 @@ def _legacy_ipv4(host: str) -> bool:
 def _filename(url: URL, resp: Any) -> str | None:
     disposition = resp.content_disposition
     if disposition is not None and disposition.filename:
-        return disposition.filename
+        return str(disposition.filename)
     name = url.name
     return name or None
