@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from gateway.providers import WebhookEvent
+from gateway.sdk.provider import WebhookEvent
 
 T = TypeVar("T")
 
@@ -592,7 +592,7 @@ class Catalog:
 
     # -- media ----------------------------------------------------------------------------
     async def media_by_source(self, source_key: str) -> dict[str, Any] | None:
-        """The media row stored for ``source_key`` (see :class:`gateway.providers.MediaRef`); rows a
+        """The media row stored for ``source_key`` (see :class:`gateway.sdk.provider.MediaRef`); rows a
         cleanup is deleting or found missing do not count (the attachment is fetched again)."""
         return await self.run(lambda db: next(db["media"].rows_where(
             "source_key = ? AND state = 'stored'", [source_key]), None))

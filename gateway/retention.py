@@ -18,7 +18,7 @@ One run, in this order (``[retention]`` in :class:`gateway.config.RetentionSetti
    digits), so foreign objects in a shared bucket are left alone (and counted). Rows whose object
    is not in storage are marked ``missing`` and reported (logged with their media id); they no
    longer count as stored, and the attachment is fetched again if it comes back.
-4. **Incomplete uploads** (backends with :class:`gateway.storage.IncompleteUploads`, such as
+4. **Incomplete uploads** (backends with :class:`gateway.sdk.storage.IncompleteUploads`, such as
    multipart uploads): uploads neither completed nor aborted, whose key holds a media id, started
    more than ``orphan_grace_hours`` ago (and before the run started), are aborted. A crash or an
    outage in the middle of an upload leaves them; they hold space but are no object.
@@ -57,8 +57,8 @@ from apscheduler.triggers.cron import CronTrigger
 from gateway.catalog import Catalog, ExpiryRule
 from gateway.config import MaxAgeDays, RetentionSettings, Settings
 from gateway.metrics import Metrics
-from gateway.plugins import await_me_maybe
-from gateway.storage import IncompleteUploads, StorageBackend, StorageError
+from gateway.plugins import notify
+from gateway.sdk.storage import IncompleteUploads, StorageBackend, StorageError
 
 log = logging.getLogger("gateway.retention")
 
@@ -487,8 +487,7 @@ class Retention:
         await self.catalog.forget_media([row["id"] for row, _ in done])
         if self.pm is not None:
             for row, _ in done:
-                for result in self.pm.hook.media_deleted(record=row):
-                    await await_me_maybe(result)
+                await notify(self.pm, "media_deleted", record=row)
         for row, existed in done:
             size = row["size"] if existed else 0
             report.count_deleted(row["reason"], size)

@@ -16,7 +16,7 @@ from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError
 from gateway.config import QueueSettings
 from gateway.jobs import Job, JobQueue, JobResult, PermanentError, backoff_delay
 from gateway.metrics import Metrics
-from gateway.providers import MediaRef, WebhookEvent
+from gateway.sdk.provider import MediaRef, WebhookEvent
 
 T0 = 1_000_000.0  # an injected clock for the catalog's own ``now`` parameters
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import Settings
 from gateway.media import MediaStream, MediaTooLarge
-from gateway.storage import ObjectNotFound
+from gateway.sdk.storage import ObjectNotFound
 from plugins.storage_local import LocalStorage
 from plugins.storage_s3 import S3Settings, S3Storage
 from tests.conftest import boto3_client, s3_config

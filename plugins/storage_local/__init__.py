@@ -32,7 +32,7 @@ from pydantic import Field
 
 from gateway import hookimpl
 from gateway.config import PluginSection, Settings, plugin_settings
-from gateway.storage import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
+from gateway.sdk.storage import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
 
 WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
 READ_CHUNK = 256 * 1024
@@ -50,7 +50,7 @@ class LocalSettings(PluginSection):
 
 
 class LocalStorage:
-    """A :class:`gateway.storage.StorageBackend` on a local directory tree."""
+    """A :class:`gateway.sdk.storage.StorageBackend` on a local directory tree."""
 
     name = "local"
 

@@ -46,7 +46,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from gateway import hookimpl
 from gateway.config import PluginSection, Settings, plugin_settings
 from gateway.media import CATEGORIES, content_disposition
-from gateway.storage import (
+from gateway.sdk.storage import (
     IncompleteUpload,
     InvalidKey,
     ObjectNotFound,
@@ -56,7 +56,7 @@ from gateway.storage import (
     StorageError,
 )
 
-log = logging.getLogger("gateway.storage.s3")
+log = logging.getLogger("gateway.sdk.storage.s3")
 
 MiB = 1024 * 1024
 READ_CHUNK = 256 * 1024
@@ -110,7 +110,7 @@ def _code(exc: ClientError) -> str:
 
 
 class S3Storage:
-    """A :class:`gateway.storage.StorageBackend` on S3 (aioboto3)."""
+    """A :class:`gateway.sdk.storage.StorageBackend` on S3 (aioboto3)."""
 
     name = "s3"
 

@@ -25,7 +25,7 @@ Inbound:
 - The token goes only to ``graph_url``'s host and to ``download_hosts``.
 
 Outbound (:meth:`MetaProvider.send`): Meta's type and size limits are checked first (a violation
-raises :class:`gateway.providers.SendRefused`, HTTP 422, and nothing is sent); then the object is
+raises :class:`gateway.sdk.provider.SendRefused`, HTTP 422, and nothing is sent); then the object is
 uploaded (``POST /{version}/{phone-number-id}/media``, multipart, streamed from storage) and sent
 by id, or sent by ``link`` (a signed gateway link) when ``send_by = "link"``.
 """
@@ -49,9 +49,9 @@ from yarl import URL
 
 from gateway import hookimpl, relay
 from gateway.config import PluginSection, Settings, plugin_settings
-from gateway.download import DownloadPolicy, resumable_body
+from gateway.sdk.download import DownloadPolicy, resumable_body
 from gateway.media import base_mime
-from gateway.providers import (
+from gateway.sdk.provider import (
     FetchError,
     MediaOutcome,
     MediaRef,
@@ -72,7 +72,7 @@ from gateway.providers import (
 from gateway.outbound import MediaUnavailable
 from gateway.store import Origin
 
-log = logging.getLogger("gateway.providers.meta")
+log = logging.getLogger("gateway.sdk.provider.meta")
 
 MEDIA_KINDS = ("image", "video", "audio", "document", "sticker")
 MB, KB = 1_000_000, 1_000  # Meta states its limits in MB and KB; decimal units are the safe reading
@@ -125,7 +125,7 @@ def _b64_to_hex(value: Any) -> str | None:
 
 
 class MetaProvider:
-    """The Cloud API :class:`gateway.providers.Provider`."""
+    """The Cloud API :class:`gateway.sdk.provider.Provider`."""
 
     name = "meta"
 
@@ -201,7 +201,7 @@ class MetaProvider:
     def parse(self, body: bytes) -> list[WebhookEvent]:
         """Every message, status and other change of the batch, each its own event.
 
-        The body is read with :func:`gateway.providers.load_json` (at most ``MAX_JSON_DEPTH``
+        The body is read with :func:`gateway.sdk.provider.load_json` (at most ``MAX_JSON_DEPTH``
         levels). Raises :class:`PayloadError` naming the bad field."""
         data = load_json(body)
         if not isinstance(data, dict):

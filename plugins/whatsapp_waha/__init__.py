@@ -55,9 +55,9 @@ from yarl import URL
 
 from gateway import hookimpl, relay
 from gateway.config import PluginSection, Settings, plugin_settings
-from gateway.download import DownloadPolicy, resumable_body
+from gateway.sdk.download import DownloadPolicy, resumable_body
 from gateway.media import base_mime
-from gateway.providers import (
+from gateway.sdk.provider import (
     FetchError,
     MediaOutcome,
     MediaRef,
@@ -78,7 +78,7 @@ from gateway.providers import (
 from gateway.outbound import MediaUnavailable
 from gateway.store import Origin
 
-log = logging.getLogger("gateway.providers.waha")
+log = logging.getLogger("gateway.sdk.provider.waha")
 
 
 class WahaSettings(PluginSection):
@@ -109,7 +109,7 @@ def _origin(url: URL) -> tuple[str, str, int | None]:
 
 
 class WahaProvider:
-    """The WAHA :class:`gateway.providers.Provider`."""
+    """The WAHA :class:`gateway.sdk.provider.Provider`."""
 
     name = "waha"
 
@@ -158,7 +158,7 @@ class WahaProvider:
             raise SignatureError("X-Webhook-Hmac does not match the body")
 
     def parse(self, body: bytes) -> list[WebhookEvent]:
-        """One event per body (:func:`gateway.providers.load_json`: at most ``MAX_JSON_DEPTH``
+        """One event per body (:func:`gateway.sdk.provider.load_json`: at most ``MAX_JSON_DEPTH``
         levels). Raises :class:`PayloadError` naming the missing or bad field."""
         data = load_json(body)
         if not isinstance(data, dict):
