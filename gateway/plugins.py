@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pluggy
 from pydantic import BaseModel
@@ -115,7 +115,8 @@ def offered(pm: pluggy.PluginManager, hook_name: str, settings: Settings, table:
     ``providers.waha: offered by two plugins, whatsapp_waha and my_plugin``."""
     found: dict[str, tuple[str, Any]] = {}
     for impl, args in _calls(pm, hook_name, {"settings": settings}):
-        for obj in impl.function(*args) or []:
+        objs = cast("list[Any] | None", impl.function(*args))
+        for obj in objs or []:
             who = plugin_name(impl)
             if obj.name in found:
                 first = found[obj.name][0]

@@ -30,7 +30,7 @@ from yarl import URL
 
 from gateway.sdk.provider import FetchError
 
-log = logging.getLogger("gateway.sdk.download")
+log = logging.getLogger("gateway.download")
 
 CHUNK = 1024 * 1024  # bytes per read (bench/stream_1gib.py: best with the local WRITE_BATCH of 4 MiB)
 BODY_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)

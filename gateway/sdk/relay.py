@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-log = logging.getLogger("gateway.sdk.relay")
+log = logging.getLogger("gateway.relay")
 
 FALLBACK_HEADER = "X-Gateway-Relay-Fallback"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
