@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test system-deps clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml examples/storage_flat/pyproject.toml
 	@./scripts/system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e examples/storage_flat  # the example third-party plugin: the contract suites test it
 	@touch $@
 
 run: $(BIN)/.installed
