@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test system-deps clean
 
-$(BIN)/.installed: pyproject.toml examples/storage_flat/pyproject.toml
+$(BIN)/.installed: pyproject.toml
 	@./scripts/system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

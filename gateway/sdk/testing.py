@@ -151,7 +151,8 @@ def contract_provider(contract_name: str, provider_contract_section: dict[str, A
     assert contract_name in providers, (
         f"no plugin offers provider {contract_name!r} with the section {provider_contract_section!r}: "
         "supply its settings by overriding the provider_contract_section fixture")
-    return providers[contract_name]
+    provider: Provider = providers[contract_name]
+    return provider
 
 
 @pytest.fixture
