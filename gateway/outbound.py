@@ -20,10 +20,10 @@ from gateway.catalog import Catalog
 from gateway.links import LinkError, LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge
 from gateway.metrics import Metrics
-from gateway.sdk.provider import OutboundMedia, Provider, SendError, SendRequest, SendResult
 from gateway.safefetch import FetchRefused, RemoteFetchError, SafeFetcher
-from gateway.sdk.storage import ObjectNotFound, StorageBackend, StorageError
 from gateway.sdk.outbound import MediaUnavailable, Origin
+from gateway.sdk.provider import OutboundMedia, Provider, SendError, SendRequest, SendResult
+from gateway.sdk.storage import ObjectNotFound, StorageBackend, StorageError
 from gateway.store import MediaRefused, MediaStore
 
 log = logging.getLogger("gateway.outbound")

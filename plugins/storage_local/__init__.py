@@ -18,9 +18,7 @@ and metadata are kept in a JSON sidecar under ``<root>/.meta/``. All file I/O ru
 
 from __future__ import annotations
 
-
-from gateway.sdk import hookimpl, Settings, plugin_settings
-
+from gateway.sdk import Settings, hookimpl, plugin_settings
 from plugins.storage_local.backend import LocalStorage
 from plugins.storage_local.settings import LocalSettings
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from stat import S_ISREG
 import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO
 
 from gateway.sdk import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
-
 
 WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
 

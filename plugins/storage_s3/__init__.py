@@ -30,9 +30,7 @@ presigned URLs.
 
 from __future__ import annotations
 
-
-from gateway.sdk import hookimpl, Settings, plugin_settings
-
+from gateway.sdk import Settings, hookimpl, plugin_settings
 from plugins.storage_s3.backend import S3Storage
 from plugins.storage_s3.settings import S3Settings
 

@@ -10,12 +10,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
+
 import aioboto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gateway.sdk import (
-    content_disposition,
     IncompleteUpload,
     InvalidKey,
     ObjectNotFound,
@@ -23,9 +23,9 @@ from gateway.sdk import (
     OpenedObject,
     PutResult,
     StorageError,
+    content_disposition,
 )
 from plugins.storage_s3.settings import MiB, S3Settings
-
 
 log = logging.getLogger("gateway.storage.s3")
 

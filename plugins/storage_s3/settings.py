@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from typing import Literal
+
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
-from gateway.sdk import PluginSection, CATEGORIES
-
+from gateway.sdk import CATEGORIES, PluginSection
 
 MiB = 1024 * 1024
 

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import logging
 
-
 from gateway.sdk import DownloadPolicy, ProviderContext, RouteDef, Settings, hookimpl, plugin_settings
-
 from plugins.whatsapp_meta.download import MetaDownload
 from plugins.whatsapp_meta.relay import MetaRelay
 from plugins.whatsapp_meta.send import MetaSend

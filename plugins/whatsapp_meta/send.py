@@ -12,7 +12,6 @@ from yarl import URL
 from gateway.sdk import SendError, SendRefused, SendRequest, SendResult
 from plugins.whatsapp_meta.settings import MetaState
 
-
 MB, KB = 1_000_000, 1_000  # Meta states its limits in MB and KB; decimal units are the safe reading
 LIMITS: dict[str, tuple[tuple[str, ...], int]] = {
     "image": (("image/jpeg", "image/png"), 5 * MB),

@@ -11,7 +11,6 @@ from yarl import URL
 
 from gateway.sdk import DownloadPolicy, OutboundService, PluginSection
 
-
 MEDIA_KINDS = ("image", "video", "audio", "document", "sticker")
 
 

@@ -39,9 +39,7 @@ Settings ``[providers.waha]``: ``enabled``, ``base_url``, ``api_key``, ``hmac_ke
 
 from __future__ import annotations
 
-
 from gateway.sdk import DownloadPolicy, ProviderContext, RouteDef, Settings, hookimpl, plugin_settings
-
 from plugins.whatsapp_waha.download import WahaDownload
 from plugins.whatsapp_waha.relay import WahaRelay
 from plugins.whatsapp_waha.send import WahaSend

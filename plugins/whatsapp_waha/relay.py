@@ -12,8 +12,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.sdk import MediaUnavailable, Origin, base_mime, relay, signature_matches
-from plugins.whatsapp_waha.settings import WahaState
 from plugins.whatsapp_waha.send import sent_message_id
+from plugins.whatsapp_waha.settings import WahaState
 
 log = logging.getLogger("gateway.providers.waha")
 

@@ -13,7 +13,6 @@ import aiohttp
 from gateway.sdk import OutboundMedia, SendError, SendRefused, SendRequest, SendResult, relay
 from plugins.whatsapp_waha.settings import WahaState
 
-
 SEND_ENDPOINTS = {"image": "sendImage", "sticker": "sendImage", "video": "sendVideo", "voice": "sendVoice",
                   "audio": "sendFile", "document": "sendFile"}
 

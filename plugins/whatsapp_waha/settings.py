@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import aiohttp
 from pydantic import AnyHttpUrl, Field, SecretStr
 from yarl import URL

@@ -10,7 +10,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-
 from gateway.sdk import (
     MediaOutcome,
     MediaRef,

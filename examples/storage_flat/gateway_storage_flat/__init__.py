@@ -19,7 +19,6 @@ this package's ``pyproject.toml``).
 from __future__ import annotations
 
 from gateway.sdk import PluginSection, Settings, hookimpl, plugin_settings
-
 from gateway_storage_flat.backend import FlatStorage
 
 __all__ = ["FlatSettings", "FlatStorage", "register_storage", "settings_sections"]
