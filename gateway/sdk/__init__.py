@@ -5,7 +5,8 @@ nowhere else in ``gateway``::
 
     from gateway.sdk import hookimpl, PluginSection, Settings, plugin_settings, StorageBackend, ...
 
-- hook markers: :data:`hookimpl` (the hooks are listed in :mod:`gateway.hookspecs`);
+- hook markers: :data:`hookimpl` (the hooks are listed in :mod:`gateway.hookspecs`) and what
+  hooks receive (:class:`MediaInfo` for ``check_media``, :data:`MediaRecord` for notifications);
 - the provider contract and its records: :mod:`gateway.sdk.provider`;
 - the storage-backend contract and its records: :mod:`gateway.sdk.storage`;
 - the outbound interface a provider's relay uses: :mod:`gateway.sdk.outbound`;
@@ -23,7 +24,7 @@ from gateway.config import ConfigError, PluginSection, Settings, plugin_settings
 from gateway.media import CATEGORIES, MediaStream, MediaTooLarge, base_mime, content_disposition
 from gateway.sdk import relay
 from gateway.sdk.download import BODY_ERRORS, DownloadPolicy, resumable_body
-from gateway.sdk.hooks import PROJECT, hookimpl, hookspec
+from gateway.sdk.hooks import PROJECT, MediaInfo, MediaRecord, hookimpl, hookspec
 from gateway.sdk.outbound import MediaUnavailable, Origin, OutboundService
 from gateway.sdk.provider import (
     MAX_JSON_DEPTH,
@@ -62,7 +63,7 @@ from gateway.sdk.storage import (
 
 __all__ = [
     # hooks
-    "PROJECT", "hookimpl", "hookspec",
+    "PROJECT", "hookimpl", "hookspec", "MediaInfo", "MediaRecord",
     # provider contract
     "Provider", "ProviderContext", "RouteDef", "WebhookEvent", "MediaRef", "MediaSource", "MediaOutcome",
     "OutboundMedia", "SendRequest", "SendResult", "OUTBOUND_TYPES",
