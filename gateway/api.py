@@ -55,12 +55,11 @@ from gateway.auth import Principal
 from gateway.catalog import JOB_STATES, exact_time
 from gateway.config import format_validation_error
 from gateway.media import CATEGORIES, safe_filename
-from gateway.outbound import MediaUnavailable
-from gateway.plugins import await_me_maybe
-from gateway.providers import OUTBOUND_TYPES, SendError, SendRequest
+from gateway.sdk.outbound import MediaUnavailable, Origin
+from gateway.plugins import notify
+from gateway.sdk.provider import OUTBOUND_TYPES, SendError, SendRequest
 from gateway.routes import error, require, serve_object
-from gateway.storage import StorageError
-from gateway.store import Origin
+from gateway.sdk.storage import StorageError
 
 log = logging.getLogger("gateway.api")
 
@@ -612,8 +611,7 @@ async def patch_file(request: web.Request) -> web.Response:
     updated = await request.app[CATALOG].get_media(record["id"])
     if updated is None:
         return error(404, "no such file")
-    for result in request.app[PLUGINS].hook.media_updated(record=updated):
-        await await_me_maybe(result)
+    await notify(request.app[PLUGINS], "media_updated", record=updated)
     return web.json_response(file_view(request, updated))
 
 

@@ -18,18 +18,18 @@ from gateway.auth import ApiKeys
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, Settings, check_plugin_sections
 from gateway.delivery import Deliverer
-from gateway.download import DownloadPolicy
+from gateway.sdk.download import DownloadPolicy
 from gateway.ingest import Ingestor
 from gateway.jobs import JobQueue
 from gateway.links import LinkSigner
 from gateway.metrics import MeteredStorage, Metrics
 from gateway.notify import Notifier
 from gateway.outbound import Outbound
-from gateway.plugins import await_me_maybe, make_manager, section_models
-from gateway.providers import Provider, ProviderContext
+from gateway.plugins import await_me_maybe, make_manager, offered, section_models
+from gateway.sdk.provider import Provider, ProviderContext
 from gateway.retention import Retention
 from gateway.safefetch import SafeFetcher
-from gateway.storage import StorageBackend
+from gateway.sdk.storage import StorageBackend
 from gateway.store import MediaStore
 
 log = logging.getLogger("gateway.app")
@@ -64,12 +64,7 @@ def select_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, 
 
     Raises :class:`ConfigError` for a plugin's bad settings or two providers with one name.
     """
-    providers: dict[str, Provider] = {}
-    for result in pm.hook.register_providers(settings=settings):
-        for provider in result or []:
-            if provider.name in providers:
-                raise ConfigError(f"providers.{provider.name}: offered by two plugins")
-            providers[provider.name] = provider
+    providers: dict[str, Provider] = offered(pm, "register_providers", settings, "providers")
     return providers
 
 
@@ -80,16 +75,14 @@ def check_sections(settings: Settings, pm: pluggy.PluginManager) -> None:
 
 
 def select_storage(settings: Settings, pm: pluggy.PluginManager) -> StorageBackend:
-    """The backend named by ``storage.backend``. Raises :class:`ConfigError` if none offers it."""
-    offered: dict[str, StorageBackend] = {}
-    for result in pm.hook.register_storage(settings=settings):
-        for backend in result or []:
-            offered[backend.name] = backend
+    """The backend named by ``storage.backend``. Raises :class:`ConfigError` if none offers it,
+    or if two plugins offer one name (naming both)."""
+    backends: dict[str, StorageBackend] = offered(pm, "register_storage", settings, "storage")
     name = settings.storage.backend
-    if name not in offered:
+    if name not in backends:
         raise ConfigError(f"storage.backend: no installed storage plugin offers {name!r} "
                           "(`gateway plugins` lists what loaded)")
-    return offered[name]
+    return backends[name]
 
 
 def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:

@@ -25,7 +25,7 @@ from gateway.plugins import PluginLoadError, describe, make_manager
 
 if TYPE_CHECKING:
     from gateway.retention import CleanupItem, CleanupReport
-    from gateway.storage import StorageBackend
+    from gateway.sdk.storage import StorageBackend
 
 T = TypeVar("T")
 

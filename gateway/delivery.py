@@ -33,7 +33,7 @@ from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.jobs import Job, JobResult, PermanentError
 from gateway.metrics import Metrics
-from gateway.plugins import await_me_maybe
+from gateway.plugins import notify
 
 log = logging.getLogger("gateway.delivery")
 
@@ -105,8 +105,7 @@ class Deliverer:
                      extra={"event_id": event_id, "target": name})
 
             async def forwarded() -> None:  # after the job is marked done: a slow hook cannot repeat it
-                for result in self.pm.hook.message_forwarded(event_id=event_id, target=name, status=status):
-                    await await_me_maybe(result)
+                await notify(self.pm, "message_forwarded", event_id=event_id, target=name, status=status)
             return JobResult(after=forwarded)
         self.metrics.deliveries.labels(name, f"http_{status // 100}xx").inc()
         message = f"target {name} answered HTTP {status}: {text[:200]}"

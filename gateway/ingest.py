@@ -17,14 +17,15 @@ from typing import Any
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.download import BODY_ERRORS
 from gateway.jobs import Job, JobResult, PermanentError, RetryLater
 from gateway.links import LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge, category_for
 from gateway.metrics import Metrics
-from gateway.providers import FetchError, MediaOutcome, MediaRef, Provider, WebhookEvent
-from gateway.storage import InvalidKey, StorageError
-from gateway.store import MediaRefused, MediaStore, Origin
+from gateway.sdk.download import BODY_ERRORS
+from gateway.sdk.outbound import Origin
+from gateway.sdk.provider import FetchError, MediaOutcome, MediaRef, Provider, WebhookEvent
+from gateway.sdk.storage import InvalidKey, StorageError
+from gateway.store import MediaRefused, MediaStore
 
 log = logging.getLogger("gateway.ingest")
 

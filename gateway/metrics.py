@@ -35,7 +35,7 @@ from prometheus_client import (
 
 from gateway.catalog import JOB_STATES, Catalog
 from gateway.media import CATEGORIES
-from gateway.storage import (
+from gateway.sdk.storage import (
     InvalidKey,
     ObjectNotFound,
     ObjectStat,
@@ -238,7 +238,7 @@ class Metrics:
 
     async def refresh_storage(self, storage: StorageBackend) -> None:
         """Set ``gateway_storage_free_bytes`` from the backend's optional ``free_bytes()``
-        (see :class:`gateway.storage.StorageBackend`); absent when the backend has none or the
+        (see :class:`gateway.sdk.storage.StorageBackend`); absent when the backend has none or the
         query fails."""
         free_bytes = getattr(storage, "free_bytes", None)
         if free_bytes is None:
@@ -256,7 +256,7 @@ class Metrics:
 
 
 class MeteredStorage:
-    """A :class:`gateway.storage.StorageBackend` that forwards to ``backend`` and records every
+    """A :class:`gateway.sdk.storage.StorageBackend` that forwards to ``backend`` and records every
     operation in ``gateway_storage_operations_total`` and ``gateway_storage_operation_duration_seconds``.
 
     Outcomes: ``ok``; ``not_found`` (:class:`ObjectNotFound`, or ``delete`` of an absent key);
@@ -311,23 +311,23 @@ class MeteredStorage:
 
     async def put(self, key: str, stream: AsyncIterator[bytes], content_type: str, metadata: dict[str, str],
                   category: str | None = None) -> PutResult:
-        """See :meth:`gateway.storage.StorageBackend.put`."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.put`."""
         with self._observe("put"):
             return await self.backend.put(key, stream, content_type, metadata, category=category)
 
     async def open(self, key: str, start: int | None = None, end: int | None = None,
                    bucket: str | None = None) -> OpenedObject:
-        """See :meth:`gateway.storage.StorageBackend.open`."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.open`."""
         with self._observe("open"):
             return await self.backend.open(key, start, end, bucket=bucket)
 
     async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
-        """See :meth:`gateway.storage.StorageBackend.stat`."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.stat`."""
         with self._observe("stat"):
             return await self.backend.stat(key, bucket=bucket)
 
     async def delete(self, key: str, bucket: str | None = None) -> bool:
-        """See :meth:`gateway.storage.StorageBackend.delete`; an absent key counts as ``not_found``."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.delete`; an absent key counts as ``not_found``."""
         with self._observe("delete") as result:
             existed = await self.backend.delete(key, bucket=bucket)
             if not existed:
@@ -335,19 +335,19 @@ class MeteredStorage:
             return existed
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
-        """See :meth:`gateway.storage.StorageBackend.list`; counted once, when the listing ends."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.list`; counted once, when the listing ends."""
         with self._observe("list"):
             async for item in self.backend.list(prefix):
                 yield item
 
     async def url(self, key: str, expires: int, filename: str | None = None, bucket: str | None = None,
                   content_type: str | None = None) -> str | None:
-        """See :meth:`gateway.storage.StorageBackend.url`."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.url`."""
         with self._observe("url"):
             return await self.backend.url(key, expires, filename=filename, bucket=bucket,
                                           content_type=content_type)
 
     async def check(self) -> None:
-        """See :meth:`gateway.storage.StorageBackend.check`."""
+        """See :meth:`gateway.sdk.storage.StorageBackend.check`."""
         with self._observe("check"):
             await self.backend.check()

@@ -10,7 +10,7 @@ and ``CleanupReport.to_dict()`` against them and runs schemathesis against a liv
 
 What the app itself decides is taken from it: the configured provider names (``/webhooks/{provider}``
 and a message's ``provider``), and whether ``/metrics`` needs a key. Routes that providers add
-(:meth:`gateway.providers.Provider.routes`: the WAHA and Meta drop-in relays, Meta's verification
+(:meth:`gateway.sdk.provider.Provider.routes`: the WAHA and Meta drop-in relays, Meta's verification
 handshake) speak their provider's own API: they are described as pass-through operations (tag
 ``pass-through``, any answer, bodies as the provider documents them).
 """

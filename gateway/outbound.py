@@ -20,21 +20,13 @@ from gateway.catalog import Catalog
 from gateway.links import LinkError, LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge
 from gateway.metrics import Metrics
-from gateway.providers import OutboundMedia, Provider, SendError, SendRequest, SendResult
 from gateway.safefetch import FetchRefused, RemoteFetchError, SafeFetcher
-from gateway.storage import ObjectNotFound, StorageBackend, StorageError
-from gateway.store import MediaRefused, MediaStore, Origin
+from gateway.sdk.outbound import MediaUnavailable, Origin
+from gateway.sdk.provider import OutboundMedia, Provider, SendError, SendRequest, SendResult
+from gateway.sdk.storage import ObjectNotFound, StorageBackend, StorageError
+from gateway.store import MediaRefused, MediaStore
 
 log = logging.getLogger("gateway.outbound")
-
-
-class MediaUnavailable(Exception):
-    """The media to send could not be had. ``status``: the HTTP status to answer (404 unknown id,
-    413 too large, 422 refused URL or type, 502 remote fetch failed, 503 storage down)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Outbound:
@@ -148,7 +140,7 @@ class Outbound:
     async def send(self, provider: Provider, request: SendRequest) -> SendResult:
         """The provider's send, counted; the message id recorded on the media row.
 
-        Raises :class:`gateway.providers.SendError` (and ``SendRefused``); a refused send's copy
+        Raises :class:`gateway.sdk.provider.SendError` (and ``SendRefused``); a refused send's copy
         is removed first (see :meth:`discard_refused`)."""
         try:
             result = await provider.send(request)

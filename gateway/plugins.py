@@ -5,17 +5,25 @@ group ``gateway`` (DESIGN §3-4). The host never imports a plugin by name.
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pluggy
 from pydantic import BaseModel
 
 from gateway import hookspecs
-from gateway.config import ConfigError, closest
+from gateway.config import ConfigError, Settings, closest
+from gateway.sdk.hooks import PROJECT, MediaInfo
 
-GROUP = "gateway"
+GROUP = PROJECT
+NOTIFICATIONS = ("media_stored", "media_updated", "media_deleted", "message_forwarded")
+"""The notification hooks: run by :func:`notify`, after the commit, failures logged."""
+
+log = logging.getLogger("gateway.plugins")
+T = TypeVar("T")
 
 
 class PluginLoadError(Exception):
@@ -80,6 +88,74 @@ def _check_hooks(pm: pluggy.PluginManager, values: dict[str, str]) -> None:
             raise PluginLoadError(f"plugin {who}: unknown hook {name!r}; did you mean {closest(name, known)!r}?")
 
 
+def plugin_name(impl: pluggy.HookImpl) -> str:
+    """How messages name the plugin of a hook implementation: its entry-point name, else the
+    module or the class of an object registered directly."""
+    if not inspect.ismodule(impl.plugin) and impl.plugin_name == str(id(impl.plugin)):
+        return type(impl.plugin).__qualname__
+    if inspect.ismodule(impl.plugin) and impl.plugin_name == str(id(impl.plugin)):
+        return impl.plugin.__name__
+    return impl.plugin_name
+
+
+def _calls(pm: pluggy.PluginManager, hook_name: str, kwargs: dict[str, Any]
+           ) -> Iterator[tuple[pluggy.HookImpl, list[Any]]]:
+    """Each plain implementation of ``hook_name`` (wrappers left out) with the arguments it takes,
+    in pluggy's call order (last registered first)."""
+    caller = getattr(pm.hook, hook_name)
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        yield impl, [kwargs[name] for name in impl.argnames]
+
+
+def offered(pm: pluggy.PluginManager, hook_name: str, settings: Settings, table: str) -> dict[str, Any]:
+    """The objects a discovery hook (``register_providers``, ``register_storage``) offers, by
+    ``name``. Raises :class:`ConfigError` when two plugins offer one name, naming both:
+    ``providers.waha: offered by two plugins, whatsapp_waha and my_plugin``."""
+    found: dict[str, tuple[str, Any]] = {}
+    for impl, args in _calls(pm, hook_name, {"settings": settings}):
+        objs = cast("list[Any] | None", impl.function(*args))
+        for obj in objs or []:
+            who = plugin_name(impl)
+            if obj.name in found:
+                first = found[obj.name][0]
+                names = f"{first} and {who}" if first != who else f"{who} (twice)"
+                raise ConfigError(f"{table}.{obj.name}: offered by two plugins, {names}")
+            found[obj.name] = (who, obj)
+    return {name: obj for name, (_, obj) in found.items()}
+
+
+async def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Run the notification hook ``hook_name`` (one of :data:`NOTIFICATIONS`) with ``kwargs``,
+    after the operation it reports has been committed.
+
+    Each implementation runs on its own and is awaited if it returns an awaitable. One that raises
+    is logged (one WARNING line naming the plugin and the error, no traceback) and does not stop
+    the others, nor fail or undo the operation. Cancellation propagates.
+    """
+    for impl, args in _calls(pm, hook_name, kwargs):
+        try:
+            await await_me_maybe(impl.function(*args))
+        except Exception as exc:
+            log.warning("plugin %s: %s hook failed (ignored, the operation stands): %s: %s",
+                        plugin_name(impl), hook_name, type(exc).__name__, exc,
+                        extra={"plugin": plugin_name(impl), "hook": hook_name})
+
+
+async def check_media(pm: pluggy.PluginManager, info: MediaInfo) -> str | None:
+    """The first reason a ``check_media`` hook gives to refuse an attachment, else ``None``.
+
+    Implementations may be sync or async (each result is awaited if awaitable, so an async
+    implementation's coroutine is never taken for a truthy reason). A hook's exception
+    propagates."""
+    for result in pm.hook.check_media(info=info):
+        reason = await await_me_maybe(result)
+        if reason:
+            return str(reason)
+    return None
+
+
 def section_models(pm: pluggy.PluginManager) -> dict[str, type[BaseModel]]:
     """Every plugin's settings sections, from the ``settings_sections`` hook:
     ``{"providers.waha": WahaSettings, "storage.local": LocalSettings, ...}``.
@@ -109,7 +185,7 @@ def describe(pm: pluggy.PluginManager) -> list[PluginInfo]:
     return sorted(infos, key=lambda i: i.name)
 
 
-async def await_me_maybe(value: Any) -> Any:
+async def await_me_maybe(value: T | Awaitable[T]) -> T:
     """Await ``value`` if it is awaitable (hooks may return coroutines), else return it."""
     if inspect.isawaitable(value):
         return await value

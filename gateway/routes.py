@@ -18,9 +18,9 @@ from gateway.auth import Forbidden, Principal, Unauthorized
 from gateway.links import LinkError
 from gateway.media import content_disposition
 from gateway.metrics import http_method
-from gateway.providers import PayloadError, SignatureError
+from gateway.sdk.provider import PayloadError, SignatureError
 from gateway.retention import CleanupBusy
-from gateway.storage import ObjectNotFound
+from gateway.sdk.storage import ObjectNotFound
 
 log = logging.getLogger("gateway.http")
 

@@ -26,7 +26,7 @@ from yarl import URL
 
 from gateway.config import FetchSettings
 from gateway.media import base_mime
-from gateway.providers import MediaSource
+from gateway.sdk.provider import MediaSource
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = {301, 302, 303, 307, 308}

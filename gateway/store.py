@@ -28,43 +28,16 @@ from gateway.media import (
     safe_filename,
     sniff,
 )
-from gateway.plugins import await_me_maybe
-from gateway.storage import StorageBackend
+from gateway.plugins import check_media, notify
+from gateway.sdk.hooks import MediaInfo
+from gateway.sdk.outbound import Origin
+from gateway.sdk.storage import StorageBackend
 
 log = logging.getLogger("gateway.store")
 
 
 class MediaRefused(Exception):
     """Policy refused the attachment (type mismatch under ``reject``, or a ``check_media`` hook)."""
-
-
-@dataclass(slots=True)
-class Origin:
-    """Where a stream comes from, for the catalog row.
-
-    ``direction``: ``inbound``, ``outbound`` or ``upload``; ``source_key``: the idempotency key of the
-    attachment (``None`` for one-off uploads); ``declared_*``: what the sender said
-    (``declared_category``: one of :data:`gateway.media.CATEGORIES`; like a declared type it never
-    decides the category, and contradicting the content is a type mismatch).
-    """
-
-    provider: str
-    account: str
-    direction: str = "inbound"
-    chat: str | None = None
-    message_id: str | None = None
-    event_id: str | None = None
-    source_key: str | None = None
-    source_url: str | None = None
-    declared_mimetype: str | None = None
-    declared_size: int | None = None
-    declared_sha256: str | None = None
-    declared_category: str | None = None
-    filename: str | None = None
-    tenant: str | None = None
-    is_public: bool = False
-    expires_at: float | None = None  # epoch seconds; retention deletes the object after it
-    metadata: dict[str, Any] | None = None  # the caller's own, kept in the row's extra
 
 
 class MediaStore:
@@ -109,12 +82,12 @@ class MediaStore:
         media_id = new_media_id()
         ext = extension_for(decision.mimetype)
         filename = safe_filename(origin.filename, fallback=f"{media_id}{ext}")
-        info = {"provider": origin.provider, "account": origin.account, "mimetype": decision.mimetype,
+        info: MediaInfo = {"provider": origin.provider, "account": origin.account, "mimetype": decision.mimetype,
                 "declared_mimetype": decision.declared, "category": decision.category,
                 "filename": filename, "type_mismatch": decision.mismatch, "head": head}
-        for reason in self.pm.hook.check_media(info=info):
-            if reason:
-                raise MediaRefused(f"refused by policy: {reason}")
+        reason = await check_media(self.pm, info)
+        if reason:
+            raise MediaRefused(f"refused by policy: {reason}")
         key = object_key(self.settings.media.key_template, provider=origin.provider,
                          account=origin.account or "_", category=decision.category,
                          media_id=media_id, ext=ext)
@@ -138,8 +111,7 @@ class MediaStore:
             return record, False
         log.info("stored %s (%s, %d bytes) at %s", media_id, decision.mimetype, stream.size, key,
                  extra={"event_id": origin.event_id, "provider": origin.provider, "media_id": media_id})
-        for result in self.pm.hook.media_stored(record=record):
-            await await_me_maybe(result)
+        await notify(self.pm, "media_stored", record=record)
         return record, True
 
     async def delete(self, media_id: str) -> dict[str, Any] | None:
@@ -152,8 +124,7 @@ class MediaStore:
             return None
         await self.storage.delete(claimed["key"], bucket=claimed["bucket"])
         await self.catalog.forget_media([claimed["id"]])
-        for result in self.pm.hook.media_deleted(record=claimed):
-            await await_me_maybe(result)
+        await notify(self.pm, "media_deleted", record=claimed)
         return claimed
 
 

@@ -193,3 +193,39 @@ async def start_gateway(aiohttp_server, unused_tcp_port_factory, tmp_path: Path,
 @pytest.fixture
 async def gateway(start_gateway) -> Gateway:
     return await start_gateway()
+
+
+# -- settings and samples for the shipped contract suites (gateway/sdk/testing.py) ---------------------
+
+CONTRACT_SECRET = "contract-secret"
+
+
+@pytest.fixture
+def storage_contract_section(storage_contract_section: dict[str, Any], contract_name: str,
+                             request: pytest.FixtureRequest) -> dict[str, Any]:
+    """S3 runs the storage contract on the session's SeaweedFS (a fresh bucket per test); the other
+    backends on their defaults under the test's tmp_path."""
+    if contract_name == "s3":
+        return s3_config(request.getfixturevalue("s3_server"))
+    return storage_contract_section
+
+
+@pytest.fixture
+def provider_contract_section(provider_contract_section: dict[str, Any], contract_name: str) -> dict[str, Any]:
+    """The built-in providers with their webhook signatures switched on."""
+    secret = {"waha": {"hmac_key": CONTRACT_SECRET}, "meta": {"app_secret": CONTRACT_SECRET}}
+    return {**provider_contract_section, **secret.get(contract_name, {})}
+
+
+@pytest.fixture
+def provider_contract_samples(provider_contract_samples: list[tuple[dict[str, str], bytes]],
+                              contract_name: str) -> list[tuple[dict[str, str], bytes]]:
+    """The documented payloads in tests/fixtures/payloads, signed as each provider signs them."""
+    if contract_name == "waha":
+        bodies = [(FIXTURES / "payloads" / "waha" / n).read_bytes() for n in ("message_image.json", "message_document.json")]
+        return [({"X-Webhook-Hmac": waha_hmac(CONTRACT_SECRET, b)}, b) for b in bodies]
+    if contract_name == "meta":
+        bodies = [(FIXTURES / "payloads" / "meta" / n).read_bytes() for n in ("webhook_image.json", "webhook_document.json")]
+        return [({"X-Hub-Signature-256": "sha256=" + hmac.new(CONTRACT_SECRET.encode(), b, hashlib.sha256).hexdigest()}, b)
+                for b in bodies]
+    return provider_contract_samples

@@ -17,7 +17,7 @@ import pytest
 from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, SQLiteCatalog
 from gateway.config import RetentionSettings
 from gateway.media import CATEGORIES
-from gateway.providers import MediaRef, WebhookEvent
+from gateway.sdk.provider import MediaRef, WebhookEvent
 from gateway.retention import DAY, expiry_rule, max_age_seconds
 
 T0 = 1_000_000.0  # an injected clock for the catalog's own ``now`` parameters

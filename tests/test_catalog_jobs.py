@@ -16,7 +16,7 @@ from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError
 from gateway.config import QueueSettings
 from gateway.jobs import Job, JobQueue, JobResult, PermanentError, backoff_delay
 from gateway.metrics import Metrics
-from gateway.providers import MediaRef
+from gateway.sdk.provider import MediaRef
 from tests.test_catalog_contract import T0, _event
 
 @pytest.fixture

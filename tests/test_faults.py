@@ -23,8 +23,8 @@ from gateway import hookimpl
 from gateway.app import CATALOG, create_app
 from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
-from gateway.providers import MediaRef, MediaSource
-from gateway.storage import StorageError
+from gateway.sdk.provider import MediaRef, MediaSource
+from gateway.sdk.storage import StorageError
 from plugins.storage_local import LocalSettings, LocalStorage
 from plugins.whatsapp_waha import WahaProvider, WahaSettings
 from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_payload

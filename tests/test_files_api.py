@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import CATALOG, STORAGE
-from gateway.storage import ObjectNotFound
+from gateway.sdk.storage import ObjectNotFound
 from tests.conftest import MANIFEST, MEDIA
 
 ADMIN, T1, T2, T1_READ = "admin-key", "tenant-one-key", "tenant-two-key", "tenant-one-reader"

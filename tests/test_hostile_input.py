@@ -15,7 +15,7 @@ import time
 import pytest
 
 from gateway.app import CATALOG
-from gateway.providers import MAX_JSON_DEPTH, MediaOutcome, WebhookEvent
+from gateway.sdk.provider import MAX_JSON_DEPTH, MediaOutcome, WebhookEvent
 from plugins.whatsapp_meta import MetaProvider, MetaSettings
 from plugins.whatsapp_waha import WahaProvider, WahaSettings
 from tests.conftest import MEDIA, waha_hmac, waha_payload

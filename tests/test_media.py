@@ -23,7 +23,7 @@ from gateway.media import (
     safe_filename,
     sniff,
 )
-from gateway.storage import InvalidKey
+from gateway.sdk.storage import InvalidKey
 from plugins.storage_local import LocalStorage
 from tests.conftest import MANIFEST, MEDIA
 

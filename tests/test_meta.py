@@ -12,7 +12,7 @@ import json
 import pytest
 
 from gateway.app import CATALOG, LINKS, PROVIDERS, STORAGE
-from gateway.providers import OutboundMedia, SendRefused, SendRequest
+from gateway.sdk.provider import OutboundMedia, SendRefused, SendRequest
 from tests.conftest import FIXTURES, MANIFEST, MEDIA
 from tests.emulators.graph import GraphEmulator
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.app import RETENTION, STORAGE
 from gateway.media import new_media_id
-from gateway.storage import StorageError
+from gateway.sdk.storage import StorageError
 from plugins.storage_s3 import S3Settings, S3Storage
 from tests.conftest import MANIFEST, MEDIA, REPO, boto3_client, s3_config, waha_payload
 from tests.daemon import write_toml

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.storage import InvalidKey, ObjectNotFound, StorageBackend, StorageError
+from gateway.sdk.storage import InvalidKey, ObjectNotFound, StorageBackend, StorageError
 from plugins.storage_local import LocalStorage
 from tests.conftest import MANIFEST, MEDIA
 

@@ -42,7 +42,7 @@ from gateway.catalog.rows import (
     StatsGroup,
     UnlistedMedia,
 )
-from gateway.providers import WebhookEvent
+from gateway.sdk.provider import WebhookEvent
 
 JOB_STATES = ("queued", "running", "done", "dead")
 """A job's states: ``queued`` (waiting for ``run_at``), ``running`` (claimed by a worker), ``done``,
@@ -220,7 +220,7 @@ class CatalogContract(abc.ABC):
     # -- media ----------------------------------------------------------------------------
     @abc.abstractmethod
     async def media_by_source(self, source_key: str) -> MediaRow | None:
-        """The stored row for ``source_key`` (see :class:`gateway.providers.MediaRef`); rows being
+        """The stored row for ``source_key`` (see :class:`gateway.sdk.provider.MediaRef`); rows being
         deleted or found missing do not count (the attachment is fetched again)."""
 
     @abc.abstractmethod

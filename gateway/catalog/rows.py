@@ -16,7 +16,7 @@ class EventRow(TypedDict):
     returns it: ``payload``, ``media``, ``forward`` and ``notes`` decoded from JSON.
 
     ``idempotency_key`` is unique across providers; ``raw`` is the webhook body as received (bytes);
-    ``media``: the event's :class:`gateway.providers.MediaRef` dicts; ``state``: ``queued`` until
+    ``media``: the event's :class:`gateway.sdk.provider.MediaRef` dicts; ``state``: ``queued`` until
     its ingest job ran, then what that job set (``stored``, ...).
     """
 

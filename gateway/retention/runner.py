@@ -18,7 +18,7 @@ One run, in this order (``[retention]`` in :class:`gateway.config.RetentionSetti
    digits), so foreign objects in a shared bucket are left alone (and counted). Rows whose object
    is not in storage are marked ``missing`` and reported (logged with their media id); they no
    longer count as stored, and the attachment is fetched again if it comes back.
-4. **Incomplete uploads** (backends with :class:`gateway.storage.IncompleteUploads`, such as
+4. **Incomplete uploads** (backends with :class:`gateway.sdk.storage.IncompleteUploads`, such as
    multipart uploads): uploads neither completed nor aborted, whose key holds a media id, started
    more than ``orphan_grace_hours`` ago (and before the run started), are aborted. A crash or an
    outage in the middle of an upload leaves them; they hold space but are no object.
@@ -58,11 +58,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from gateway.catalog import CatalogContract, DoomedMedia
 from gateway.config import MaxAgeDays, Settings
 from gateway.metrics import Metrics
-from gateway.plugins import await_me_maybe
+from gateway.plugins import notify
 from gateway.retention.cron import crontab_trigger
 from gateway.retention.policy import age_seconds, expiry_rule
 from gateway.retention.report import MAX_LISTED_IDS, CleanupItem, CleanupReport, NoProgress, Progress
-from gateway.storage import IncompleteUploads, StorageBackend, StorageError
+from gateway.sdk.storage import IncompleteUploads, StorageBackend, StorageError
 
 log = logging.getLogger("gateway.retention")
 
@@ -293,8 +293,7 @@ class Retention:
         await self.catalog.forget_media([row["id"] for row, _ in done])
         if self.pm is not None:
             for row, _ in done:
-                for result in self.pm.hook.media_deleted(record=row):
-                    await await_me_maybe(result)
+                await notify(self.pm, "media_deleted", record=row)
         for row, existed in done:
             size = row["size"] if existed else 0
             report.count_deleted(row["reason"], size)

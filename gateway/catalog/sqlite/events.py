@@ -12,7 +12,7 @@ import sqlite_utils
 from gateway.catalog.rows import EventRow
 from gateway.catalog.sqlite.connection import SQLiteConnection, transaction
 from gateway.catalog.sqlite.jobs import insert_job
-from gateway.providers import WebhookEvent
+from gateway.sdk.provider import WebhookEvent
 
 
 class EventsMixin(SQLiteConnection):

@@ -14,7 +14,7 @@ class MediaMixin(SQLiteConnection):
     """:class:`gateway.catalog.CatalogContract`'s media methods on SQLite."""
 
     async def media_by_source(self, source_key: str) -> MediaRow | None:
-        """The media row stored for ``source_key`` (see :class:`gateway.providers.MediaRef`); rows a
+        """The media row stored for ``source_key`` (see :class:`gateway.sdk.provider.MediaRef`); rows a
         cleanup is deleting or found missing do not count (the attachment is fetched again)."""
         return await self.run(lambda db: next(db["media"].rows_where(
             "source_key = ? AND state = 'stored'", [source_key]), None))

@@ -7,6 +7,14 @@ The helpers here are the shared defences every provider uses on hostile input:
 :func:`load_json` (a depth limit, :data:`MAX_JSON_DEPTH`), :func:`storable` (the strings kept
 from a body can be stored and logged), :func:`signature_matches` (a constant-time comparison
 that any header value survives) and :func:`copy_path` (a rewrite copies only what it changes).
+
+Keys are global. Every provider's events share one catalog and one queue, so each
+``WebhookEvent.idempotency_key`` and each ``MediaRef.source_key`` must be unique across all
+providers, not only within one: prefix both with the provider's ``name``
+(``waha:<session>:<id>``, ``meta:<wamid>``). Two providers that produced the same key would
+silently drop each other's events or share each other's stored media.
+
+Providers are tested by the shared contract suite :mod:`gateway.sdk.testing` (a pytest plugin).
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
+from aiohttp import web
 
-from gateway.storage import OpenedObject
+from gateway.sdk.storage import OpenedObject
 
 if TYPE_CHECKING:
-    from gateway.download import DownloadPolicy
+    from gateway.sdk.download import DownloadPolicy
+    from gateway.sdk.outbound import OutboundService
 
 
 class SignatureError(Exception):
@@ -155,7 +165,8 @@ class MediaRef:
     - ``path``: where it sits in the payload, dotted (``payload.media``, ``payload.replyTo.media``).
     - ``url``: where to fetch it (``None`` when the provider fetches by id, see ``extra``).
     - ``source_key``: stable across redeliveries and across events of the same message, so the
-      same attachment is stored once (e.g. ``waha:default:<payload.id>:payload.media``).
+      same attachment is stored once (e.g. ``waha:default:<payload.id>:payload.media``); unique
+      across providers: it starts with the provider's name and ``:``.
     - ``mimetype``, ``filename``, ``size`` (bytes), ``sha256`` (hex): what the provider declares.
     - ``error``: why there is nothing to fetch (the event is forwarded unchanged with a note).
     - ``extra``: provider-specific (Meta: ``media_id``, ``phone_number_id``).
@@ -192,7 +203,8 @@ class MediaRef:
 class WebhookEvent:
     """One event parsed from a webhook body.
 
-    - ``idempotency_key``: unique per event; a redelivery yields the same key.
+    - ``idempotency_key``: unique per event across all providers (it starts with the provider's
+      name and ``:``); a redelivery yields the same key.
     - ``event``: the provider's event name (``message``, ``message.any``, ...).
     - ``account``: the provider account (WAHA session, Meta ``phone_number_id``).
     - ``chat``, ``message_id``: for the catalog, when known.
@@ -248,7 +260,7 @@ class OutboundMedia:
 
     ``record``: its catalog row (``id``, ``mimetype``, ``size`` in bytes, ``filename``, ...);
     ``link``: a signed gateway URL the provider can fetch; ``open(start, end)``: streams the bytes
-    (inclusive range, both ``None`` for all) as a :class:`gateway.storage.OpenedObject`.
+    (inclusive range, both ``None`` for all) as a :class:`gateway.sdk.storage.OpenedObject`.
     """
 
     record: dict[str, Any]
@@ -284,15 +296,16 @@ class SendResult:
 @dataclass(slots=True)
 class ProviderContext:
     """Shared resources the host hands a provider in :meth:`Provider.start`: the HTTP session,
-    limits, ``outbound`` (:class:`gateway.outbound.Outbound`) for relays that store media, and
-    ``download`` (:class:`gateway.download.DownloadPolicy`): media downloads use its ``timeout``
-    and read bodies with :func:`gateway.download.resumable_body` (idle and total timeouts,
+    limits (``max_bytes``: the largest media object, bytes), ``outbound``
+    (:class:`gateway.sdk.outbound.OutboundService`) for relays that store media, and
+    ``download`` (:class:`gateway.sdk.download.DownloadPolicy`): media downloads use its ``timeout``
+    and read bodies with :func:`gateway.sdk.download.resumable_body` (idle and total timeouts,
     ``Range`` resume)."""
 
     http: aiohttp.ClientSession
     max_bytes: int
     fetch_timeout: aiohttp.ClientTimeout
-    outbound: Any = None
+    outbound: OutboundService | None = None
     download: DownloadPolicy | None = None
 
 
@@ -307,7 +320,7 @@ class RouteDef:
 
     method: str
     path: str
-    handler: Any
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     summary: str = ""
 
 
@@ -333,7 +346,10 @@ class Provider(Protocol):
         """Check the webhook signature over the raw ``body``. Raises :class:`SignatureError`."""
 
     def parse(self, body: bytes) -> list[WebhookEvent]:
-        """Parse a verified body into events. Raises :class:`PayloadError` (a 4xx for the sender)."""
+        """Parse a verified body into events. Raises :class:`PayloadError` (a 4xx for the sender).
+
+        Each event's ``idempotency_key`` and each ref's ``source_key`` start with ``<name>:`` (keys
+        are unique across providers; see the module docstring)."""
 
     def fetch(self, ref: MediaRef) -> AbstractAsyncContextManager[MediaSource]:
         """Open a streamed download of ``ref``. Raises :class:`FetchError` on entry, and from

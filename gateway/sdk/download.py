@@ -13,7 +13,7 @@ resume of an interrupted download, shared by every provider plugin.
   bytes already yielded stay yielded, so the consumer's hash (``gateway.media.MediaStream``) goes
   on over the whole object and the declared digest is still checked.
 
-Every failure while reading the body is a :class:`gateway.providers.FetchError` (retryable), so the
+Every failure while reading the body is a :class:`gateway.sdk.provider.FetchError` (retryable), so the
 ingest treats it as any other failed download: retried, then forwarded with a note.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from gateway.providers import FetchError
+from gateway.sdk.provider import FetchError
 
 log = logging.getLogger("gateway.download")
 

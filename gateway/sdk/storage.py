@@ -2,6 +2,21 @@
 
 A backend stores opaque objects under object keys (``a/b/c.jpg``: ``/``-separated, no ``..``, no
 leading ``/``). Every method streams: nothing holds a whole object in memory.
+
+Errors. Every failure a backend raises is a :class:`StorageError`; the host decides what to do
+by its class:
+
+- :class:`StorageError` itself means *unavailable*: the backend is unreachable, out of space or
+  answered an I/O error. The host retries later (the job is deferred, never dead) and the HTTP API
+  answers 503.
+- :class:`ObjectNotFound`: no object at that key (404; never retried).
+- :class:`InvalidKey`: the key is not allowed: a bug or a bad ``media.key_template``, not an
+  outage, so the host never retries it (the ingest job fails permanently). It is still a
+  :class:`StorageError` (and a ``ValueError``) so that a caller catching every storage failure
+  (``except StorageError``) cannot let one escape as a 5xx traceback; callers that retry catch
+  :class:`InvalidKey` *before* :class:`StorageError`, as ``gateway.ingest`` does.
+
+Backends are tested by the shared contract suite :mod:`gateway.sdk.testing` (a pytest plugin).
 """
 
 from __future__ import annotations
@@ -12,15 +27,19 @@ from typing import Protocol, runtime_checkable
 
 
 class StorageError(Exception):
-    """A backend operation failed (I/O error, backend unreachable). Retryable."""
+    """A backend operation failed (I/O error, backend unreachable, disk full): the storage is
+    unavailable, retry later. The base of every storage error; see the module docstring for
+    which subclasses are not retried."""
 
 
 class ObjectNotFound(StorageError):
-    """No object at that key."""
+    """No object at that key (HTTP 404; not retried)."""
 
 
 class InvalidKey(StorageError, ValueError):
-    """The object key is not allowed (absolute, ``..``, NUL, empty segment)."""
+    """The object key is not allowed (absolute, ``..``, NUL, empty segment). A bug, not an outage:
+    never retried (callers catch it before :class:`StorageError`, its base; see the module
+    docstring for why it is one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +150,11 @@ class StorageBackend(Protocol):
         """Delete ``key``; ``True`` if it existed."""
 
     def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
-        """Every object whose key starts with ``prefix``, in no particular order."""
+        """Every object whose key starts with ``prefix``, in no particular order, across all the
+        backend's buckets. Each :class:`ObjectStat`'s ``metadata`` holds the object's ``bucket``
+        (``metadata["bucket"]``) when the backend has buckets, so the caller can pass it back to
+        :meth:`open`, :meth:`stat` and :meth:`delete` (the retention sweep of orphans does).
+        Raises :class:`StorageError`."""
 
     async def url(self, key: str, expires: int, filename: str | None = None,
                   bucket: str | None = None, content_type: str | None = None) -> str | None:

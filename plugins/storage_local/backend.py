@@ -1,0 +1,273 @@
+"""The ``storage_local`` :class:`gateway.sdk.StorageBackend` (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from stat import S_ISREG
+from typing import Any, BinaryIO
+
+from gateway.sdk import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
+
+WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
+
+
+READ_CHUNK = 256 * 1024
+
+
+TMP_DIR, META_DIR = ".tmp", ".meta"
+
+
+class LocalStorage:
+    """A :class:`gateway.sdk.storage.StorageBackend` on a local directory tree."""
+
+    name = "local"
+
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0):
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        # Held only for the renames that publish an object, so that concurrent puts of one key
+        # end with one writer's data and metadata together (the data fsync happens before it).
+        self._publish = threading.Lock()
+
+    # -- paths ----------------------------------------------------------------------------
+    def path_for(self, key: str) -> Path:
+        """The file for ``key``. Raises :class:`InvalidKey` if the key could leave the root."""
+        if not key or "\x00" in key or "\\" in key or key.startswith("/"):
+            raise InvalidKey(f"invalid object key {key!r}")
+        parts = key.split("/")
+        if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+            raise InvalidKey(f"invalid object key {key!r}")
+        path = self.root.joinpath(*parts)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise InvalidKey(f"object key {key!r} resolves outside the storage root")
+        return path
+
+    def _meta_path(self, key: str) -> Path:
+        return self.root / META_DIR / (key + ".json")
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the root; remove temp files a crash left behind."""
+        def _start() -> None:
+            (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+            (self.root / META_DIR).mkdir(parents=True, exist_ok=True)
+            for leftover in (self.root / TMP_DIR).iterdir():
+                leftover.unlink(missing_ok=True)
+        await asyncio.to_thread(_start)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def check(self) -> None:
+        """Raise :class:`StorageError` unless the root is a writable directory with at least
+        ``min_free_bytes`` free."""
+        ok = await asyncio.to_thread(lambda: self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK))
+        if not ok:
+            raise StorageError(f"storage root {self.root} is not a writable directory")
+        await self._require_space()
+
+    async def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the root's filesystem (``statvfs``
+        ``f_bavail * f_frsize``). Raises :class:`StorageError` if the root cannot be queried."""
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.root)
+        except OSError as exc:
+            raise StorageError(f"cannot query free space of {self.root}: {exc}") from exc
+        return st.f_bavail * st.f_frsize
+
+    async def _require_space(self) -> None:
+        """Raise :class:`StorageError` while free space is under ``min_free_bytes``."""
+        if self.min_free_bytes:
+            free = await self.free_bytes()
+            if free < self.min_free_bytes:
+                raise StorageError(f"storage root {self.root} is full: {free} bytes free, "
+                                   f"storage.local.min_free_bytes is {self.min_free_bytes}")
+
+    # -- objects ----------------------------------------------------------------------------
+    async def put(self, key: str, stream: AsyncIterator[bytes], content_type: str,
+                  metadata: dict[str, str], category: str | None = None) -> PutResult:
+        """Write ``stream`` to ``key`` atomically (temp file, fsync, rename). ``category``: unused.
+
+        ``metadata`` is read after the stream ends. Raises :class:`InvalidKey`,
+        :class:`StorageError`, or whatever ``stream`` raises (then no file is left).
+        """
+        final = self.path_for(key)
+        await self._require_space()
+        tmp = self.root / TMP_DIR / uuid.uuid4().hex
+        try:
+            fh: BinaryIO = await asyncio.to_thread(open, tmp, "xb")
+        except OSError as exc:
+            raise StorageError(f"cannot create {tmp}: {exc}") from exc
+        size = 0
+        try:
+            batch: list[bytes] = []
+            pending = 0
+            async for chunk in stream:
+                batch.append(chunk)
+                pending += len(chunk)
+                size += len(chunk)
+                if pending >= WRITE_BATCH:
+                    await asyncio.to_thread(_write, fh, batch, key)
+                    batch, pending = [], 0
+            if batch:
+                await asyncio.to_thread(_write, fh, batch, key)
+            meta = {"content_type": content_type, "metadata": dict(metadata)}
+            await asyncio.to_thread(self._commit, fh, tmp, final, key, meta)
+        except BaseException:
+            await asyncio.to_thread(_discard, fh, tmp)
+            raise
+        return PutResult(key=key, size=size)
+
+    def _commit(self, fh: BinaryIO, tmp: Path, final: Path, key: str, meta: dict[str, Any]) -> None:
+        try:
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+            fh.close()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            meta_path = self._meta_path(key)
+            meta_path.parent.mkdir(parents=True, exist_ok=True)
+            meta_tmp = tmp.with_suffix(".meta")
+            meta_tmp.write_text(json.dumps(meta))
+            with self._publish:
+                os.replace(tmp, final)
+                os.replace(meta_tmp, meta_path)
+            if self.fsync:
+                for directory in {final.parent, meta_path.parent}:
+                    dir_fd = os.open(directory, os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
+        except OSError as exc:
+            raise StorageError(f"cannot store {key}: {exc}") from exc
+
+    async def open(self, key: str, start: int | None = None, end: int | None = None,
+                   bucket: str | None = None) -> OpenedObject:
+        """Stream bytes ``start``..``end`` (inclusive) of ``key``. Raises :class:`ObjectNotFound`."""
+        path = self.path_for(key)
+        try:
+            fh: BinaryIO = await asyncio.to_thread(open, path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise StorageError(f"cannot open {key}: {exc}") from exc
+        size = os.fstat(fh.fileno()).st_size
+        first = start or 0
+        last = size - 1 if end is None else min(end, size - 1)
+        meta = await asyncio.to_thread(self._read_meta, key)
+        return OpenedObject(key=key, size=size, start=first, end=last,
+                            content_type=meta.get("content_type"),
+                            chunks=_read_range(fh, first, last))
+
+    def _read_meta(self, key: str) -> dict[str, Any]:
+        try:
+            meta: dict[str, Any] = json.loads(self._meta_path(key).read_text())
+            return meta
+        except (OSError, ValueError):
+            return {}
+
+    async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
+        """Size, mtime, content type and metadata of ``key``. Raises :class:`ObjectNotFound`."""
+        path = self.path_for(key)
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        if not S_ISREG(st.st_mode):  # a directory: a prefix of other keys, not an object
+            raise ObjectNotFound(key)
+        meta = await asyncio.to_thread(self._read_meta, key)
+        return ObjectStat(key=key, size=st.st_size, content_type=meta.get("content_type"),
+                          modified=st.st_mtime, metadata=meta.get("metadata", {}))
+
+    async def delete(self, key: str, bucket: str | None = None) -> bool:
+        """Remove ``key`` and its sidecar; ``True`` if the object existed."""
+        path = self.path_for(key)
+
+        def _delete() -> bool:
+            self._meta_path(key).unlink(missing_ok=True)
+            try:
+                path.unlink()
+                return True
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return False
+        return await asyncio.to_thread(_delete)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
+        """Every object whose key starts with ``prefix``, one directory read per thread hop."""
+        stack = [self.root]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = await asyncio.to_thread(_scan, directory)
+            except FileNotFoundError:
+                continue
+            for name, is_dir, st_size, st_mtime in entries:
+                rel = (directory / name).relative_to(self.root).as_posix()
+                if is_dir:
+                    if name.startswith("."):
+                        continue
+                    if prefix.startswith(rel + "/") or rel.startswith(prefix) or not prefix:
+                        stack.append(directory / name)
+                elif rel.startswith(prefix):
+                    yield ObjectStat(key=rel, size=st_size, content_type=None, modified=st_mtime)
+
+    async def url(self, key: str, expires: int, filename: str | None = None,
+                  bucket: str | None = None, content_type: str | None = None) -> str | None:
+        """Local files have no direct URL: ``None``."""
+        return None
+
+
+def _scan(directory: Path) -> list[tuple[str, bool, int, float]]:
+    out = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                out.append((entry.name, True, 0, 0.0))
+            elif entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                out.append((entry.name, False, st.st_size, st.st_mtime))
+    return out
+
+
+def _write(fh: BinaryIO, batch: list[bytes], key: str) -> None:
+    """Write ``batch``; an ``OSError`` (``ENOSPC``, ``EIO``) becomes a :class:`StorageError`."""
+    try:
+        fh.writelines(batch)
+    except OSError as exc:
+        raise StorageError(f"cannot store {key}: {exc}") from exc
+
+
+def _discard(fh: BinaryIO, tmp: Path) -> None:
+    """Drop a failed put's temp files. Closing flushes what is buffered, which fails again on a
+    full disk: that error is dropped so the put's own error is the one that propagates."""
+    try:
+        fh.close()
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".meta").unlink(missing_ok=True)
+
+
+async def _read_range(fh: BinaryIO, first: int, last: int) -> AsyncIterator[bytes]:
+    try:
+        await asyncio.to_thread(fh.seek, first)
+        remaining = last - first + 1
+        while remaining > 0:
+            chunk = await asyncio.to_thread(fh.read, min(READ_CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        fh.close()
