@@ -81,7 +81,8 @@ def serve(config_path: Path | None) -> None:
     """
     from aiohttp import web
 
-    from gateway.app import CATALOG, create_app
+    from gateway.app import create_app
+    from gateway.keys import CATALOG
     from gateway.catalog import CatalogLocked
     from gateway.logs import setup_logging
 

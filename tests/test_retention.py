@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from gateway.app import CATALOG, METRICS, RETENTION, STORAGE, create_app
+from gateway.app import create_app
+from gateway.keys import CATALOG, METRICS, RETENTION, STORAGE
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, RetentionSettings, Settings, load_settings
 from gateway.media import CATEGORIES, new_media_id

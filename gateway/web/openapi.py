@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of the gateway's HTTP API, served at ``GET /openapi.json``.
 
 :func:`openapi_document` builds it for one application: every route the host registers
-(:func:`gateway.routes.setup_routes` and :func:`gateway.api.setup_api_routes`), with request and
+(:data:`gateway.web.routes.ROUTES`), with request and
 response schemas and every status each handler answers. Request bodies and query parameters come
 from the API's pydantic models (``model_json_schema()``, JSON Schema 2020-12 as OpenAPI 3.1 uses
 it), so a field added to a model shows up here by itself; the response objects are written out
@@ -24,6 +24,20 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from gateway.catalog import JOB_STATES
+from gateway.keys import PROVIDERS, SETTINGS
+from gateway.version import gateway_version
+from gateway.web.models import (
+    CATEGORY_NAMES,
+    FORM_FIELDS,
+    MAX_LIMIT,
+    FromUrlBody,
+    ListQuery,
+    MessageBody,
+    PatchBody,
+    UploadFields,
+)
+
 OPENAPI_VERSION = "3.1.0"
 SCHEMAS = "#/components/schemas/"
 BEARER = [{"bearerAuth": []}]
@@ -44,7 +58,7 @@ INT = {"type": "integer"}
 COUNT = {"type": "integer", "minimum": 0}
 TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
 OBJECT = {"type": "object", "additionalProperties": True}
-TIME_INPUT = {  # what gateway.api.Timestamp.check takes: years 1 to 9999
+TIME_INPUT = {  # what gateway.web.models.Timestamp.check takes: years 1 to 9999
     "anyOf": [{"type": "number", "description": "epoch seconds", "minimum": -62135596800, "maximum": 253402300799},
               {"type": "string", "format": "date-time", "description": "RFC 3339 (naive: UTC)"}],
 }
@@ -64,9 +78,6 @@ def _obj(properties: dict[str, Any], *, required: list[str] | None = None, extra
 # -- response objects --------------------------------------------------------------------------
 
 def _response_schemas() -> dict[str, Any]:
-    from gateway.api import CATEGORY_NAMES, MAX_LIMIT
-    from gateway.catalog import JOB_STATES
-
     totals = _obj({"count": COUNT, "bytes": COUNT})
     return {
         "Error": {
@@ -205,7 +216,7 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# fields whose validators take what gateway.api.parse_time takes, not only the float they hold
+# fields whose validators take what gateway.web.models.parse_time takes, not only the float they hold
 _TIME_FIELDS = {"UploadFields": ["expires_at"], "FromUrlBody": ["expires_at"], "PatchBody": ["expires_at"],
                 "ListQuery": ["created_after", "created_before"]}
 
@@ -239,9 +250,6 @@ def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _request_schemas(app: web.Application, components: dict[str, Any]) -> dict[str, Any]:
-    from gateway.api import FORM_FIELDS, FromUrlBody, ListQuery, MessageBody, PatchBody, UploadFields
-    from gateway.app import PROVIDERS
-
     providers = sorted(app[PROVIDERS])
     message = _model_schema(MessageBody, components)
     if providers:
@@ -309,7 +317,7 @@ def _forbidden(scope: str) -> dict[str, Any]:
 
 
 def _content_responses(signed: bool) -> dict[str, Any]:
-    """What serving a stored object answers (``gateway.routes.serve_object``)."""
+    """What serving a stored object answers (``gateway.web.media.serve_object``)."""
     headers = {"ETag": {"schema": STR}, "Accept-Ranges": {"schema": STR},
                "Content-Disposition": {"schema": STR}}
     body = {"*/*": {"schema": {"type": "string", "contentMediaType": "application/octet-stream",
@@ -379,10 +387,6 @@ def _head(get: dict[str, Any]) -> dict[str, Any]:
 
 
 def _paths(app: web.Application, requests: dict[str, Any]) -> dict[str, Any]:
-    from gateway.app import PROVIDERS, SETTINGS
-    from gateway.catalog import JOB_STATES
-    from gateway.api import MAX_LIMIT
-
     settings = app[SETTINGS]
     providers = sorted(app[PROVIDERS])
     file_id = {"name": "id", "in": "path", "required": True, "schema": STR, "description": "a media id"}
@@ -575,8 +579,6 @@ PASS_THROUGH_METHODS = ("get", "post", "put", "patch", "delete")
 
 def _pass_through(app: web.Application) -> dict[str, Any]:
     """The providers' own routes as pass-through operations: their path parameters, any answer."""
-    from gateway.app import PROVIDERS
-
     paths: dict[str, Any] = {}
     for name, provider in sorted(app[PROVIDERS].items()):
         for route in provider.routes():
@@ -599,8 +601,6 @@ def _pass_through(app: web.Application) -> dict[str, Any]:
 
 def openapi_document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``app`` (a fresh dict each call)."""
-    from gateway.app import gateway_version
-
     components: dict[str, Any] = _response_schemas()
     requests = _request_schemas(app, components)
     components.update(requests)
