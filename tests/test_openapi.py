@@ -21,8 +21,7 @@ from gateway.keys import CATALOG, FETCHER
 from gateway.web.files import file_view
 from gateway.web.jobs import job_view
 from gateway.web.models import FORM_FIELDS, UploadFields
-from gateway.web.openapi import openapi_document
-from gateway.web.routes import add_routes
+from gateway.web.routes import add_routes, openapi_document
 from gateway.retention import CleanupReport
 from gateway.safefetch import FetchRefused
 from tests.conftest import MANIFEST, MEDIA

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema, field_validator, model_validator
 
-from gateway.catalog import exact_time
+from gateway.catalog import JOB_STATES, exact_time
 from gateway.media import CATEGORIES
 from gateway.providers import OUTBOUND_TYPES
 
@@ -18,12 +18,24 @@ assert set(MediaType.__args__) == set(OUTBOUND_TYPES)  # type: ignore[attr-defin
 FORM_FIELDS = {"provider", "account", "to", "type", "caption", "filename", "convert", "by"}
 MAX_LIMIT = 1000
 CATEGORY_NAMES = tuple(CATEGORIES)
+Category = Literal["image", "video", "audio", "document", "other"]
+assert set(Category.__args__) == set(CATEGORIES)  # type: ignore[attr-defined]
+JobState = Literal["queued", "running", "done", "dead"]
+assert set(JobState.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
+Direction = Literal["inbound", "outbound", "upload"]
+
+# what Timestamp.check takes (years 1 to 9999), as the OpenAPI document shows it
+TimeInput = Annotated[float, WithJsonSchema({"anyOf": [
+    {"type": "number", "description": "epoch seconds", "minimum": -62135596800, "maximum": 253402300799},
+    {"type": "string", "format": "date-time", "description": "RFC 3339 (naive: UTC)"}]})]
 
 
 class MediaSpec(BaseModel):
     """``media``: exactly one of a stored media ``id`` or a ``url`` to fetch."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["id"], "properties": {"id": {"type": "string"}}},
+        {"required": ["url"], "properties": {"url": {"type": "string"}}}]})
 
     id: str | None = Field(None, min_length=1, max_length=100, description="a stored media id")
     url: str | None = Field(None, min_length=1, max_length=4096,
@@ -106,12 +118,12 @@ class UploadFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    category: Literal["image", "video", "audio", "document", "other"] | None = Field(
+    category: Category | None = Field(
         None, description="the category the client expects; the content decides, and a contradicting one "
                           "is a type mismatch (`media.type_mismatch`: recorded, or refused with 422)")
     metadata: dict[str, Any] | None = None
     is_public: bool = False
-    expires_at: float | None = None
+    expires_at: TimeInput | None = None
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -141,7 +153,7 @@ class FromUrlBody(BaseModel):
     filename: str | None = Field(None, max_length=1024)
     metadata: dict[str, Any] | None = None
     is_public: bool = False
-    expires_at: float | None = None
+    expires_at: TimeInput | None = None
 
     @field_validator("expires_at", mode="before")
     @classmethod
@@ -155,18 +167,18 @@ class ListQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    category: Literal["image", "video", "audio", "document", "other"] | None = None
+    category: Category | None = None
     provider: str | None = Field(None, max_length=100)
     account: str | None = Field(None, max_length=200)
     chat: str | None = Field(None, max_length=200)
     tenant: str | None = Field(None, max_length=200)
-    direction: Literal["inbound", "outbound", "upload"] | None = Field(
+    direction: Direction | None = Field(
         None, description="inbound (from a webhook), outbound (sent by a bot) or upload (the files API)")
     message_id: str | None = Field(None, max_length=200, description="the provider's message id")
     mime: str | None = Field(None, max_length=200, description="MIME type prefix, e.g. image/")
     filename: str | None = Field(None, max_length=255, description="substring, case-insensitive")
-    created_after: float | None = None
-    created_before: float | None = None
+    created_after: TimeInput | None = None
+    created_before: TimeInput | None = None
     is_public: bool | None = None
     sort: Literal["created_at", "size"] = "created_at"
     order: Literal["asc", "desc"] = "desc"
@@ -186,12 +198,12 @@ class PatchBody(BaseModel):
     ``is_public`` to false, ``expires_at`` to none (the retention rules apply). ``filename``
     cannot be null (every file has a name)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     metadata: dict[str, Any] | None = None
     filename: str | None = Field(None, min_length=1, max_length=1024)
     is_public: bool | None = None
-    expires_at: float | None = None
+    expires_at: TimeInput | None = None
 
     @field_validator("expires_at", mode="before")
     @classmethod
@@ -210,3 +222,215 @@ class PatchBody(BaseModel):
         if not self.model_fields_set:
             raise ValueError("give at least one of metadata, filename, is_public, expires_at")
         return self
+
+
+class ProviderPayload(RootModel[dict[str, Any]]):
+    """the provider's payload"""
+
+
+# -- query strings (described in the OpenAPI document; the handlers parse them) ---------------
+
+class JobsQuery(BaseModel):
+    """The query of ``GET /api/v1/jobs``."""
+
+    state: JobState | None = None
+    kind: str | None = None
+    limit: int = Field(100, ge=1, le=MAX_LIMIT)
+
+
+class LinkQuery(BaseModel):
+    """The query of ``GET /api/v1/files/{id}/link``."""
+
+    expires: int | None = Field(None, ge=1, le=7 * 24 * 3600,
+                                description="seconds the link is valid (default `media.link_ttl`)")
+    direct: bool | None = Field(None, description="a presigned storage URL instead of a gateway link")
+
+
+class CleanupQuery(BaseModel):
+    """The query of ``POST /api/v1/admin/cleanup``."""
+
+    dry_run: bool | None = Field(None, description="report what would be deleted, delete nothing")
+
+
+class MediaQuery(BaseModel):
+    """The query of a signed ``/media`` link (:mod:`gateway.links`)."""
+
+    exp: int = Field(description="expiry, epoch seconds")
+    sig: str
+
+
+# -- responses: what the views produce ---------------------------------------------------------
+
+Count = Annotated[int, Field(ge=0)]
+Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time", "description": "RFC 3339, UTC"})]
+Uri = Annotated[str, WithJsonSchema({"type": "string", "format": "uri"})]
+Object = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "additionalProperties": True})]
+
+
+class Out(BaseModel):
+    """A response object: every field present, no other."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(BaseModel):
+    """Every error the gateway itself answers; some carry more fields (an unknown provider lists
+    the `providers`)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str = Field(description="what went wrong")
+
+
+class FileLinks(Out):
+    content: Uri = Field(description="a signed `/media` link, valid for `media.link_ttl` seconds")
+    public: Uri | None = Field(description="the stable `/public` link while the file is public")
+
+
+class FileInfo(Out):
+    """A stored file (`file_view()`)."""
+
+    id: str = Field(description="media id, `m_` and 27 characters")
+    filename: str
+    mimetype: str = Field(description="sniffed from the bytes")
+    declared_mimetype: str | None = Field(description="what the sender said")
+    category: Category
+    size: Count = Field(description="bytes")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    provider: str | None
+    account: str | None
+    chat: str | None
+    message_id: str | None
+    direction: Direction | None
+    backend: str | None
+    state: Literal["stored", "missing", "deleting"]
+    tenant: str | None
+    is_public: bool
+    created_at: Time
+    expires_at: Time | None
+    metadata: Object = Field(description="the caller's own JSON object")
+    links: FileLinks
+
+
+class FileList(Out):
+    items: list[FileInfo] = Field(max_length=MAX_LIMIT)
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class Totals(Out):
+    count: Count
+    bytes: Count
+
+
+class Stats(Out):
+    total: Totals
+    by_category: dict[str, Totals]
+    by_provider: dict[str, Totals]
+    by_backend: dict[str, Totals]
+
+
+class CategoryTotals(Out):
+    name: Category
+    count: Count
+    bytes: Count
+
+
+class Categories(Out):
+    categories: list[CategoryTotals]
+
+
+class Link(Out):
+    url: Uri
+    expires_at: Time
+    direct: bool = Field(description="a presigned storage URL rather than a gateway link")
+
+
+class Job(Out):
+    """A job of the durable queue (`job_view()`)."""
+
+    id: Count
+    kind: str = Field(description="`ingest` or `deliver`")
+    key: str
+    state: JobState
+    attempts: Count
+    run_at: Time
+    created_at: Time
+    updated_at: Time
+    last_error: str | None
+    payload: Object
+
+
+class JobList(Out):
+    items: list[Job] = Field(max_length=MAX_LIMIT)
+
+
+class SentMedia(Out):
+    id: str
+    link: Uri
+
+
+class SendResult(Out):
+    provider_message_id: str = Field(description="the provider's id of the sent message")
+    media: SentMedia
+
+
+class DeletedCount(Out):
+    objects: Count
+    bytes: Count
+
+
+class Pruned(Out):
+    events: Count
+    jobs: Count
+
+
+class CleanupReport(Out):
+    """What a cleanup run did, or in a dry run would have done (`CleanupReport.to_dict()`)."""
+
+    dry_run: bool
+    trigger: str = Field(description="`api`, `schedule` or `cli`")
+    backend: str
+    now: float = Field(description="the policy clock, epoch seconds")
+    started_at: float
+    finished_at: float | None
+    deleted: dict[str, DeletedCount] = Field(description="by reason: `age`, `expires_at`, `orphan`")
+    rows_without_object: Count
+    failed: Count
+    errors: list[str]
+    kept_in_use: Count
+    missing: Count
+    missing_ids: list[str]
+    listed: Count | None
+    orphans_in_grace: Count
+    foreign_objects: Count
+    aborted_uploads: Count | None = Field(
+        description="incomplete (multipart) uploads aborted; null when the backend has none")
+    uploads_in_grace: Count | None
+    pruned: Pruned
+    error: str | None = Field(description="why the run stopped early (then the status is 503)")
+    objects: Count
+    bytes: Count
+
+
+class WebhookAccepted(Out):
+    accepted: Count
+    duplicates: Count
+    event_ids: list[str] = Field(description="the new events' ids")
+
+
+class Health(Out):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    """`ready`, and one entry per check (`catalog`, `storage`): `ok`, or why the check failed."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, str]
+    ready: bool
+
+
+class FileEvent(Out):
+    """One message of the `/api/v1/events` WebSocket."""
+
+    type: Literal["created", "updated", "deleted"]
+    file: FileInfo
