@@ -181,7 +181,7 @@ async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
     app[QUEUE] = queue
     await queue.start()
     log.info("gateway ready: %d worker(s), storage %s, providers %s", s.queue.workers,
-             app[STORAGE].name, ", ".join(app[PROVIDERS]) or "none")
+             app[STORAGE].name, ", ".join(app[PROVIDERS].keys()) or "none")
     yield
     await queue.stop(s.server.shutdown_grace)
 

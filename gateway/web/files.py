@@ -161,7 +161,8 @@ async def list_files(request: web.Request) -> web.Response:
         raise invalid(err) from None
     except ValueError as err:
         raise ApiError(422, str(err))
-    where, args = ["state != 'deleting'"], []
+    where: list[str] = ["state != 'deleting'"]
+    args: list[Any] = []
     if principal.tenant is not None:
         where.append("tenant = ?")
         args.append(principal.tenant)

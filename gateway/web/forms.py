@@ -87,7 +87,7 @@ class Form:
         while (part := await next_part(reader)) is not None:
             if part.name == "file":
                 return cls(reader, fields, part)
-            if part.name not in allowed:
+            if part.name is None or part.name not in allowed:
                 raise ApiError(422, f"unknown form field {part.name!r}")
             fields[part.name] = await read_field(part, field_limit)
         return cls(reader, fields, None)

@@ -55,7 +55,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
             if form.file is None:
                 raise ApiError(422, "file: the multipart body has no 'file' part (send it after the fields)")
             try:
-                body = MessageBody(**form.fields)  # type: ignore[arg-type]
+                body = MessageBody.model_validate(form.fields)
             except ValidationError as err:
                 missing = any(e["type"] == "missing" for e in err.errors())
                 raise invalid(err, FILE_LAST if missing else "") from None

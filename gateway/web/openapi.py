@@ -143,7 +143,7 @@ class _Builder:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self.providers = sorted(app[PROVIDERS])
+        self.providers = sorted(app[PROVIDERS].keys())
         self.components: dict[str, Any] = {"Error": _model_schema(models.Error, {}), "SendFailure": {
             "description": "The gateway's own `Error`, or the provider's answer passed through as it came "
                            "(any JSON, with the provider's status).",

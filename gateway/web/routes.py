@@ -10,10 +10,10 @@ from aiohttp import web
 
 from gateway.web import admin, events, files, health, jobs, media, messages, webhooks
 from gateway.web import models as m
-from gateway.web.openapi import Route, build_document
+from gateway.web.openapi import Answer, Route, build_document
 
 FILE_ID = {"id": {"schema": {"type": "string"}, "description": "a media id"}}
-NO_FILE = {404: "no such file"}
+NO_FILE: dict[int | str, Answer] = {404: "no such file"}
 NOT_JSON, TOO_LARGE = "the body is not JSON", "the body is over the limit"
 INVALID = "a bad body or query; the message names the field"
 STORAGE_DOWN = "storage unavailable"

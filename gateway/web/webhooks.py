@@ -23,7 +23,7 @@ async def webhook(request: web.Request) -> web.Response:
     provider = request.app[PROVIDERS].get(name)
     metrics = request.app[METRICS]
     if provider is None:
-        raise ApiError(404, f"unknown provider {name!r}", providers=sorted(request.app[PROVIDERS]))
+        raise ApiError(404, f"unknown provider {name!r}", providers=sorted(request.app[PROVIDERS].keys()))
     limit = request.app[SETTINGS].server.max_webhook_bytes
     if request.content_length is not None and request.content_length > limit:
         metrics.webhooks.labels(name, "too_large").inc()
