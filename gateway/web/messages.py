@@ -31,7 +31,7 @@ from gateway.store import Origin
 from gateway.web.auth import require
 from gateway.web.errors import ApiError
 from gateway.web.forms import FILE_LAST, Form, invalid, json_body
-from gateway.web.models import FORM_FIELDS, MessageBody
+from gateway.web.models import FORM_FIELDS, MessageBody, MessageRequest
 
 
 async def send_message(request: web.Request) -> web.StreamResponse:
@@ -49,6 +49,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
                       filename=body.filename, tenant=principal.tenant)
 
     record: dict[str, Any]
+    body: MessageBody
     try:
         if request.content_type == "multipart/form-data":
             form = await Form.read(request, FORM_FIELDS, 8192)
@@ -64,15 +65,14 @@ async def send_message(request: web.Request) -> web.StreamResponse:
             origin.filename = body.filename or form.file.filename
             record = await outbound.store_stream(form.file_chunks(), origin)
         else:
-            body = await json_body(request, MessageBody,
-                                   "body is not JSON (or send multipart/form-data with a 'file' part)")
-            if body.media is None:
-                raise ApiError(422, "media: Field required")
-            if body.media.id is not None:
-                record = await outbound.store_copy(body.media.id, origin_for(body), tenant=principal.tenant)
+            message = await json_body(request, MessageRequest,
+                                      "body is not JSON (or send multipart/form-data with a 'file' part)")
+            body = message
+            if message.media.id is not None:
+                record = await outbound.store_copy(message.media.id, origin_for(body), tenant=principal.tenant)
             else:
-                assert body.media.url is not None
-                record = await outbound.store_url(body.media.url, origin_for(body))
+                assert message.media.url is not None
+                record = await outbound.store_url(message.media.url, origin_for(body))
     except MediaUnavailable as exc:
         raise ApiError(exc.status, str(exc)) from None
 

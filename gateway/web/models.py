@@ -71,6 +71,13 @@ class MessageBody(BaseModel):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class MessageRequest(MessageBody):
+    """The JSON body of ``POST /api/v1/messages``: a message with its ``media`` (a form sends the
+    file instead)."""
+
+    media: MediaSpec
+
+
 def iso(ts: float | None) -> str | None:
     """Epoch seconds as RFC 3339 UTC (``2026-11-21T05:30:00.123456Z``)."""
     if ts is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,27 +213,24 @@ class _Builder:
                              for n in ("metadata", "file") if n in parts}}
 
     def _request_schemas(self) -> dict[str, Any]:
-        """The bodies: JSON ones as their models say, forms with their fields and the ``file``."""
-        message = _model_schema(models.MessageBody, self.components)
-        if self.providers:
-            message["properties"]["provider"] |= {"enum": self.providers, "description": "a configured provider"}
-        json_message = copy.deepcopy(message)  # a JSON message needs media; a form sends the file
-        json_message["properties"]["media"] = _ref("MediaSpec")
-        json_message |= {"required": [*json_message["required"], "media"], "title": "MessageRequest"}
-        upload = _model_schema(models.UploadFields, self.components)
-        forms = {}
-        for title, schema, names, required in (
-                ("MessageForm", message, models.FORM_FIELDS, [*message["required"], "file"]),
-                ("UploadForm", upload, upload["properties"], ["file"])):
-            forms[title] = {
-                "type": "object", "title": title, "additionalProperties": False, "required": required,
-                "description": "The fields, then the file (the part `file`), last: it is streamed to storage "
-                               "as it arrives, and a part after it is a 422 that stores nothing.",
-                "properties": {**{n: _without_null(p) for n, p in schema["properties"].items() if n in names},
-                               "file": dict(BYTES)}}
-        patch = _model_schema(models.PatchBody, self.components)
-        patch["properties"]["filename"] = _without_null(patch["properties"]["filename"])  # refuses null
-        return {"MessageRequest": json_message, **forms, "PatchBody": patch}
+        """The bodies a model does not give as it is: the forms (their fields, then the ``file``),
+        the configured providers, and ``PatchBody.filename``, which refuses null."""
+        schemas = {name: _model_schema(model, self.components) for name, model in (
+            ("MessageRequest", models.MessageRequest), ("MessageForm", models.MessageBody),
+            ("UploadForm", models.UploadFields), ("PatchBody", models.PatchBody))}
+        for name, fields in (("MessageForm", models.FORM_FIELDS), ("UploadForm", models.UploadFields.model_fields)):
+            schema = schemas[name]
+            schema |= {"title": name, "required": [*schema.get("required", []), "file"], "description":
+                       "The fields, then the file (the part `file`), last: it is streamed to storage as it "
+                       "arrives, and a part after it is a 422 that stores nothing.",
+                       "properties": {**{n: _without_null(p) for n, p in schema["properties"].items() if n in fields},
+                                      "file": dict(BYTES)}}
+        for name in ("MessageRequest", "MessageForm"):
+            if self.providers:
+                schemas[name]["properties"]["provider"] |= {"enum": self.providers, "description": "a configured provider"}
+        patch = schemas["PatchBody"]["properties"]
+        patch["filename"] = _without_null(patch["filename"])
+        return schemas
 
 
 def _url_limit(paths: dict[str, Any]) -> None:
@@ -267,7 +264,7 @@ def _pass_through(app: web.Application) -> Iterable[tuple[str, str, dict[str, An
                     **({"parameters": params} if params else {})}
 
 
-def build_document(app: web.Application, routes: Iterable[Route]) -> dict[str, Any]:
+def build_document(app: web.Application, routes: Sequence[Route]) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``routes`` as ``app`` configures them (a fresh dict each call)."""
     builder = _Builder(app)
     paths: dict[str, Any] = {}
@@ -288,8 +285,7 @@ def build_document(app: web.Application, routes: Iterable[Route]) -> dict[str, A
                            "tenant, which then sees only its own files (anything else answers 404). "
                            "Errors are JSON `{\"error\": \"...\"}`.",
         },
-        "tags": [{"name": n} for n in ("messages", "files", "jobs", "events", "admin", "webhooks",
-                                        "media", "operations", "pass-through")],
+        "tags": [{"name": n} for n in dict.fromkeys([*(route.tag for route in routes), "pass-through"])],
         "paths": paths,
         "components": {
             "schemas": builder.components,
