@@ -7,7 +7,16 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from gateway.catalog import JOB_STATES, exact_time
 from gateway.media import CATEGORIES
@@ -118,19 +127,29 @@ class Timestamp(BaseModel):
             raise ValueError("expected an RFC 3339 time or epoch seconds (years 1 to 9999)") from None
 
 
-class UploadFields(BaseModel):
+# an optional time field: what Timestamp.check takes, held as epoch seconds
+TimeArg = Annotated[TimeInput | None, BeforeValidator(Timestamp.check)]
+
+
+class StoreOptions(BaseModel):
+    """What an upload may say of the file it stores: its ``metadata`` (the caller's JSON object),
+    ``is_public`` and ``expires_at``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, Any] | None = None
+    is_public: bool = False
+    expires_at: TimeArg = None
+
+
+class UploadFields(StoreOptions):
     """The form fields of ``POST /files`` (besides ``file``). ``category`` is what the client
     declares: the content decides the category; one that contradicts it is a type mismatch
     (``media.type_mismatch``: stored under the content's category and recorded, or refused)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     category: Category | None = Field(
         None, description="the category the client expects; the content decides, and a contradicting one "
                           "is a type mismatch (`media.type_mismatch`: recorded, or refused with 422)")
-    metadata: dict[str, Any] | None = None
-    is_public: bool = False
-    expires_at: TimeInput | None = None
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -142,31 +161,14 @@ class UploadFields(BaseModel):
                 raise ValueError("must be a JSON object") from None
         return value
 
-    @field_validator("expires_at", mode="before")
-    @classmethod
-    def _time(cls, value: Any) -> Any:
-        return Timestamp.check(value)
 
-
-
-class FromUrlBody(BaseModel):
+class FromUrlBody(StoreOptions):
     """The body of ``POST /files/from-url``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1, max_length=4096,
                      description="an http(s) URL, fetched under the `[fetch]` rules; a link of this gateway "
                                  "is not fetched: its stored object is copied")
     filename: str | None = Field(None, max_length=1024)
-    metadata: dict[str, Any] | None = None
-    is_public: bool = False
-    expires_at: TimeInput | None = None
-
-    @field_validator("expires_at", mode="before")
-    @classmethod
-    def _time(cls, value: Any) -> Any:
-        return Timestamp.check(value)
-
 
 
 class ListQuery(BaseModel):
@@ -184,18 +186,13 @@ class ListQuery(BaseModel):
     message_id: str | None = Field(None, max_length=200, description="the provider's message id")
     mime: str | None = Field(None, max_length=200, description="MIME type prefix, e.g. image/")
     filename: str | None = Field(None, max_length=255, description="substring, case-insensitive")
-    created_after: TimeInput | None = None
-    created_before: TimeInput | None = None
+    created_after: TimeArg = None
+    created_before: TimeArg = None
     is_public: bool | None = None
     sort: Literal["created_at", "size"] = "created_at"
     order: Literal["asc", "desc"] = "desc"
     limit: int = Field(100, ge=1, le=MAX_LIMIT)
     cursor: str | None = Field(None, max_length=1000)
-
-    @field_validator("created_after", "created_before", mode="before")
-    @classmethod
-    def _time(cls, value: Any) -> Any:
-        return Timestamp.check(value)
 
 
 
@@ -210,12 +207,7 @@ class PatchBody(BaseModel):
     metadata: dict[str, Any] | None = None
     filename: str | None = Field(None, min_length=1, max_length=1024)
     is_public: bool | None = None
-    expires_at: TimeInput | None = None
-
-    @field_validator("expires_at", mode="before")
-    @classmethod
-    def _time(cls, value: Any) -> Any:
-        return Timestamp.check(value)
+    expires_at: TimeArg = None
 
     @field_validator("filename", mode="before")
     @classmethod
