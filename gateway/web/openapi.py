@@ -193,7 +193,8 @@ class _Builder:
             op["parameters"] = params
         if route.body:
             op["requestBody"] = {"required": True, "content": {
-                kind: {"schema": _ref(name) if isinstance(name, str) else self.model(name), **self._encoding(kind, name)}
+                kind: {"schema": _ref(name) if isinstance(name, str) else self.model(name),
+                       **self._encoding(kind, name)}
                 for kind, name in route.body.items()}}
         op.update({k: self.model(v) if isinstance(v, type) else v for k, v in route.extra.items()})
         ops = {route.method.lower(): op}
@@ -225,9 +226,9 @@ class _Builder:
                        "arrives, and a part after it is a 422 that stores nothing.",
                        "properties": {**{n: _without_null(p) for n, p in schema["properties"].items() if n in fields},
                                       "file": dict(BYTES)}}
-        for name in ("MessageRequest", "MessageForm"):
-            if self.providers:
-                schemas[name]["properties"]["provider"] |= {"enum": self.providers, "description": "a configured provider"}
+        for name in ("MessageRequest", "MessageForm") if self.providers else ():
+            schemas[name]["properties"]["provider"] |= {"enum": self.providers,
+                                                        "description": "a configured provider"}
         patch = schemas["PatchBody"]["properties"]
         patch["filename"] = _without_null(patch["filename"])
         return schemas

@@ -13,6 +13,7 @@ from gateway.web import models as m
 from gateway.web.openapi import Answer, Route, build_document
 
 FILE_ID = {"id": {"schema": {"type": "string"}, "description": "a media id"}}
+JOB_ID = {"id": {"schema": {"type": "integer", "minimum": 0}}}
 NO_FILE: dict[int | str, Answer] = {404: "no such file"}
 NOT_JSON, TOO_LARGE = "the body is not JSON", "the body is over the limit"
 INVALID = "a bad body or query; the message names the field"
@@ -27,13 +28,13 @@ async def openapi_json(request: web.Request) -> web.Response:
 # {filename:[^/]+}: aiohttp's default [^{}/]+ would not route a stored name with a brace
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/messages", messages.send_message, "sendMessage", "Send media through a provider",
-          "messages", "write", {200: (m.SendResult, "sent: the provider's message id and the stored copy"),
-                                400: "the body is not JSON, or a malformed multipart body",
-                                404: "unknown provider, media id or account", 413: "the media is over `media.max_bytes`",
-                                422: "a bad body, a refused URL, or media the provider's limits refuse",
-                                502: "the provider or the media URL is unreachable", 503: STORAGE_DOWN,
-                                "4XX": "the provider's own refusal, passed through",
-                                "5XX": "the provider's own failure, passed through"},
+          "messages", "write", {
+              200: (m.SendResult, "sent: the provider's message id and the stored copy"),
+              400: "the body is not JSON, or a malformed multipart body",
+              404: "unknown provider, media id or account", 413: "the media is over `media.max_bytes`",
+              422: "a bad body, a refused URL, or media the provider's limits refuse",
+              502: "the provider or the media URL is unreachable", 503: STORAGE_DOWN,
+              "4XX": "the provider's own refusal, passed through", "5XX": "the provider's own failure, passed through"},
           body={"application/json": "MessageRequest", "multipart/form-data": "MessageForm"}, errors="SendFailure",
           description="Stores a copy of the media (a stored id, a URL fetched under the `[fetch]` rules, "
                       "or the uploaded file), then sends it with the provider's API."),
@@ -73,10 +74,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/jobs", jobs.list_jobs, "listJobs", "The durable queue, newest first", "jobs", "admin",
           {200: m.JobList, 422: INVALID}, query=m.JobsQuery),
     Route("GET", "/api/v1/jobs/{id}", jobs.get_job, "getJob", "A job's state, attempts and last error", "jobs",
-          "admin", {200: m.Job, 404: "no such job"}, params={"id": {"schema": {"type": "integer", "minimum": 0}}}),
+          "admin", {200: m.Job, 404: "no such job"}, params=JOB_ID),
     Route("POST", "/api/v1/jobs/{id}/retry", jobs.retry_job, "retryJob", "Queue a dead job again", "jobs", "admin",
-          {200: (m.Job, "queued again"), 404: "no such job", 409: "the job is not dead"},
-          params={"id": {"schema": {"type": "integer", "minimum": 0}}}),
+          {200: (m.Job, "queued again"), 404: "no such job", 409: "the job is not dead"}, params=JOB_ID),
     Route("GET", "/api/v1/events", events.events, "fileEvents", "Live file notices (WebSocket)", "events", "read",
           {101: {"description": "switching to the WebSocket; each message is a `FileEvent` as JSON text"},
            400: "not a WebSocket upgrade"},
@@ -87,7 +87,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/admin/cleanup", admin.admin_cleanup, "runCleanup", "Run the retention cleanup now",
           "admin", "admin", {200: (m.CleanupReport, "the run's report"), 400: "`dry_run` is not a boolean",
                              409: "a cleanup is already running",
-                             503: (m.CleanupReport, "storage or the catalog failed during the run (`error` says why)")},
+                             503: (m.CleanupReport, "storage or the catalog failed during the run "
+                                                    "(`error` says why)")},
           query=m.CleanupQuery),
     Route("POST", "/webhooks/{provider}", webhooks.webhook, "receiveWebhook", "A provider's webhook", "webhooks",
           answers={200: (m.WebhookAccepted, "committed; forwarded later"),
@@ -107,11 +108,11 @@ ROUTES: tuple[Route, ...] = (
           answers={200: m.Health}),
     Route("GET", "/readyz", health.readyz, "readyz", "The catalog and storage answer", "operations",
           answers={200: (m.Ready, "ready"), 503: (m.Ready, "not ready: the failed check says why")}),
-    Route("GET", "/metrics", health.metrics, "metrics", "Prometheus metrics", "operations", "read",
-          {200: {"description": "the text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    Route("GET", "/metrics", health.metrics, "metrics", "Prometheus metrics", "operations", "read", {200: {
+        "description": "the text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
           key_optional=True),
-    Route("GET", "/openapi.json", openapi_json, "openapi", "This document", "operations",
-          answers={200: {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}),
+    Route("GET", "/openapi.json", openapi_json, "openapi", "This document", "operations", answers={200: {
+        "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}),
 )
 
 
