@@ -26,7 +26,7 @@ from gateway.storage import StorageError
 from gateway.store import Origin
 from gateway.web.auth import Principal, require
 from gateway.web.errors import ApiError
-from gateway.web.forms import Form, invalid, json_body
+from gateway.web.forms import Form, invalid, json_body, refuse_oversize
 from gateway.web.media import serve_object
 from gateway.web.models import CATEGORY_NAMES, FromUrlBody, ListQuery, PatchBody, UploadFields, iso
 
@@ -88,14 +88,12 @@ async def upload_file(request: web.Request) -> web.Response:
     nothing; ``category``, ``metadata`` (JSON), ``is_public``, ``expires_at`` before it), streamed;
     413 at once for a Content-Length over the limit, and when the stream crosses it."""
     principal = require(request, "write")
-    limit = request.app[SETTINGS].media.max_bytes + 1024 * 1024
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"body over the limit of {limit} bytes")
+    refuse_oversize(request)
     if request.content_type != "multipart/form-data":
         raise ApiError(415, "send multipart/form-data with a 'file' part")
     form = await Form.read(request, UploadFields.model_fields, 65536)
     if form.file is None:
-        raise ApiError(422, "file: the multipart body has no 'file' part")
+        raise ApiError(422, "the multipart body has no 'file' part", field="file")
     fields: dict[str, Any] = dict(form.fields)
     try:
         if "is_public" in fields:
@@ -261,9 +259,9 @@ async def file_link(request: web.Request) -> web.Response:
         expires = int(request.query.get("expires", request.app[SETTINGS].media.link_ttl))
         direct = _parse_bool(request.query.get("direct", "false"), "direct")
     except ValueError as err:
-        raise ApiError(422, str(err) if "direct" in str(err) else "expires: expected whole seconds")
+        raise ApiError(422, str(err) if "direct" in str(err) else "expires: expected whole seconds") from None
     if not 1 <= expires <= 7 * 24 * 3600:
-        raise ApiError(422, "expires: between 1 and 604800 seconds")
+        raise ApiError(422, "between 1 and 604800 seconds", field="expires")
     if direct:
         url = await request.app[STORAGE].url(record["key"], expires, filename=record["filename"],
                                              bucket=record["bucket"], content_type=record["mimetype"])

@@ -11,12 +11,21 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from pydantic import BaseModel, ValidationError
 
 from gateway.config import format_validation_error
+from gateway.keys import SETTINGS
 from gateway.web.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
 
 FILE_LAST = ("send every form field before the 'file' part (the file is streamed to storage as it "
              "arrives, so it comes last)")
+
+
+def refuse_oversize(request: web.Request) -> None:
+    """Refuse at once a body that declares more than ``media.max_bytes`` plus 1 MiB for the form
+    fields: :class:`ApiError` 413. (A body that crosses it while streaming is refused by the store.)"""
+    limit = request.app[SETTINGS].media.max_bytes + 1024 * 1024
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"body over the limit of {limit} bytes")
 
 
 def invalid(err: ValidationError, hint: str = "") -> ApiError:

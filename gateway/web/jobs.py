@@ -29,13 +29,13 @@ async def list_jobs(request: web.Request) -> web.Response:
     require_operator(request, JOBS_SPAN)
     state, kind = request.query.get("state"), request.query.get("kind")
     if state is not None and state not in JOB_STATES:
-        raise ApiError(422, f"state: one of {', '.join(JOB_STATES)}")
+        raise ApiError(422, f"one of {', '.join(JOB_STATES)}", field="state")
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
-        raise ApiError(422, "limit: expected a whole number") from None
+        raise ApiError(422, "expected a whole number", field="limit") from None
     if not 1 <= limit <= MAX_LIMIT:
-        raise ApiError(422, f"limit: between 1 and {MAX_LIMIT}")
+        raise ApiError(422, f"between 1 and {MAX_LIMIT}", field="limit")
     jobs = await request.app[CATALOG].list_jobs(state=state, kind=kind)
     jobs = sorted(jobs, key=lambda j: j["id"], reverse=True)[:limit]
     return web.json_response({"items": [job_view(j) for j in jobs]})

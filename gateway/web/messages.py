@@ -24,22 +24,20 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from gateway.keys import OUTBOUND, PROVIDERS, SETTINGS
+from gateway.keys import OUTBOUND, PROVIDERS
 from gateway.outbound import MediaUnavailable
 from gateway.providers import SendError, SendRequest
 from gateway.store import Origin
 from gateway.web.auth import require
 from gateway.web.errors import ApiError
-from gateway.web.forms import FILE_LAST, Form, invalid, json_body
+from gateway.web.forms import FILE_LAST, Form, invalid, json_body, refuse_oversize
 from gateway.web.models import FORM_FIELDS, MessageBody, MessageRequest
 
 
 async def send_message(request: web.Request) -> web.StreamResponse:
     """``POST /api/v1/messages``: store a copy, send it, answer the provider's message id."""
     principal = require(request, "write")
-    limit = request.app[SETTINGS].media.max_bytes + 1024 * 1024
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"body over the limit of {limit} bytes")
+    refuse_oversize(request)
     outbound = request.app[OUTBOUND]
 
     def origin_for(body: MessageBody) -> Origin:
@@ -54,7 +52,8 @@ async def send_message(request: web.Request) -> web.StreamResponse:
         if request.content_type == "multipart/form-data":
             form = await Form.read(request, FORM_FIELDS, 8192)
             if form.file is None:
-                raise ApiError(422, "file: the multipart body has no 'file' part (send it after the fields)")
+                raise ApiError(422, "the multipart body has no 'file' part (send it after the fields)",
+                               field="file")
             try:
                 body = MessageBody.model_validate(form.fields)
             except ValidationError as err:
