@@ -280,11 +280,10 @@ def build_document(app: web.Application, routes: Sequence[Route]) -> dict[str, A
         "info": {
             "title": "chat-media gateway",
             "version": gateway_version(),
-            "description": "Stores WhatsApp media durably and serves it to bots. The API under "
-                           "`/api/v1` takes `Authorization: Bearer <API key>`; keys have scopes "
-                           "(`read`, `write`, `admin`, which implies the others) and may be bound to a "
-                           "tenant, which then sees only its own files (anything else answers 404). "
-                           "Errors are JSON `{\"error\": \"...\"}`.",
+            "description": "Stores WhatsApp media durably and serves it to bots. The API under `/api/v1` takes "
+                           "`Authorization: Bearer <API key>`; keys have scopes (`read`, `write`, `admin`, which "
+                           "implies the others) and may be bound to a tenant, which then sees only its own files "
+                           "(anything else answers 404). Errors are JSON `{\"error\": \"...\"}`.",
         },
         "tags": [{"name": n} for n in dict.fromkeys([*(route.tag for route in routes), "pass-through"])],
         "paths": paths,

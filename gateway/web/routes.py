@@ -16,8 +16,7 @@ FILE_ID = {"id": {"schema": {"type": "string"}, "description": "a media id"}}
 JOB_ID = {"id": {"schema": {"type": "integer", "minimum": 0}}}
 NO_FILE: dict[int | str, Answer] = {404: "no such file"}
 NOT_JSON, TOO_LARGE = "the body is not JSON", "the body is over the limit"
-INVALID = "a bad body or query; the message names the field"
-STORAGE_DOWN = "storage unavailable"
+INVALID, STORAGE_DOWN = "a bad body or query; the message names the field", "storage unavailable"
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -59,10 +58,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/api/v1/files/{id}", files.patch_file, "patchFile",
           "Change a file's metadata, filename, visibility or expiry", "files", "write",
           {200: (m.FileInfo, "the changed file"), 400: NOT_JSON, **NO_FILE, 413: TOO_LARGE, 422: INVALID},
-          body={"application/json": "PatchBody"}, params=FILE_ID,
-          description="An absent field is left as it is; `null` resets a field to what an upload without "
-                      "it gets: `metadata` to `{}`, `is_public` to false, `expires_at` to none (the "
-                      "retention rules apply). `filename` cannot be null."),
+          body={"application/json": "PatchBody"}, params=FILE_ID),  # PatchBody says what null does
     Route("DELETE", "/api/v1/files/{id}", files.delete_file, "deleteFile", "Delete a file", "files", "write",
           {204: {"description": "deleted"}, **NO_FILE,
            503: "storage unavailable; the next cleanup finishes the deletion"}, params=FILE_ID),
@@ -91,10 +87,9 @@ ROUTES: tuple[Route, ...] = (
                                                     "(`error` says why)")},
           query=m.CleanupQuery),
     Route("POST", "/webhooks/{provider}", webhooks.webhook, "receiveWebhook", "A provider's webhook", "webhooks",
-          answers={200: (m.WebhookAccepted, "committed; forwarded later"),
+          answers={200: (m.WebhookAccepted, "committed; forwarded later"), 413: "over `server.max_webhook_bytes`",
                    400: "the body is not what the provider sends", 401: "the signature is missing or wrong",
                    404: "unknown provider (`providers` lists the configured ones)",
-                   413: "over `server.max_webhook_bytes`",
                    503: "the catalog is unavailable; the provider should retry"},
           body={"application/json": m.ProviderPayload},
           description="Authenticated by the provider's own signature (WAHA `X-Webhook-Hmac`, Meta "
@@ -104,8 +99,7 @@ ROUTES: tuple[Route, ...] = (
           serves_bytes=True),
     Route("GET", "/public/{id}/{filename:[^/]+}", media.public_media, "getPublicMedia",
           "A public file's stable link", "media", serves_bytes=True),
-    Route("GET", "/healthz", health.healthz, "healthz", "The process answers", "operations",
-          answers={200: m.Health}),
+    Route("GET", "/healthz", health.healthz, "healthz", "The process answers", "operations", answers={200: m.Health}),
     Route("GET", "/readyz", health.readyz, "readyz", "The catalog and storage answer", "operations",
           answers={200: (m.Ready, "ready"), 503: (m.Ready, "not ready: the failed check says why")}),
     Route("GET", "/metrics", health.metrics, "metrics", "Prometheus metrics", "operations", "read", {200: {
