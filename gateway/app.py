@@ -1,62 +1,59 @@
 """The app factory shared by production and tests: ``create_app(settings) -> web.Application``.
 
 Every resource (catalog, HTTP client session, storage backend, providers, job workers) is opened
-and closed in a ``cleanup_ctx``, reached through typed ``web.AppKey`` constants.
+and closed in a ``cleanup_ctx``, reached through the typed ``web.AppKey`` constants of
+:mod:`gateway.keys`; the routes come from the table in :mod:`gateway.web.routes`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
 
 import aiohttp
 import pluggy
 from aiohttp import web
 
-from gateway.auth import ApiKeys
 from gateway.catalog import Catalog
 from gateway.config import ConfigError, Settings, check_plugin_sections
 from gateway.delivery import Deliverer
-from gateway.sdk.download import DownloadPolicy
 from gateway.ingest import Ingestor
 from gateway.jobs import JobQueue
+from gateway.keys import (
+    API_KEYS,
+    CATALOG,
+    FETCHER,
+    HTTP,
+    LINKS,
+    MEDIA_STORE,
+    METRICS,
+    NOTIFIER,
+    OUTBOUND,
+    PLUGINS,
+    PROVIDERS,
+    QUEUE,
+    RETENTION,
+    SETTINGS,
+    STORAGE,
+)
 from gateway.links import LinkSigner
 from gateway.metrics import MeteredStorage, Metrics
-from gateway.notify import Notifier
 from gateway.outbound import Outbound
 from gateway.plugins import await_me_maybe, make_manager, offered, section_models
-from gateway.sdk.provider import Provider, ProviderContext
 from gateway.retention import Retention
 from gateway.safefetch import SafeFetcher
+from gateway.sdk.download import DownloadPolicy
+from gateway.sdk.provider import Provider, ProviderContext
 from gateway.sdk.storage import StorageBackend
 from gateway.store import MediaStore
+from gateway.version import gateway_version
+from gateway.web.auth import ApiKeys
+from gateway.web.errors import error_middleware
+from gateway.web.events import Notifier
+from gateway.web.files import file_view
+from gateway.web.routes import add_routes
 
 log = logging.getLogger("gateway.app")
-
-SETTINGS = web.AppKey("settings", Settings)
-PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
-CATALOG = web.AppKey("catalog", Catalog)
-STORAGE = web.AppKey("storage", StorageBackend)
-PROVIDERS = web.AppKey("providers", dict[str, Provider])
-HTTP = web.AppKey("http", aiohttp.ClientSession)
-QUEUE = web.AppKey("queue", JobQueue)
-METRICS = web.AppKey("metrics", Metrics)
-LINKS = web.AppKey("links", LinkSigner)
-API_KEYS = web.AppKey("api_keys", ApiKeys)
-RETENTION = web.AppKey("retention", Retention)
-MEDIA_STORE = web.AppKey("media_store", MediaStore)
-FETCHER = web.AppKey("fetcher", SafeFetcher)
-OUTBOUND = web.AppKey("outbound", Outbound)
-NOTIFIER = web.AppKey("notifier", Notifier)
-
-
-def gateway_version() -> str:
-    """The installed package version, or ``0+unknown``."""
-    try:
-        return version("chat-media-gateway")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def select_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, Provider]:
@@ -88,8 +85,6 @@ def select_storage(settings: Settings, pm: pluggy.PluginManager) -> StorageBacke
 def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:
     """Build the daemon's application. Raises :class:`ConfigError` or
     :class:`gateway.plugins.PluginLoadError` before anything is opened."""
-    from gateway import api, routes  # the handlers need the AppKeys above
-
     settings.require_env()  # the daemon uses every setting: no "${NAME}" may stay unexpanded
     pm = pm if pm is not None else make_manager()
     check_sections(settings, pm)
@@ -98,7 +93,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     metrics = Metrics(gateway_version())
     app = web.Application(
         client_max_size=settings.server.max_webhook_bytes,
-        middlewares=[routes.observe_middleware],
+        middlewares=[error_middleware],
     )
     app[SETTINGS] = settings
     app[PLUGINS] = pm
@@ -112,10 +107,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[MEDIA_STORE] = MediaStore(settings, app[CATALOG], app[STORAGE], pm)
     app[FETCHER] = SafeFetcher(settings.fetch)
     app[OUTBOUND] = Outbound(app[CATALOG], storage, app[LINKS], metrics, app[MEDIA_STORE], app[FETCHER])
-    app[NOTIFIER] = Notifier(lambda record: api.file_view(app, record))
+    app[NOTIFIER] = Notifier(lambda record: file_view(app, record))
     pm.register(app[NOTIFIER], name=f"gateway-notifier-{id(app)}")
-    routes.setup_routes(app)
-    api.setup_api_routes(app)
+    add_routes(app)
     for provider in providers.values():
         for route in provider.routes():
             app.router.add_route(route.method, route.path, route.handler)
@@ -180,7 +174,7 @@ async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
     app[QUEUE] = queue
     await queue.start()
     log.info("gateway ready: %d worker(s), storage %s, providers %s", s.queue.workers,
-             app[STORAGE].name, ", ".join(app[PROVIDERS]) or "none")
+             app[STORAGE].name, ", ".join(app[PROVIDERS].keys()) or "none")
     yield
     await queue.stop(s.server.shutdown_grace)
 

@@ -81,8 +81,9 @@ def serve(config_path: Path | None) -> None:
     """
     from aiohttp import web
 
-    from gateway.app import CATALOG, create_app
+    from gateway.app import create_app
     from gateway.catalog import CatalogLocked
+    from gateway.keys import CATALOG
     from gateway.logs import setup_logging
 
     settings = _settings(config_path)

@@ -48,6 +48,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.cron import crontab_trigger
+
 MiB = 1024 * 1024
 DEFAULT_KEY_TEMPLATE = "{provider}/{account}/{yyyy}/{mm}/{dd}/{category}/{id}{ext}"
 KEY_TEMPLATE_FIELDS = {"provider", "account", "yyyy", "mm", "dd", "category", "id", "ext"}
@@ -336,8 +338,6 @@ class RetentionSettings(_Section):
     @field_validator("schedule")
     @classmethod
     def _check_schedule(cls, value: str) -> str:
-        from gateway.retention.cron import crontab_trigger
-
         crontab_trigger(value)  # ValueError names the bad field
         return value
 

@@ -26,9 +26,9 @@ Kinds of hooks:
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from gateway.sdk.hooks import MediaInfo, MediaRecord, hookimpl, hookspec
+import pluggy
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -38,7 +38,42 @@ if TYPE_CHECKING:
     from gateway.sdk.provider import Provider
     from gateway.sdk.storage import StorageBackend
 
-__all__ = ["hookimpl", "hookspec"]
+__all__ = ["PROJECT", "MediaInfo", "MediaRecord", "hookimpl", "hookspec"]
+
+# The markers and the hooks' record types are defined here, beside the specs, and re-exported to
+# plugins by gateway.sdk.hooks: this module imports nothing from the gateway at run time, so the
+# host's plugin manager and the SDK both build on it without a cycle.
+
+PROJECT = "gateway"
+"""The pluggy project name and the entry-point group (``[project.entry-points.gateway]``)."""
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class MediaInfo(TypedDict):
+    """What the ``check_media`` policy hook sees of an attachment before it is stored.
+
+    ``mimetype``: the sniffed MIME type; ``declared_mimetype``: what the sender said (or
+    ``None``); ``category``: one of ``CATEGORIES``; ``type_mismatch``: the two disagree;
+    ``head``: the first bytes of the content (up to 8 KiB).
+    """
+
+    provider: str
+    account: str
+    mimetype: str
+    declared_mimetype: str | None
+    category: str
+    filename: str
+    type_mismatch: bool
+    head: bytes
+
+
+MediaRecord = dict[str, Any]
+"""A media object's catalog row, as the notification hooks receive it: ``id``, ``sha256`` (hex),
+``size`` (bytes), ``mimetype``, ``category``, ``filename``, ``backend``, ``bucket``, ``key``,
+``provider``, ``account``, ``direction``, ``created_at``, ``expires_at`` ..."""
+
 
 
 @hookspec

@@ -23,7 +23,13 @@ from gateway.media import DigestMismatch, MediaTooLarge, category_for
 from gateway.metrics import Metrics
 from gateway.sdk.download import BODY_ERRORS
 from gateway.sdk.outbound import Origin
-from gateway.sdk.provider import FetchError, MediaOutcome, MediaRef, Provider, WebhookEvent
+from gateway.sdk.provider import (
+    FetchError,
+    MediaOutcome,
+    MediaRef,
+    Provider,
+    WebhookEvent,
+)
 from gateway.sdk.storage import InvalidKey, StorageError
 from gateway.store import MediaRefused, MediaStore
 
@@ -152,7 +158,7 @@ class Ingestor:
                                        seconds=time.monotonic() - started, size=record["size"])
         else:
             self.metrics.media_outcome(provider.name, record["category"], "duplicate")
-        return record
+        return dict(record)
 
 
 async def _body_errors_as_fetch_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.catalog import Catalog
 from gateway.links import LinkError, LinkSigner
@@ -22,10 +22,17 @@ from gateway.media import DigestMismatch, MediaTooLarge
 from gateway.metrics import Metrics
 from gateway.safefetch import FetchRefused, RemoteFetchError, SafeFetcher
 from gateway.sdk.outbound import MediaUnavailable, Origin
-from gateway.sdk.provider import OutboundMedia, Provider, SendError, SendRequest, SendResult
-from gateway.sdk.storage import ObjectNotFound, StorageBackend, StorageError
+from gateway.sdk.provider import (
+    OutboundMedia,
+    Provider,
+    SendError,
+    SendRequest,
+    SendResult,
+)
+from gateway.sdk.storage import ObjectNotFound, OpenedObject, StorageBackend, StorageError
 from gateway.store import MediaRefused, MediaStore
 
+T = TypeVar("T")
 log = logging.getLogger("gateway.outbound")
 
 
@@ -42,7 +49,7 @@ class Outbound:
         self.fetcher = fetcher
 
     # -- storing a copy -------------------------------------------------------------------
-    async def _guard(self, coro: Any, url: str | None = None) -> Any:
+    async def _guard(self, coro: Awaitable[T], url: str | None = None) -> T:
         try:
             return await coro
         except FetchRefused as exc:
@@ -65,7 +72,7 @@ class Outbound:
                            direction: str = "outbound") -> dict[str, Any]:
         """Store an uploaded stream. Raises :class:`MediaUnavailable`."""
         record, _ = await self._guard(self.media_store.store(chunks, replace(origin, direction=direction)))
-        return record
+        return dict(record)
 
     async def store_url(self, url: str, origin: Origin, direction: str = "outbound") -> dict[str, Any]:
         """Fetch ``url`` under the upload-from-URL rules and store it; one of the gateway's own
@@ -92,7 +99,7 @@ class Outbound:
                             declared_mimetype=origin.declared_mimetype or src.mimetype,
                             declared_size=src.size, filename=origin.filename or src.filename)
                 record, _ = await self.media_store.store(src.chunks, o)
-                return record
+                return dict(record)
         return await self._guard(_do(), url)
 
     async def store_base64(self, data: str, origin: Origin) -> dict[str, Any]:
@@ -125,7 +132,7 @@ class Outbound:
                 o = replace(origin, direction=direction, declared_mimetype=source["mimetype"],
                             declared_sha256=source["sha256"], filename=origin.filename or source["filename"])
                 copy, _ = await self.media_store.store(obj.chunks, o)
-                return copy
+                return dict(copy)
             finally:
                 await obj.close()
         return await self._guard(_do())
@@ -133,7 +140,7 @@ class Outbound:
     # -- sending --------------------------------------------------------------------------
     def outbound_media(self, record: dict[str, Any]) -> OutboundMedia:
         """The provider's view of a stored object: row, signed link, and an opener."""
-        async def opener(start: int | None, end: int | None):
+        async def opener(start: int | None, end: int | None) -> OpenedObject:
             return await self.storage.open(record["key"], start, end, bucket=record["bucket"])
         return OutboundMedia(record=record, link=self.links.link(record["id"], record["filename"]), open=opener)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from gateway import hookspecs
 from gateway.config import ConfigError, Settings, closest
-from gateway.sdk.hooks import PROJECT, MediaInfo
+from gateway.hookspecs import PROJECT, MediaInfo
 
 GROUP = PROJECT
 NOTIFICATIONS = ("media_stored", "media_updated", "media_deleted", "message_forwarded")

@@ -11,12 +11,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from gateway.catalog import Catalog, exact_time
+from gateway.catalog.rows import MediaRow
 from gateway.config import Settings
 from gateway.media import (
     MediaStream,
@@ -51,7 +51,7 @@ class MediaStore:
         self.storage = storage
         self.pm = pm
 
-    async def store(self, chunks: AsyncIterator[bytes], origin: Origin) -> tuple[dict[str, Any], bool]:
+    async def store(self, chunks: AsyncIterator[bytes], origin: Origin) -> tuple[MediaRow, bool]:
         """Store ``chunks``; return ``(catalog row, created)``. ``created`` is False when
         ``origin.source_key`` was stored meanwhile by someone else: then that row is returned and
         the new object deleted again.
@@ -94,7 +94,8 @@ class MediaStore:
         metadata = {"media-id": media_id, "filename": filename}
         put = await self.storage.put(key, _sealing(stream, metadata), decision.mimetype, metadata,
                                      category=decision.category)
-        record = {
+        assert stream.sha256 is not None  # the stream was read to its end by put()
+        record: MediaRow = {
             "id": media_id, "sha256": stream.sha256, "size": stream.size,
             "mimetype": decision.mimetype, "declared_mimetype": decision.declared,
             "category": decision.category, "filename": filename, "backend": self.storage.name,
@@ -114,7 +115,7 @@ class MediaStore:
         await notify(self.pm, "media_stored", record=record)
         return record, True
 
-    async def delete(self, media_id: str) -> dict[str, Any] | None:
+    async def delete(self, media_id: str) -> MediaRow | None:
         """Delete a stored object, then its catalog row (``media_deleted`` hooks run); return the
         row, or ``None`` when there is no such row or another deletion has it.
 

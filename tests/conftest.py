@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import CATALOG, create_app
+from gateway.app import create_app
+from gateway.keys import CATALOG
 from gateway.config import Settings
 from tests.emulators.sink import BotSink
 from tests.emulators.waha import WahaEmulator

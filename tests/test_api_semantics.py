@@ -16,7 +16,7 @@ import pytest
 
 from yarl import URL
 
-from gateway.app import CATALOG
+from gateway.keys import CATALOG
 from tests.conftest import MANIFEST, MEDIA, base_config, waha_payload
 from tests.daemon import GatewayProcess, write_toml
 from tests.test_files_api import KEYS, T1, T2, call, upload

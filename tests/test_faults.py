@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from gateway import hookimpl
-from gateway.app import CATALOG, create_app
+from gateway.app import create_app
+from gateway.keys import CATALOG
 from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
 from gateway.sdk.provider import MediaRef, MediaSource

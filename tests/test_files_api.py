@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import CATALOG, STORAGE
+from gateway.keys import CATALOG, STORAGE
 from gateway.sdk.storage import ObjectNotFound
 from tests.conftest import MANIFEST, MEDIA
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gateway.app import CATALOG
+from gateway.keys import CATALOG
 from gateway.sdk.provider import MAX_JSON_DEPTH, MediaOutcome, WebhookEvent
 from plugins.whatsapp_meta import MetaProvider, MetaSettings
 from plugins.whatsapp_waha import WahaProvider, WahaSettings

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from gateway.app import CATALOG, LINKS, PROVIDERS, STORAGE
+from gateway.keys import CATALOG, LINKS, PROVIDERS, STORAGE
 from gateway.sdk.provider import OutboundMedia, SendRefused, SendRequest
 from tests.conftest import FIXTURES, MANIFEST, MEDIA
 from tests.emulators.graph import GraphEmulator

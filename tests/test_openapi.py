@@ -17,10 +17,11 @@ from aiohttp import web
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from yarl import URL
 
-from gateway import api, routes
-from gateway.api import FORM_FIELDS, file_view, job_view
-from gateway.app import CATALOG, FETCHER
-from gateway.openapi import openapi_document
+from gateway.keys import CATALOG, FETCHER
+from gateway.web.files import file_view
+from gateway.web.jobs import job_view
+from gateway.web.models import FORM_FIELDS, UploadFields
+from gateway.web.routes import add_routes, openapi_document
 from gateway.retention import CleanupReport
 from gateway.safefetch import FetchRefused
 from tests.conftest import MANIFEST, MEDIA
@@ -62,8 +63,7 @@ def validator(document: dict[str, Any], name: str) -> jsonschema.Draft202012Vali
 def host_routes() -> set[tuple[str, str]]:
     """``(METHOD, path)`` of every route the host itself registers (not providers' or plugins')."""
     bare = web.Application()
-    routes.setup_routes(bare)
-    api.setup_api_routes(bare)
+    add_routes(bare)
     return {(r.method, r.resource.canonical) for r in bare.router.routes() if r.resource is not None}
 
 
@@ -137,7 +137,7 @@ async def test_schemas_describe_what_the_views_produce(gw):
 
     # the multipart forms name exactly the fields the handlers take
     assert set(schemas["MessageForm"]["properties"]) == FORM_FIELDS | {"file"}
-    assert set(schemas["UploadForm"]["properties"]) == set(api.UploadFields.model_fields) | {"file"}
+    assert set(schemas["UploadForm"]["properties"]) == set(UploadFields.model_fields) | {"file"}
     # MediaSpec: exactly one of id and url, as its model validator says
     media = validator(document, "MediaSpec")
     assert media.is_valid({"id": "m_1"}) and media.is_valid({"url": "https://x/y"})

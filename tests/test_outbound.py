@@ -10,7 +10,7 @@ import shutil
 import aiohttp
 import pytest
 
-from gateway.app import CATALOG
+from gateway.keys import CATALOG
 from tests.conftest import MANIFEST, MEDIA, waha_payload
 from tests.emulators.graph import GraphEmulator
 
@@ -138,7 +138,7 @@ async def test_provider_unreachable_is_502(start_gateway, waha, sink, unused_tcp
     media_id = await inbound_media_id(gw, waha, sink, "photo.jpg")
     from yarl import URL
 
-    from gateway.app import PROVIDERS
+    from gateway.keys import PROVIDERS
     gw.app[PROVIDERS]["waha"].base = URL(f"http://127.0.0.1:{unused_tcp_port}")  # nothing listens there
     status, answer = await api(gw, {"provider": "waha", "account": "default", "to": "1@c.us", "type": "image",
                                     "media": {"id": media_id}})

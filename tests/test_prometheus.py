@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.app import RETENTION
+from gateway.keys import RETENTION
 from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
 

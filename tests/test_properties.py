@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.api import FORM_FIELDS
-from gateway.app import CATALOG
+from gateway.web.models import FORM_FIELDS
+from gateway.keys import CATALOG
 from tests.conftest import FIXTURES, waha_hmac
 from tests.hostile import DELETE, paths_of, real_media_templates, replace_at
 from tests.test_files_api import KEYS

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from gateway.app import CATALOG, METRICS, RETENTION, STORAGE, create_app
+from gateway.app import create_app
+from gateway.keys import CATALOG, METRICS, RETENTION, STORAGE
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.media import new_media_id
 from gateway.retention import CleanupBusy, CleanupItem, crontab_trigger, max_age_seconds

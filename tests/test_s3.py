@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway.app import RETENTION, STORAGE
+from gateway.keys import RETENTION, STORAGE
 from gateway.media import new_media_id
 from gateway.sdk.storage import StorageError
 from plugins.storage_s3 import S3Settings, S3Storage

@@ -20,7 +20,7 @@ from gateway.config import Settings
 from gateway.media import MediaStream, MediaTooLarge
 from gateway.sdk.storage import ObjectNotFound
 from gateway.sdk.testing import *  # noqa: F403  (the shipped contract suites)
-from gateway.sdk.testing import chunks, installed, read_all, sealed
+from gateway.sdk.testing import chunks, installed, sealed
 from plugins.storage_local import LocalStorage
 from plugins.storage_s3 import S3Settings, S3Storage
 from tests.conftest import boto3_client, s3_config

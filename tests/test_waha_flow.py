@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.app import LINKS
+from gateway.keys import LINKS
 from tests.conftest import MANIFEST, MEDIA, waha_payload, waha_hmac
 
 

@@ -28,7 +28,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from gateway.catalog.rows import (
     ClaimedJob,
@@ -49,6 +49,12 @@ JOB_STATES = ("queued", "running", "done", "dead")
 ``dead`` (failed for good; waits for a person to retry it)."""
 
 
+@overload
+def exact_time(ts: float) -> float: ...
+@overload
+def exact_time(ts: None) -> None: ...
+@overload
+def exact_time(ts: float | None) -> float | None: ...
 def exact_time(ts: float | None) -> float | None:
     """Epoch seconds rounded to whole microseconds: the one precision media timestamps are stored
     at, shown at (RFC 3339 with six decimals) and compared at. ``None`` stays ``None``."""

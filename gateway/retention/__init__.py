@@ -3,10 +3,22 @@ without bound. :mod:`.cron` reads the crontab schedule (a leaf), :mod:`.policy` 
 :mod:`.runner` runs a cleanup (:class:`Retention`), :mod:`.report` is what a run reports.
 """
 
-from gateway.retention.cron import crontab_trigger
+from gateway.cron import crontab_trigger
 from gateway.retention.policy import DAY, age_seconds, expiry_rule, max_age_seconds
-from gateway.retention.report import MAX_LISTED_IDS, CleanupItem, CleanupReport, NoProgress, Progress
-from gateway.retention.runner import DELETE_CONCURRENCY, MEDIA_ID, CleanupBusy, Clock, Retention
+from gateway.retention.report import (
+    MAX_LISTED_IDS,
+    CleanupItem,
+    CleanupReport,
+    NoProgress,
+    Progress,
+)
+from gateway.retention.runner import (
+    DELETE_CONCURRENCY,
+    MEDIA_ID,
+    CleanupBusy,
+    Clock,
+    Retention,
+)
 
 __all__ = [
     "DAY", "DELETE_CONCURRENCY", "MAX_LISTED_IDS", "MEDIA_ID", "CleanupBusy", "CleanupItem", "CleanupReport",

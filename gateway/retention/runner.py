@@ -57,11 +57,17 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from gateway.catalog import CatalogContract, DoomedMedia
 from gateway.config import MaxAgeDays, Settings
+from gateway.cron import crontab_trigger
 from gateway.metrics import Metrics
 from gateway.plugins import notify
-from gateway.retention.cron import crontab_trigger
 from gateway.retention.policy import age_seconds, expiry_rule
-from gateway.retention.report import MAX_LISTED_IDS, CleanupItem, CleanupReport, NoProgress, Progress
+from gateway.retention.report import (
+    MAX_LISTED_IDS,
+    CleanupItem,
+    CleanupReport,
+    NoProgress,
+    Progress,
+)
 from gateway.sdk.storage import IncompleteUploads, StorageBackend, StorageError
 
 log = logging.getLogger("gateway.retention")

@@ -21,7 +21,13 @@ nowhere else in ``gateway``::
 """
 
 from gateway.config import ConfigError, PluginSection, Settings, plugin_settings
-from gateway.media import CATEGORIES, MediaStream, MediaTooLarge, base_mime, content_disposition
+from gateway.media import (
+    CATEGORIES,
+    MediaStream,
+    MediaTooLarge,
+    base_mime,
+    content_disposition,
+)
 from gateway.sdk import relay
 from gateway.sdk.download import BODY_ERRORS, DownloadPolicy, resumable_body
 from gateway.sdk.hooks import PROJECT, MediaInfo, MediaRecord, hookimpl, hookspec

@@ -49,7 +49,13 @@ import pytest
 from gateway.config import Settings
 from gateway.media import MediaStream, MediaTooLarge
 from gateway.plugins import make_manager, offered, section_models
-from gateway.sdk.provider import PayloadError, Provider, RouteDef, SignatureError, WebhookEvent
+from gateway.sdk.provider import (
+    PayloadError,
+    Provider,
+    RouteDef,
+    SignatureError,
+    WebhookEvent,
+)
 from gateway.sdk.storage import IncompleteUploads, ObjectNotFound, StorageBackend
 
 __all__ = [

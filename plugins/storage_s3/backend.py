@@ -25,7 +25,7 @@ from gateway.sdk import (
     StorageError,
     content_disposition,
 )
-from plugins.storage_s3.settings import MiB, S3Settings
+from plugins.storage_s3.settings import S3Settings
 
 log = logging.getLogger("gateway.storage.s3")
 

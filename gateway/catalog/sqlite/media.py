@@ -7,7 +7,12 @@ from typing import Any, cast
 import sqlite_utils
 
 from gateway.catalog.rows import MediaRow, StatsGroup
-from gateway.catalog.sqlite.connection import SQLiteConnection, fetch_dicts, to_sql, transaction
+from gateway.catalog.sqlite.connection import (
+    SQLiteConnection,
+    fetch_dicts,
+    to_sql,
+    transaction,
+)
 
 
 class MediaMixin(SQLiteConnection):

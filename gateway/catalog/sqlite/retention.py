@@ -11,7 +11,13 @@ from typing import Any, cast
 import sqlite_utils
 
 from gateway.catalog.contract import CatalogStats, ExpiryRule
-from gateway.catalog.rows import CleanupRunRow, DoomedMedia, ExpiredMedia, ListedObject, UnlistedMedia
+from gateway.catalog.rows import (
+    CleanupRunRow,
+    DoomedMedia,
+    ExpiredMedia,
+    ListedObject,
+    UnlistedMedia,
+)
 from gateway.catalog.sqlite.connection import SQLiteConnection, fetch_dicts, transaction
 from gateway.catalog.sqlite.migrations import JOB_EVENT
 

@@ -1,4 +1,4 @@
-"""Live notices of catalog changes for ``GET /api/v1/events`` (a WebSocket).
+"""Live notices of catalog changes: ``GET /api/v1/events`` (a WebSocket).
 
 :class:`Notifier` is registered as a pluggy plugin: the ``media_stored``, ``media_updated`` and
 ``media_deleted`` hooks become ``created``, ``updated`` and ``deleted`` notices, each delivered to
@@ -12,8 +12,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from gateway.auth import Principal
+from aiohttp import web
+
 from gateway.hookspecs import hookimpl
+from gateway.keys import NOTIFIER
+from gateway.web.auth import Principal, require
 
 QUEUE_SIZE = 1000
 
@@ -21,7 +24,7 @@ QUEUE_SIZE = 1000
 class Subscription:
     """One listener: ``queue`` yields notices ``{"type", "file"}``; ``overflowed`` once dropped."""
 
-    def __init__(self, principal: Principal):
+    def __init__(self, principal: Principal) -> None:
         self.principal = principal
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
         self.overflowed = False
@@ -31,7 +34,7 @@ class Notifier:
     """Fans media notices out to subscriptions. ``view(record)`` turns a catalog row into the
     JSON object a notice carries."""
 
-    def __init__(self, view: Callable[[dict[str, Any]], dict[str, Any]]):
+    def __init__(self, view: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.view = view
         self._subs: set[Subscription] = set()
 
@@ -72,3 +75,35 @@ class Notifier:
     @hookimpl
     def media_deleted(self, record: dict[str, Any]) -> None:
         self.publish("deleted", record)
+
+
+async def events(request: web.Request) -> web.WebSocketResponse:
+    """``GET /events`` (WebSocket): ``{"type": "created"|"updated"|"deleted", "file": FileInfo}``
+    for every object the key may see. A listener that falls far behind is closed (code 1013)."""
+    principal = require(request, "read")
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    sub = request.app[NOTIFIER].subscribe(principal)
+
+    async def drain_incoming() -> None:
+        async for _ in ws:  # the client says nothing we need; this notices it closing
+            pass
+
+    reader = asyncio.create_task(drain_incoming())
+    try:
+        while not ws.closed:
+            getter = asyncio.ensure_future(sub.queue.get())
+            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            notice = getter.result()
+            if notice is None:
+                await ws.close(code=1013, message=b"too far behind")
+                break
+            await ws.send_json(notice)
+    finally:
+        request.app[NOTIFIER].unsubscribe(sub)
+        reader.cancel()
+        await ws.close()
+    return ws

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.config import ApiSettings
+from gateway.keys import API_KEYS
+from gateway.web.errors import ApiError
 
 SCOPES = ("read", "write", "admin")
 
@@ -42,7 +44,7 @@ class Forbidden(Exception):
 class ApiKeys:
     """The configured keys, by digest."""
 
-    def __init__(self, settings: ApiSettings):
+    def __init__(self, settings: ApiSettings) -> None:
         self._keys = [(k.digest(), Principal(k.name, frozenset(k.scopes), k.tenant)) for k in settings.keys]
 
     def __bool__(self) -> bool:
@@ -67,3 +69,22 @@ class ApiKeys:
         if not principal.allows(scope):
             raise Forbidden(f"the API key {principal.name!r} lacks the {scope!r} scope")
         return principal
+
+
+def require(request: web.Request, scope: str) -> Principal:
+    """The API key's principal if it has ``scope``. Raises :class:`ApiError` 401 (no or bad key,
+    with ``WWW-Authenticate``, RFC 6750 §3) or 403 (the scope is missing)."""
+    try:
+        return request.app[API_KEYS].require(request, scope)
+    except Unauthorized as exc:
+        raise ApiError(401, str(exc), headers={"WWW-Authenticate": 'Bearer realm="gateway"'}) from None
+    except Forbidden as exc:
+        raise ApiError(403, str(exc)) from None
+
+
+def require_operator(request: web.Request, what: str) -> Principal:
+    """An ``admin`` key bound to no tenant (``what`` spans every tenant). Raises :class:`ApiError`."""
+    principal = require(request, "admin")
+    if principal.tenant is not None:
+        raise ApiError(403, f"{what}: use an admin key without a tenant")
+    return principal

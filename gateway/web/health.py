@@ -1,0 +1,39 @@
+"""Operations: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.keys import CATALOG, METRICS, SETTINGS, STORAGE
+from gateway.web.auth import require
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 when the catalog and storage answer, else 503 naming what failed."""
+    checks: dict[str, str] = {}
+    for name, check in (("catalog", request.app[CATALOG].check), ("storage", request.app[STORAGE].check)):
+        try:
+            await asyncio.wait_for(check(), 5)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"{type(exc).__name__}: {exc}"
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format (behind an API key with ``api.metrics_key``)."""
+    if request.app[SETTINGS].api.metrics_key:
+        require(request, "read")
+    m = request.app[METRICS]
+    await m.refresh(request.app[CATALOG], ["ingest", "deliver"])
+    await m.refresh_storage(request.app[STORAGE])
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

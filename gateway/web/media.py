@@ -1,0 +1,112 @@
+"""Serving stored objects: ``/media/{id}/{filename}`` (signed links), ``/public/{id}/{filename}``
+(public files) and, through :func:`serve_object`, the files API's ``/content``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from gateway.keys import CATALOG, LINKS, SETTINGS, STORAGE
+from gateway.links import LinkError
+from gateway.media import content_disposition
+from gateway.sdk.storage import ObjectNotFound
+from gateway.web.errors import ApiError
+
+log = logging.getLogger("gateway.http")
+
+
+async def media(request: web.Request) -> web.StreamResponse:
+    """``GET|HEAD /media/{id}/{filename}?exp=&sig=``: a stored object, streamed.
+
+    403 wrong/expired signature; 404 unknown id; 304 on a matching ``If-None-Match``; 206 with
+    ``Content-Range`` for a satisfiable single ``Range`` (RFC 9110 §14); 416 otherwise.
+    """
+    media_id, filename = request.match_info["id"], request.match_info["filename"]
+    try:
+        request.app[LINKS].verify(media_id, filename, request.query.get("exp"), request.query.get("sig"))
+    except LinkError as exc:
+        raise ApiError(403, str(exc))
+    record = await request.app[CATALOG].get_media(media_id)
+    if record is None:
+        raise ApiError(404, "no such media")
+    return await serve_object(request, record)
+
+
+async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.StreamResponse:
+    """Stream the object of catalog ``record`` with ETag, Range and conditional support, or, with
+    ``storage.serving = "redirect"`` and a backend that has direct URLs, answer 302 to a fresh
+    presigned URL (valid for the link TTL, at most an hour)."""
+    size = record["size"]
+    etag = f'"{record["sha256"]}"'
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, max-age=3600",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Disposition": content_disposition(record["filename"], record["mimetype"]),
+    }
+    inm = request.headers.get("If-None-Match")
+    if inm and (inm.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in inm.split(",")]):
+        return web.Response(status=304, headers=headers)
+    start, end, status = 0, size - 1, 200
+    if "Range" in request.headers and request.headers.get("If-Range", etag) == etag:
+        try:
+            rng = request.http_range
+        except ValueError:
+            rng = None  # malformed or multi-range: RFC 9110 lets us ignore it and send it all
+        if rng is not None and (rng.start is not None or rng.stop is not None):
+            if rng.start is None:  # cannot happen with aiohttp's parser; be safe
+                rng = slice(0, rng.stop)
+            if rng.start < 0:  # suffix range: the last N bytes
+                start = max(0, size + rng.start)
+            else:
+                start = rng.start
+            if rng.stop is not None:
+                end = min(size - 1, rng.stop - 1)
+            if start >= size or start > end:
+                return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    storage = request.app[STORAGE]
+    if request.app[SETTINGS].storage.serving == "redirect":
+        ttl = min(request.app[SETTINGS].media.link_ttl, 3600)
+        direct = await storage.url(record["key"], ttl, filename=record["filename"],
+                                   bucket=record["bucket"], content_type=record["mimetype"])
+        if direct is not None:
+            return web.Response(status=302, headers={"Location": direct, "Cache-Control": "no-store"})
+    try:
+        obj = await storage.open(record["key"], start, end if size else None, bucket=record["bucket"])
+    except ObjectNotFound:
+        log.error("catalog row %s points at a missing object %s", record["id"], record["key"],
+                  extra={"media_id": record["id"]})
+        raise ApiError(404, "object missing from storage")
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type = record["mimetype"]
+    response.content_length = obj.length if size else 0
+    sent = 0
+    try:
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in obj.chunks:
+                await response.write(chunk)
+                sent += len(chunk)
+        await response.write_eof()
+    except ConnectionError:
+        log.info("client hung up after %d of %d bytes of %s (%s %s)", sent, response.content_length,
+                 record["id"], request.method, request.path, extra={"media_id": record["id"]})
+        raise
+    finally:
+        await obj.close()
+    return response
+
+
+async def public_media(request: web.Request) -> web.StreamResponse:
+    """``GET|HEAD /public/{id}/{filename}``: a stable, unsigned link to an object marked public
+    (``is_public``); 404 for any other object."""
+    record = await request.app[CATALOG].get_media(request.match_info["id"])
+    if record is None or not record.get("is_public") or record.get("state", "stored") != "stored":
+        raise ApiError(404, "no such public file")
+    return await serve_object(request, record)

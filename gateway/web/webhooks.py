@@ -1,0 +1,63 @@
+"""``POST /webhooks/{provider}``: a provider's webhook, verified, parsed and committed."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gateway.keys import CATALOG, METRICS, PROVIDERS, QUEUE, SETTINGS
+from gateway.sdk.provider import PayloadError, SignatureError
+from gateway.web.errors import ApiError
+
+log = logging.getLogger("gateway.http")
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """``POST /webhooks/{provider}``: verify, parse, commit events and jobs, then answer 200.
+
+    401 bad signature, 400 bad body, 404 unknown provider, 413 too large, 503 catalog unavailable
+    (the provider retries). Nothing is stored unless the answer is 200.
+    """
+    name = request.match_info["provider"]
+    provider = request.app[PROVIDERS].get(name)
+    metrics = request.app[METRICS]
+    if provider is None:
+        raise ApiError(404, f"unknown provider {name!r}", providers=sorted(request.app[PROVIDERS].keys()))
+    limit = request.app[SETTINGS].server.max_webhook_bytes
+    if request.content_length is not None and request.content_length > limit:
+        metrics.webhooks.labels(name, "too_large").inc()
+        raise ApiError(413, f"webhook body over the limit of {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        metrics.webhooks.labels(name, "too_large").inc()
+        raise ApiError(413, f"webhook body over the limit of {limit} bytes")
+    try:
+        provider.verify(request.headers, body)
+    except SignatureError as exc:
+        metrics.webhooks.labels(name, "unauthorized").inc()
+        log.warning("%s webhook refused: %s (from %s)", name, exc, request.remote,
+                    extra={"provider": name})
+        raise ApiError(401, str(exc))
+    try:
+        events = provider.parse(body)
+    except PayloadError as exc:
+        metrics.webhooks.labels(name, "invalid").inc()
+        log.warning("%s webhook invalid: %s", name, exc, extra={"provider": name})
+        raise ApiError(400, str(exc))
+    try:
+        accepted, duplicates = await request.app[CATALOG].record_webhook(name, body, events)
+    except Exception:
+        metrics.webhooks.labels(name, "unavailable").inc()
+        log.exception("could not commit a %s webhook; answering 503 so the provider retries", name,
+                      extra={"provider": name})
+        raise ApiError(503, "catalog unavailable, retry later")
+    if accepted:
+        request.app[QUEUE].notify()
+    metrics.webhooks.labels(name, "accepted").inc(len(accepted))
+    metrics.webhooks.labels(name, "duplicate").inc(len(duplicates))
+    for event_id in accepted:
+        log.info("%s webhook accepted", name, extra={"provider": name, "event_id": event_id})
+    return web.json_response({"accepted": len(accepted), "duplicates": len(duplicates),
+                              "event_ids": accepted})
