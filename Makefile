@@ -1,11 +1,13 @@
 # The two commands of the README:
 #   make run    set up .venv and start the daemon on ./gateway.toml
-#   make test   set up .venv with the test extras and run the whole test suite
+#   make test   set up .venv with the test extras, check the architecture and the types, run the
+#               whole test suite
+#   make check  the architecture contracts (lint-imports) and the type checker (mypy --strict) alone
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test system-deps clean
+.PHONY: run test check system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	@./scripts/system-deps
@@ -18,7 +20,11 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/gateway serve --config gateway.toml
 
-test: $(BIN)/.installed
+check: $(BIN)/.installed
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/pytest
 
 system-deps:
