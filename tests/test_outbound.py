@@ -282,3 +282,16 @@ async def file_server(aiohttp_server) -> str:
     app.router.add_static("/", MEDIA)
     server = await aiohttp_server(app, host="127.0.0.1")
     return str(server.make_url("")).rstrip("/")
+
+
+async def test_relays_pass_a_deeply_nested_body_through_without_a_5xx(gw, waha, graph):
+    """A bot's body nested past the interpreter's recursion limit is not the relay's to parse: it is
+    passed through to the provider untouched (the provider judges it), never a 500."""
+    deep = b"[" * 5000 + b"]" * 5000
+    async with gw.http.post(f"{gw.url}/waha/api/sendImage", data=deep,
+                            headers={"X-Api-Key": waha.api_key, "Content-Type": "application/json"}) as r:
+        assert r.status < 500
+    async with gw.http.post(f"{gw.url}/meta/v23.0/{PNID}/messages", data=deep,
+                            headers={"Authorization": "Bearer graph-token", "Content-Type": "application/json"}) as r:
+        assert r.status < 500
+    assert await gw.count("media") == 0

@@ -10,7 +10,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from gateway.sdk import MediaUnavailable, Origin, relay, signature_matches
+from gateway.sdk import MediaUnavailable, Origin, PayloadError, load_json, relay, signature_matches
 from plugins.whatsapp_meta.settings import MEDIA_KINDS, MetaState
 
 log = logging.getLogger("gateway.providers.meta")
@@ -37,11 +37,11 @@ class MetaRelay(MetaState):
         pnid, version = request.match_info["phone_number_id"], request.match_info["version"]
         try:
             raw = await relay.read_body(request, 1024 * 1024)
-            body = json.loads(raw)
+            body = load_json(raw)
         except relay.BodyTooLarge as exc:
             return web.json_response({"error": {"message": str(exc), "code": 100}}, status=413)
-        except (ValueError, UnicodeDecodeError):
-            body, raw = None, raw
+        except PayloadError:  # not JSON, or nested too deep: passed through for the Graph API to judge
+            body = None
         kind = body.get("type") if isinstance(body, dict) else None
         obj = body.get(kind) if isinstance(body, dict) and kind in MEDIA_KINDS else None
         record = fallback = None

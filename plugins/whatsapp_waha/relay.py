@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.sdk import MediaUnavailable, Origin, base_mime, relay, signature_matches
+from gateway.sdk import MediaUnavailable, Origin, PayloadError, base_mime, load_json, relay, signature_matches
 from plugins.whatsapp_waha.send import sent_message_id
 from plugins.whatsapp_waha.settings import WahaState
 
@@ -62,9 +62,9 @@ class WahaRelay(WahaState):
         ``(body, None, None)`` when there is nothing to store, or ``(body, None, why)`` when
         storing failed (the fallback)."""
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return {}, None, None  # not JSON: WAHA will say so
+            body = load_json(raw)
+        except PayloadError:
+            return {}, None, None  # not JSON, or nested too deep: passed through, WAHA will say so
         file = body.get("file") if isinstance(body, dict) else None
         if not isinstance(file, dict) or not (file.get("url") or file.get("data")):
             return body if isinstance(body, dict) else {}, None, None

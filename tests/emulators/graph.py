@@ -251,7 +251,7 @@ class GraphEmulator:
             return denied
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # the Graph API answers any unparsable body with 400
             return _invalid("Request body is not valid JSON")
         if not isinstance(body, dict):
             return _invalid("Request body must be a JSON object")

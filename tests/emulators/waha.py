@@ -145,7 +145,7 @@ class WahaEmulator:
             return web.json_response(body, status=status)
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # as NestJS answers any body it cannot parse
             return web.json_response({"statusCode": 400, "message": "body is not JSON"}, status=400)
         file = body.get("file") if isinstance(body, dict) else None
         if not isinstance(file, dict) or not body.get("chatId") or not (file.get("url") or file.get("data")):
