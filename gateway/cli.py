@@ -170,11 +170,11 @@ class _CleanupDisplay:
 async def _run_cleanup(settings: Settings, storage: StorageBackend, dry_run: bool,
                        display: _CleanupDisplay) -> CleanupReport:
     """Open the catalog and the storage backend as the daemon does, run one cleanup, close them."""
-    from gateway.catalog import Catalog
+    from gateway.catalog import catalog_from_settings
     from gateway.metrics import MeteredStorage, Metrics
     from gateway.retention import Retention
 
-    catalog = Catalog(settings.catalog.path)
+    catalog = catalog_from_settings(settings)
     await catalog.open()
     metrics = Metrics()
     backend = MeteredStorage(storage, metrics)

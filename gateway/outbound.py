@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from gateway.catalog import Catalog
+from gateway.catalog import CatalogContract
 from gateway.links import LinkError, LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge
 from gateway.metrics import Metrics
@@ -40,7 +40,7 @@ class MediaUnavailable(Exception):
 class Outbound:
     """The outbound service shared by ``POST /api/v1/messages`` and the providers' relays."""
 
-    def __init__(self, catalog: Catalog, storage: StorageBackend, links: LinkSigner, metrics: Metrics,
+    def __init__(self, catalog: CatalogContract, storage: StorageBackend, links: LinkSigner, metrics: Metrics,
                  store: MediaStore, fetcher: SafeFetcher):
         self.catalog = catalog
         self.storage = storage

@@ -16,7 +16,7 @@ from typing import Any
 
 import pluggy
 
-from gateway.catalog import Catalog, exact_time
+from gateway.catalog import CatalogContract, exact_time
 from gateway.config import Settings
 from gateway.media import (
     MediaStream,
@@ -71,7 +71,7 @@ class MediaStore:
     """Streams media into the storage backend and the catalog. Counting is the caller's (ingest
     counts ingested media, outbound counts sends)."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend,
+    def __init__(self, settings: Settings, catalog: CatalogContract, storage: StorageBackend,
                  pm: pluggy.PluginManager):
         self.settings = settings
         self.catalog = catalog

@@ -399,3 +399,23 @@ async def test_the_sql_rule_is_the_documented_rule(open_catalog):
         assert (await catalog.count_expired_media(rule))[:2] == (len(want), 0)
     finally:
         await catalog.close()
+
+
+# -- live notices and the cleanup lock ------------------------------------------------------------
+
+async def test_published_notices_reach_the_subscribers_of_the_channel(catalog):
+    async with catalog.subscribe("media") as notices, catalog.subscribe("other") as others:
+        await catalog.publish("media", {"type": "created", "record": {"id": "m_1"}})
+        await catalog.publish("media", {"type": "deleted", "record": {"id": "m_1"}})
+        got = [await asyncio.wait_for(anext(notices), 5) for _ in range(2)]
+        assert [n["type"] for n in got] == ["created", "deleted"] and got[0]["record"] == {"id": "m_1"}
+        await catalog.publish("other", {"n": 1})
+        assert await asyncio.wait_for(anext(others), 5) == {"n": 1}
+    await catalog.publish("media", {"type": "late"})  # nobody listens: not an error
+
+
+async def test_the_cleanup_lock_is_free_when_nobody_cleans(catalog):
+    async with catalog.try_cleanup_lock() as held:
+        assert held
+    async with catalog.try_cleanup_lock() as held:  # released at the end of the block
+        assert held

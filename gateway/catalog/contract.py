@@ -119,6 +119,15 @@ class CatalogContract(abc.ABC):
     blocks the event loop. Open with :meth:`open` before anything else, close with :meth:`close`."""
 
     # -- lifecycle ------------------------------------------------------------------------
+    kind: str
+    """The implementation's name (``sqlite``, ``postgresql``), for logs and metrics."""
+
+    @property
+    def replica(self) -> str | None:
+        """This process's id in a shared catalog (the ``owner`` of the jobs it leases); None for an
+        exclusive catalog, which one daemon holds."""
+        return None
+
     @abc.abstractmethod
     def lock(self) -> None:
         """Make this process the catalog's one daemon, without waiting; held until :meth:`close`
@@ -369,15 +378,21 @@ class CatalogContract(abc.ABC):
         for queue in _local_channels(self).get(channel, ()):
             queue.put_nowait(payload)
 
-    async def subscribe(self, channel: str) -> AsyncIterator[dict[str, Any]]:
-        """The payloads :meth:`publish` sends on ``channel`` from now on, until the consumer stops
-        iterating (PostgreSQL: ``LISTEN``). The default: this process's."""
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Listen on ``channel`` for the block: yields an async iterator of the payloads
+        :meth:`publish` sends from the moment the block is entered (PostgreSQL: ``LISTEN``, on a
+        connection of its own). The default: this process's."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         subscribers = _local_channels(self).setdefault(channel, set())
         subscribers.add(queue)
-        try:
+
+        async def notices() -> AsyncIterator[dict[str, Any]]:
             while True:
                 yield await queue.get()
+
+        try:
+            yield notices()
         finally:
             subscribers.discard(queue)
 

@@ -63,6 +63,13 @@ class PostgresConnection:
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._listing = f"{self.owner}:{uuid.uuid4().hex}"
 
+    kind = "postgresql"
+
+    @property
+    def replica(self) -> str | None:
+        """This replica's id: the ``owner`` written into the jobs it leases."""
+        return self.owner
+
     # -- lifecycle ------------------------------------------------------------------------
     def lock(self) -> None:
         """Nothing: replicas share a PostgreSQL catalog; their jobs carry leases instead."""
@@ -74,30 +81,37 @@ class PostgresConnection:
         than this gateway knows."""
         if self._pool is not None:
             return
+        try:  # one direct connection first: an unreachable database fails at once, with its reason
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise CatalogError(f"cannot open catalog {self._safe_url}: {str(exc).strip()}") from exc
+        async with conn:
+            await self._migrate(conn)
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             self.url, min_size=1, max_size=self.pool_size, open=False,
             kwargs={"autocommit": True, "row_factory": dict_row}, connection_class=psycopg.AsyncConnection)
         try:
             await pool.open(wait=True, timeout=10)
-            async with pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
-                await conn.execute("CREATE TABLE IF NOT EXISTS gateway_schema (version INTEGER NOT NULL)")
-                row = await (await conn.execute("SELECT version FROM gateway_schema")).fetchone()
-                version = row["version"] if row else 0
-                if row is None:
-                    await conn.execute("INSERT INTO gateway_schema VALUES (0)")
-                if version > SCHEMA_VERSION:
-                    raise CatalogError(f"catalog {self._safe_url} has schema version {version};"
-                                       f" this gateway knows {SCHEMA_VERSION}")
-                for number in range(version, SCHEMA_VERSION):
-                    await conn.execute(MIGRATIONS[number].encode())
-                    await conn.execute("UPDATE gateway_schema SET version = %s", (number + 1,))
-        except BaseException as exc:
+        except PoolTimeout as exc:
             await pool.close()
-            if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
-                raise CatalogError(f"cannot open catalog {self._safe_url}: {exc}") from exc
-            raise
+            raise CatalogError(f"cannot open catalog {self._safe_url}: {exc}") from exc
         self._pool = pool
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Apply the missing migrations, one replica at a time (a transaction-scoped advisory lock)."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            await conn.execute("CREATE TABLE IF NOT EXISTS gateway_schema (version INTEGER NOT NULL)")
+            row = await (await conn.execute("SELECT version FROM gateway_schema")).fetchone()
+            version = int(row[0]) if row else 0
+            if row is None:
+                await conn.execute("INSERT INTO gateway_schema VALUES (0)")
+            if version > SCHEMA_VERSION:
+                raise CatalogError(f"catalog {self._safe_url} has schema version {version};"
+                                   f" this gateway knows {SCHEMA_VERSION}")
+            for number in range(version, SCHEMA_VERSION):
+                await conn.execute(MIGRATIONS[number].encode())
+                await conn.execute("UPDATE gateway_schema SET version = %s", (number + 1,))
 
     @property
     def _safe_url(self) -> str:
@@ -163,25 +177,36 @@ class PostgresConnection:
         replica (``pg_notify``)."""
         await self.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps(payload)))
 
-    async def subscribe(self, channel: str) -> AsyncIterator[dict[str, Any]]:
-        """Payloads published on ``channel`` by any replica, from now on (``LISTEN`` on a
-        connection of its own, outside the pool). Reconnects after a lost connection (notices
-        sent meanwhile are lost: they are live notices, not a log)."""
-        self._require()
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-            except psycopg.OperationalError as exc:
-                log.warning("cannot listen for %s notices: %s; retrying", channel, exc)
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                async for notice in conn.notifies():
-                    yield json.loads(notice.payload)
-            except psycopg.OperationalError as exc:
-                log.warning("lost the %s notice connection: %s; reconnecting", channel, exc)
-                await asyncio.sleep(0.2)
-            finally:
-                await conn.close()
+    async def _listen(self, channel: str) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        return conn
 
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Listen on ``channel`` for the block (``LISTEN`` on a connection of its own, outside the
+        pool): yields an async iterator of the payloads any replica publishes from now on. A lost
+        connection is opened again (notices sent meanwhile are lost: live notices, not a log)."""
+        self._require()
+        conn = await self._listen(channel)
+
+        async def notices() -> AsyncIterator[dict[str, Any]]:
+            nonlocal conn
+            while True:
+                try:
+                    async for notice in conn.notifies():
+                        yield json.loads(notice.payload)
+                except psycopg.OperationalError as exc:
+                    log.warning("lost the connection listening for %s: %s; reconnecting", channel, exc)
+                    await conn.close()
+                    while True:
+                        try:
+                            conn = await self._listen(channel)
+                            break
+                        except psycopg.OperationalError:
+                            await asyncio.sleep(1.0)
+
+        try:
+            yield notices()
+        finally:
+            await conn.close()
