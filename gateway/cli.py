@@ -122,7 +122,7 @@ def check_config(config_path: Path | None) -> None:
     providers = _or_exit(lambda: select_providers(settings, pm))
     storage = _or_exit(lambda: select_storage(settings, pm))
     click.echo(f"ok: storage {storage.name}, providers {', '.join(providers) or 'none'}, "
-               f"{len(settings.targets)} target(s), catalog {settings.catalog.path}")
+               f"{len(settings.targets)} target(s), catalog {settings.catalog.describe()}")
 
 
 def _size(n: int) -> str:

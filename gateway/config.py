@@ -136,6 +136,15 @@ class CatalogSettings(_Section):
             raise ValueError("must name the database: postgresql://user:password@host:port/dbname")
         return value
 
+    def describe(self) -> str:
+        """The catalog for messages: the SQLite path, or the PostgreSQL URL without its password."""
+        if not self.url:
+            return str(self.path)
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        netloc = (f"{parts.username}@" if parts.username else "") + host + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
 
 class MediaSettings(_Section):
     """``[media]``: limits and naming for stored media, and the signed links to it."""

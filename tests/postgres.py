@@ -12,12 +12,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
+
+from tests.seaweed import free_ports
 
 
 def _bindir() -> Path:
@@ -28,12 +29,6 @@ def _bindir() -> Path:
     if initdb is None:
         raise RuntimeError("PostgreSQL is not installed: run scripts/system-deps (Debian: apt-get install postgresql)")
     return Path(initdb).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PostgresServer:
@@ -56,7 +51,7 @@ class PostgresServer:
         """initdb and start; returns self."""
         if self._as_root:
             shutil.chown(self.dir, "postgres", "postgres")
-        self.port = _free_port()
+        self.port = free_ports(1)[0]
         self._run("initdb", "-D", str(self.dir / "data"), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                   "--locale=C.UTF-8")
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"

@@ -72,7 +72,8 @@ async def test_three_replicas_one_killed_mid_load_lose_nothing(tmp_path, waha, s
         await replicas.stop()
 
     print(f"lease {LEASE:.0f} s: the killed replica's {len(doomed)} job(s) taken over after {recovered:.2f} s")
-    assert LEASE - 0.5 <= recovered <= LEASE + 3.0  # after the lease, not before, and promptly
+    # not before the lease runs out (renewed every third of it, so at least 2/3 of it is left), and promptly after
+    assert LEASE * 2 / 3 - 0.1 <= recovered <= LEASE + 3.0
     forwarded = {d.json["payload"]["id"]: d.json["payload"]["media"] for d in sink.deliveries}
     assert set(forwarded) == {m for m, _ in messages}  # every message forwarded
     for message_id, name in messages:
