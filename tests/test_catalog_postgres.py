@@ -154,3 +154,16 @@ async def test_host_conditions_are_translated(replica):
     assert await a.count("media", "filename LIKE ?", ["%.txt"]) == 1
     with pytest.raises(psycopg.Error):
         await a.count("media", "no_such_column = ?", [1])
+
+
+async def test_a_replica_that_lost_its_lease_cannot_requeue_the_job(replica):
+    a, b = await replica(lease=10), await replica(lease=10)
+    await a.record_webhook("waha", b"x", [_event("k")], now=100.0)
+    job = await a.claim_job(now=100.0)
+    taken = await b.claim_job(now=200.0)  # a stalled past its lease; b runs the job now
+    await a.fail_job(job["id"], "late failure", retry_at=300.0)
+    await a.release_job(job["id"])
+    row = await b.get_job(job["id"])
+    assert (row["state"], row["attempts"], row["last_error"]) == ("running", taken["attempts"], None)
+    await b.fail_job(job["id"], "boom", retry_at=None)
+    assert (await b.get_job(job["id"]))["state"] == "dead"

@@ -92,20 +92,19 @@ class JobsMixin(PostgresConnection):
                                " lease_until = NULL WHERE id = %s", (now, job_id))
 
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
-        """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None."""
-        now = time.time()
-        if retry_at is None:
-            await self.execute("UPDATE jobs SET state = 'dead', last_error = %s, updated_at = %s,"
-                               " lease_until = NULL WHERE id = %s", (error[:2000], now, job_id))
-        else:
-            await self.execute("UPDATE jobs SET state = 'queued', last_error = %s, run_at = %s, updated_at = %s,"
-                               " lease_until = NULL WHERE id = %s", (error[:2000], retry_at, now, job_id))
+        """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None. A job
+        another replica took over (this one's lease ran out) is left to that replica."""
+        await self.execute(
+            "UPDATE jobs SET state = CASE WHEN %(retry_at)s::float8 IS NULL THEN 'dead' ELSE 'queued' END,"
+            " run_at = COALESCE(%(retry_at)s::float8, run_at), last_error = %(error)s, updated_at = %(now)s,"
+            " lease_until = NULL WHERE id = %(id)s AND owner = %(owner)s",
+            {"retry_at": retry_at, "error": error[:2000], "now": time.time(), "id": job_id, "owner": self.owner})
 
     async def release_job(self, job_id: int) -> None:
-        """Return an interrupted running job to the queue without counting the attempt."""
+        """Return an interrupted running job of this replica's to the queue without counting the attempt."""
         await self.execute("UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0),"
-                           " updated_at = %s, lease_until = NULL WHERE id = %s AND state = 'running'",
-                           (time.time(), job_id))
+                           " updated_at = %s, lease_until = NULL WHERE id = %s AND state = 'running' AND owner = %s",
+                           (time.time(), job_id, self.owner))
 
     async def requeue_running(self) -> int:
         """Running jobs whose lease expired (their replica died) go back to ``queued``; a live
