@@ -83,7 +83,7 @@ class CleanupBusy(Exception):
 
 
 class AlreadyRun(CleanupBusy):
-    """The scheduled run of this due time was done already, by another replica."""
+    """The scheduled run of this due time is done, or being done, by another replica."""
 
 
 class _LockFile:
@@ -211,6 +211,8 @@ class Retention:
                 async with self.catalog.try_cleanup_lock() as held:
                     if not held:
                         self.metrics.cleanup_runs.labels(trigger, "busy").inc()
+                        if once_since is not None:  # the schedule fired on every replica: one runs it
+                            raise AlreadyRun("another replica is running the scheduled cleanup")
                         raise CleanupBusy("another replica is running a cleanup")
                     if once_since is not None and any(
                             r["trigger"] == trigger and r["started_at"] >= once_since
