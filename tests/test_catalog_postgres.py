@@ -167,3 +167,33 @@ async def test_a_replica_that_lost_its_lease_cannot_requeue_the_job(replica):
     assert (row["state"], row["attempts"], row["last_error"]) == ("running", taken["attempts"], None)
     await b.fail_job(job["id"], "boom", retry_at=None)
     assert (await b.get_job(job["id"]))["state"] == "dead"
+
+
+async def test_a_worker_renews_the_lease_of_a_job_that_runs_longer_than_it(replica):
+    from gateway.config import QueueSettings
+    from gateway.jobs import JobQueue
+    from gateway.metrics import Metrics
+
+    a, b = await replica(lease=1.0), await replica(lease=1.0)
+    ran = []
+
+    async def slow(job):
+        ran.append(job.id)
+        await asyncio.sleep(2.5)  # 2.5 leases
+
+    queue = JobQueue(a, QueueSettings(workers=1, lease=1.0, poll_interval=0.05), Metrics(), {"ingest": slow})
+    await a.record_webhook("waha", b"x", [_event("slow")])
+    await queue.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not ran:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        while (await a.get_job(ran[0]))["state"] == "running":
+            assert await b.claim_job() is None  # a is alive and renews: nobody else runs the job
+            await asyncio.sleep(0.1)
+    finally:
+        await queue.stop(grace=1)
+    assert ran == [ran[0]]
+    row = await b.get_job(ran[0])
+    assert (row["state"], row["attempts"]) == ("done", 1)
