@@ -41,11 +41,13 @@ Catalog = SQLiteCatalog
 
 def catalog_from_settings(settings: Settings, exclusive: bool = False) -> CatalogContract:
     """The catalog ``[catalog]`` names: PostgreSQL at ``catalog.url`` (shared by replicas; jobs
-    leased for ``queue.lease`` seconds), else the SQLite file ``catalog.path`` (``exclusive``: the
-    daemon's, see :meth:`CatalogContract.lock`). Not opened yet."""
+    leased for ``queue.lease`` seconds; a pool of connections for every worker and a few webhooks
+    and API calls besides), else the SQLite file ``catalog.path`` (``exclusive``: the daemon's, see
+    :meth:`CatalogContract.lock`). Not opened yet."""
     if settings.catalog.url:
         from gateway.catalog.postgres import PostgresCatalog  # psycopg only when it is used
-        return PostgresCatalog(settings.catalog.url, lease=settings.queue.lease)
+        return PostgresCatalog(settings.catalog.url, lease=settings.queue.lease,
+                               pool_size=settings.queue.workers + 8)
     return SQLiteCatalog(settings.catalog.path, exclusive=exclusive)
 
 __all__ = [
