@@ -14,7 +14,7 @@ import aiohttp
 import pluggy
 from aiohttp import web
 
-from gateway.catalog import Catalog
+from gateway.catalog import catalog_from_settings
 from gateway.config import ConfigError, Settings, check_plugin_sections
 from gateway.delivery import Deliverer
 from gateway.ingest import Ingestor
@@ -100,14 +100,15 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[PROVIDERS] = providers
     app[STORAGE] = storage = MeteredStorage(storage, metrics)  # every operation counted and timed
     app[METRICS] = metrics
-    app[CATALOG] = Catalog(settings.catalog.path, exclusive=True)  # one daemon per catalog
+    app[CATALOG] = catalog_from_settings(settings, exclusive=True)  # SQLite: one daemon per catalog
+    metrics.replica_info.info({"replica": app[CATALOG].replica or "", "catalog": app[CATALOG].kind})
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
     app[API_KEYS] = ApiKeys(settings.api)
     app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm)
     app[MEDIA_STORE] = MediaStore(settings, app[CATALOG], app[STORAGE], pm)
     app[FETCHER] = SafeFetcher(settings.fetch)
     app[OUTBOUND] = Outbound(app[CATALOG], storage, app[LINKS], metrics, app[MEDIA_STORE], app[FETCHER])
-    app[NOTIFIER] = Notifier(lambda record: file_view(app, record))
+    app[NOTIFIER] = Notifier(lambda record: file_view(app, record), app[CATALOG])
     pm.register(app[NOTIFIER], name=f"gateway-notifier-{id(app)}")
     add_routes(app)
     for provider in providers.values():
@@ -121,7 +122,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
 
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[CATALOG].open()
+    await app[NOTIFIER].start()  # /events notices from every replica, through the catalog
     yield
+    await app[NOTIFIER].stop()
     await app[CATALOG].close()
 
 

@@ -1,10 +1,13 @@
-"""The command line: ``gateway serve | check-config | cleanup | plugins`` (also ``python -m gateway``).
+"""The command line: ``gateway serve | check-config | cleanup | migrate | plugins`` (also
+``python -m gateway``).
 
 Exit status 2: the configuration is invalid (one line on stderr per problem, naming the setting);
 for ``serve``, also a catalog another daemon holds (the line names its PID) or an address in use.
 Exit status 1: a plugin failed to load (the line names the plugin); for ``cleanup``, also a run
 that stopped early or could not delete some objects.
 Exit status 3: ``cleanup`` found another cleanup running.
+For ``migrate``: 2 also when a daemon runs on the SQLite catalog, 1 when the target cannot be
+opened or is not empty.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def check_config(config_path: Path | None) -> None:
     providers = _or_exit(lambda: select_providers(settings, pm))
     storage = _or_exit(lambda: select_storage(settings, pm))
     click.echo(f"ok: storage {storage.name}, providers {', '.join(providers) or 'none'}, "
-               f"{len(settings.targets)} target(s), catalog {settings.catalog.path}")
+               f"{len(settings.targets)} target(s), catalog {settings.catalog.describe()}")
 
 
 def _size(n: int) -> str:
@@ -171,11 +174,11 @@ class _CleanupDisplay:
 async def _run_cleanup(settings: Settings, storage: StorageBackend, dry_run: bool,
                        display: _CleanupDisplay) -> CleanupReport:
     """Open the catalog and the storage backend as the daemon does, run one cleanup, close them."""
-    from gateway.catalog import Catalog
+    from gateway.catalog import catalog_from_settings
     from gateway.metrics import MeteredStorage, Metrics
     from gateway.retention import Retention
 
-    catalog = Catalog(settings.catalog.path)
+    catalog = catalog_from_settings(settings)
     await catalog.open()
     metrics = Metrics()
     backend = MeteredStorage(storage, metrics)
@@ -253,6 +256,56 @@ def cleanup(config_path: Path | None, dry_run: bool, verbose: bool) -> None:
     _print_report(report)
     if report.error or report.failed:
         sys.exit(1)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--to", "url", required=True, metavar="postgresql://USER:PASSWORD@HOST:PORT/DBNAME",
+              help="The new, empty PostgreSQL database.")
+def migrate(config_path: Path | None, url: str) -> None:
+    """Copy the SQLite catalog ([catalog] path) into a new PostgreSQL database, to run several
+    replicas on it: events, jobs, media rows and the cleanup log, ids kept. Stop the daemon first
+    (the command takes its lock); then set [catalog] url to the database and start the replicas."""
+    from gateway.catalog import CatalogError, CatalogLocked, SQLiteCatalog
+    from gateway.catalog.postgres import PostgresCatalog
+    from gateway.catalog.postgres.copy import copy_catalog
+    from pydantic import ValidationError
+
+    from gateway.config import CatalogSettings
+
+    settings = _settings(config_path, uses=("catalog",))
+    try:
+        CatalogSettings(url=url)
+    except ValidationError as exc:
+        click.echo(f"gateway: --to: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", err=True)
+        sys.exit(2)
+    if not settings.catalog.path.exists():
+        click.echo(f"gateway: no SQLite catalog at {settings.catalog.path}", err=True)
+        sys.exit(1)
+
+    async def _copy() -> dict[str, int]:
+        source = SQLiteCatalog(settings.catalog.path, exclusive=True)
+        target = PostgresCatalog(url)
+        await source.open()
+        try:
+            await target.open()
+            try:
+                return await copy_catalog(source, target)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+
+    try:
+        copied = asyncio.run(_copy())
+    except CatalogLocked as exc:
+        click.echo(f"gateway: {exc}; stop it first", err=True)
+        sys.exit(2)
+    except CatalogError as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(1)
+    click.echo("copied " + ", ".join(f"{n} {table}" for table, n in copied.items())
+               + f" from {settings.catalog.path}; set [catalog] url to use it")
 
 
 @main.command()

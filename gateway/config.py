@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import urllib.parse
 import string
 from contextvars import ContextVar
 from pathlib import Path
@@ -116,9 +117,35 @@ class ServerSettings(_Section):
 
 
 class CatalogSettings(_Section):
-    """``[catalog]``: the SQLite database that holds events, jobs and the media catalog."""
+    """``[catalog]``: the database that holds events, jobs and the media catalog: the SQLite file
+    ``path`` (the default, one daemon), or the PostgreSQL database ``url`` shared by several
+    replicas (``path``'s directory still holds each replica's local files)."""
 
     path: Path = Path("var/gateway.db")
+    url: str | None = Field(
+        None, description="postgresql://user:password@host:5432/dbname: a PostgreSQL catalog shared by "
+                          "replicas instead of the SQLite file; empty: SQLite")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql://user:password@host:port/dbname URL (or empty for SQLite)")
+        if not parts.path.strip("/"):
+            raise ValueError("must name the database: postgresql://user:password@host:port/dbname")
+        return value
+
+    def describe(self) -> str:
+        """The catalog for messages: the SQLite path, or the PostgreSQL URL without its password."""
+        if not self.url:
+            return str(self.path)
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        netloc = (f"{parts.username}@" if parts.username else "") + host + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class MediaSettings(_Section):
@@ -186,6 +213,10 @@ class QueueSettings(_Section):
     backoff_base: float = Field(2.0, gt=0, description="seconds before the first retry; doubles each attempt")
     backoff_max: float = Field(600.0, gt=0, description="longest wait between attempts, seconds")
     poll_interval: float = Field(1.0, gt=0, description="seconds between looks for due retries")
+    lease: float = Field(
+        30.0, ge=1, le=3600, description="seconds a replica's claim on a running job lasts without renewal "
+                                         "(renewed every third of it); a dead replica's jobs run again after it "
+                                         "(PostgreSQL catalog)")
 
 
 class TargetSettings(_Section):
@@ -418,6 +449,9 @@ class Settings(BaseSettings):
     def _resolve_paths(self) -> Settings:
         if not self.catalog.path.is_absolute():
             self.catalog.path = (self.config_dir / self.catalog.path).resolve()
+        if self.catalog.url and not self.media.link_secret.get_secret_value():
+            raise ValueError("media.link_secret: must be set when catalog.url is set "
+                             "(every replica signs and checks media links with the same key)")
         names = [t.name for t in self.targets]
         if len(names) != len(set(names)):
             raise ValueError("targets: names must be unique")

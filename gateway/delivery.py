@@ -29,7 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import pluggy
 
-from gateway.catalog import Catalog
+from gateway.catalog import CatalogContract
 from gateway.config import Settings
 from gateway.jobs import Job, JobResult, PermanentError
 from gateway.metrics import Metrics
@@ -63,7 +63,7 @@ class DeliveryFailed(Exception):
 class Deliverer:
     """Handler of ``deliver`` jobs (payload ``{"event_id": ..., "target": <name>}``)."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, http: aiohttp.ClientSession,
+    def __init__(self, settings: Settings, catalog: CatalogContract, http: aiohttp.ClientSession,
                  metrics: Metrics, pm: pluggy.PluginManager):
         self.targets = {t.name: t for t in settings.targets}
         self.catalog = catalog

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from gateway.catalog import Catalog
+from gateway.catalog import CatalogContract
 from gateway.config import Settings
 from gateway.jobs import Job, JobResult, PermanentError, RetryLater
 from gateway.links import LinkSigner
@@ -39,7 +39,7 @@ log = logging.getLogger("gateway.ingest")
 class Ingestor:
     """Handler of ``ingest`` jobs (payload ``{"event_id": ...}``)."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, media_store: MediaStore,
+    def __init__(self, settings: Settings, catalog: CatalogContract, media_store: MediaStore,
                  providers: dict[str, Provider], links: LinkSigner, metrics: Metrics):
         self.settings = settings
         self.catalog = catalog

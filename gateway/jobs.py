@@ -11,7 +11,10 @@ runs the handler for its ``kind`` and records the outcome:
   (``backoff_base * 2**(attempt-1)``, capped at ``backoff_max``, the wait drawn uniformly from
   its upper half), or ``dead`` after ``max_attempts``.
 
-On start, jobs left ``running`` by a crash are queued again. On stop, workers take no new job;
+On start, jobs left ``running`` by a crash are queued again (a shared catalog: only those whose
+lease ran out, see below). While jobs run, their leases are renewed every third of
+``settings.lease`` seconds (:meth:`CatalogContract.renew_leases`), so that replicas sharing a
+PostgreSQL catalog claim a job again only when the replica running it died. On stop, workers take no new job;
 running jobs get ``grace`` seconds to finish, then are cancelled and returned to the queue with
 their attempt uncounted.
 """
@@ -26,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.catalog import Catalog
+from gateway.catalog import CatalogContract
 from gateway.config import QueueSettings
 from gateway.metrics import Metrics
 
@@ -90,7 +93,7 @@ class JobQueue:
     :class:`Job`.
     """
 
-    def __init__(self, catalog: Catalog, settings: QueueSettings, metrics: Metrics,
+    def __init__(self, catalog: CatalogContract, settings: QueueSettings, metrics: Metrics,
                  handlers: dict[str, Handler]):
         self.catalog = catalog
         self.settings = settings
@@ -100,6 +103,7 @@ class JobQueue:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """Wake idle workers: new jobs were committed."""
@@ -113,6 +117,7 @@ class JobQueue:
         self._stopping = False
         self._workers = [asyncio.create_task(self._worker(i), name=f"job-worker-{i}")
                          for i in range(self.settings.workers)]
+        self._renewer = asyncio.create_task(self._renew_leases(), name="job-leases")
 
     async def stop(self, grace: float) -> None:
         """Take no new jobs; wait up to ``grace`` seconds for running ones; requeue the rest."""
@@ -126,6 +131,26 @@ class JobQueue:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
+
+    async def _renew_leases(self) -> None:
+        """Every third of the lease, extend the leases of the jobs running here."""
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            running = list(self._running)
+            if not running:
+                continue
+            try:
+                kept = await self.catalog.renew_leases(running)
+            except Exception as exc:  # the catalog is down: the next round tries again
+                log.warning("could not renew the leases of %d running job(s): %s", len(running), exc)
+                continue
+            if kept < len(running):
+                log.warning("%d of %d running job(s) lost their lease to another replica",
+                            len(running) - kept, len(running))
 
     async def _worker(self, index: int) -> None:
         while not self._stopping:

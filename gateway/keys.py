@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import aiohttp
     import pluggy
 
-    from gateway.catalog import Catalog
+    from gateway.catalog import CatalogContract
     from gateway.config import Settings
     from gateway.jobs import JobQueue
     from gateway.links import LinkSigner
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 PLUGINS: web.AppKey[pluggy.PluginManager] = web.AppKey("plugins")
-CATALOG: web.AppKey[Catalog] = web.AppKey("catalog")
+CATALOG: web.AppKey[CatalogContract] = web.AppKey("catalog")
 STORAGE: web.AppKey[StorageBackend] = web.AppKey("storage")
 PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("providers")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")

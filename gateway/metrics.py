@@ -10,6 +10,14 @@ Values that live in the catalog (jobs by state, the oldest queued job, stored ob
 the last successful cleanup) are read from it at scrape time by :meth:`Metrics.refresh`.
 :class:`MeteredStorage` counts and times every storage operation in the host, so storage plugins
 need no metrics code of their own.
+
+Several replicas (a PostgreSQL catalog): each replica is scraped as a target of its own, and the
+``instance`` label Prometheus adds tells their series apart, so the metrics carry no replica label
+of their own (Prometheus' convention: a target's identity is a target label). Totals across
+replicas: ``sum without(instance) (rate(gateway_webhooks_total[5m]))``. The catalog-read gauges
+(jobs, oldest queued job, stored media, last cleanup) are the shared catalog's, the same on every
+replica: ``max without(instance)``, never a sum. ``gateway_replica_info{replica}`` names the
+replica id a target writes into the jobs it leases (``jobs.owner``).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway.catalog import JOB_STATES, Catalog
+from gateway.catalog import JOB_STATES, CatalogContract
 from gateway.media import CATEGORIES
 from gateway.sdk.storage import (
     InvalidKey,
@@ -74,6 +82,9 @@ class Metrics:
             r.register(collector)
         self.build_info = Info("gateway_build", "Gateway version (the value is always 1).", registry=r)
         self.build_info.info({"version": version})
+        self.replica_info = Info(
+            "gateway_replica", "This replica's id in the catalog's job leases (empty: an exclusive catalog, "
+            "one daemon), and the catalog kind (the value is always 1).", registry=r)
 
         # -- HTTP and webhooks
         self.http_requests = Counter(
@@ -203,7 +214,7 @@ class Metrics:
         if size is not None:
             self.media_ingested_bytes.labels(provider, category).inc(size)
 
-    async def refresh(self, catalog: Catalog, kinds: list[str], now: float | None = None) -> None:
+    async def refresh(self, catalog: CatalogContract, kinds: list[str], now: float | None = None) -> None:
         """Read the catalog's state into the gauges (jobs by kind and state, the oldest queued job,
         stored objects and bytes, missing objects, the last successful cleanup).
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from gateway.catalog import Catalog
+from gateway.catalog import CatalogContract
 from gateway.links import LinkError, LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge
 from gateway.metrics import Metrics
@@ -39,7 +39,7 @@ log = logging.getLogger("gateway.outbound")
 class Outbound:
     """The outbound service shared by ``POST /api/v1/messages`` and the providers' relays."""
 
-    def __init__(self, catalog: Catalog, storage: StorageBackend, links: LinkSigner, metrics: Metrics,
+    def __init__(self, catalog: CatalogContract, storage: StorageBackend, links: LinkSigner, metrics: Metrics,
                  store: MediaStore, fetcher: SafeFetcher):
         self.catalog = catalog
         self.storage = storage

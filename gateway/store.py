@@ -15,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from gateway.catalog import Catalog, exact_time
+from gateway.catalog import CatalogContract, exact_time
 from gateway.catalog.rows import MediaRow
 from gateway.config import Settings
 from gateway.media import (
@@ -44,7 +44,7 @@ class MediaStore:
     """Streams media into the storage backend and the catalog. Counting is the caller's (ingest
     counts ingested media, outbound counts sends)."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, storage: StorageBackend,
+    def __init__(self, settings: Settings, catalog: CatalogContract, storage: StorageBackend,
                  pm: pluggy.PluginManager):
         self.settings = settings
         self.catalog = catalog

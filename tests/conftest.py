@@ -21,6 +21,7 @@ from gateway.keys import CATALOG
 from gateway.config import Settings
 from tests.emulators.sink import BotSink
 from tests.emulators.waha import WahaEmulator
+from tests.postgres import PostgresServer
 from tests.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,18 @@ def s3_server() -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on 127.0.0.1, one for the session (see tests/postgres.py); tests take a
+    database of their own with ``postgres_server.create_database()``."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

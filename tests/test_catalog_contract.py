@@ -1,6 +1,6 @@
 """The catalog contract (:class:`gateway.catalog.CatalogContract`): its behaviours, through the
-contract's methods only, for every implementation in :data:`IMPLEMENTATIONS` (today SQLite; another
-implementation adds itself there and passes the same tests). Real databases, nothing mocked.
+contract's methods only, for every implementation in :data:`IMPLEMENTATIONS` (SQLite and PostgreSQL;
+another implementation adds itself there and passes the same tests). Real databases, nothing mocked.
 Implementation-specific checks (SQLite's WAL mode, migrations) stay in ``test_catalog_jobs.py``.
 """
 
@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, SQLiteCatalog
+from gateway.catalog.postgres import PostgresCatalog
 from gateway.config import RetentionSettings
 from gateway.media import CATEGORIES
 from gateway.sdk.provider import MediaRef, WebhookEvent
@@ -22,10 +23,21 @@ from gateway.retention import DAY, expiry_rule, max_age_seconds
 
 T0 = 1_000_000.0  # an injected clock for the catalog's own ``now`` parameters
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], CatalogContract]] = {
-    "sqlite": lambda tmp_path: SQLiteCatalog(tmp_path / "var" / "gateway.db"),
+IMPLEMENTATIONS: dict[str, Callable[[Path, pytest.FixtureRequest], CatalogContract]] = {
+    "sqlite": lambda tmp_path, request: SQLiteCatalog(tmp_path / "var" / "gateway.db"),
+    "postgres": lambda tmp_path, request: PostgresCatalog(_test_database(tmp_path, request)),
 }
-"""How to make a catalog on a fresh store in ``tmp_path``; every instance made for one test shares it."""
+"""How to make a catalog on this test's fresh store (``tmp_path``; PostgreSQL: a database of its
+own on the session's server); every instance made for one test shares it."""
+
+_DATABASES: dict[Path, str] = {}
+
+
+def _test_database(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The URL of this test's own database, created on first use."""
+    if tmp_path not in _DATABASES:
+        _DATABASES[tmp_path] = request.getfixturevalue("postgres_server").create_database()
+    return _DATABASES[tmp_path]
 
 OpenCatalog = Callable[[], Awaitable[CatalogContract]]
 
@@ -37,7 +49,7 @@ async def open_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     opened: list[CatalogContract] = []
 
     async def _open() -> CatalogContract:
-        catalog = IMPLEMENTATIONS[request.param](tmp_path)
+        catalog = IMPLEMENTATIONS[request.param](tmp_path, request)
         await catalog.open()
         opened.append(catalog)
         return catalog
@@ -387,3 +399,23 @@ async def test_the_sql_rule_is_the_documented_rule(open_catalog):
         assert (await catalog.count_expired_media(rule))[:2] == (len(want), 0)
     finally:
         await catalog.close()
+
+
+# -- live notices and the cleanup lock ------------------------------------------------------------
+
+async def test_published_notices_reach_the_subscribers_of_the_channel(catalog):
+    async with catalog.subscribe("media") as notices, catalog.subscribe("other") as others:
+        await catalog.publish("media", {"type": "created", "record": {"id": "m_1"}})
+        await catalog.publish("media", {"type": "deleted", "record": {"id": "m_1"}})
+        got = [await asyncio.wait_for(anext(notices), 5) for _ in range(2)]
+        assert [n["type"] for n in got] == ["created", "deleted"] and got[0]["record"] == {"id": "m_1"}
+        await catalog.publish("other", {"n": 1})
+        assert await asyncio.wait_for(anext(others), 5) == {"n": 1}
+    await catalog.publish("media", {"type": "late"})  # nobody listens: not an error
+
+
+async def test_the_cleanup_lock_is_free_when_nobody_cleans(catalog):
+    async with catalog.try_cleanup_lock() as held:
+        assert held
+    async with catalog.try_cleanup_lock() as held:  # released at the end of the block
+        assert held

@@ -130,6 +130,9 @@ BAD_CONFIGS = {
     "media.key_template": '[media]\nkey_template = "{provider}/{account}/{category}{ext}"\n',
     "queue.workers": "[queue]\nworkers = 0\n",
     "storage.backend": '[storage]\nbackend = "nope"\n',
+    "catalog.url": '[catalog]\nurl = "mysql://gw@db/gateway"\n',
+    "queue.lease": "[queue]\nlease = 0.5\n",
+    "media.link_secret": '[catalog]\nurl = "postgresql://gw:pw@db/gateway"\n',  # replicas need one key
 }
 SERVE_BAD = ["server.port", "storage.backend"]  # in load_settings; later, in create_app
 
@@ -364,3 +367,10 @@ def test_the_app_refuses_an_unexpanded_reference_however_the_settings_were_built
     with pytest.raises(ConfigError) as info:
         create_app(settings)  # the literal "${...}" never becomes an accepted key
     assert str(info.value) == "api.keys[0].key: environment variable TEST_SURELY_UNSET_BOT_KEY is not set"
+
+
+def test_a_postgresql_catalog_is_shown_without_its_password(tmp_path):
+    from gateway.config import CatalogSettings
+    settings = CatalogSettings(url="postgresql://gw:s3cret@db.internal:5433/gateway?sslmode=require")
+    assert settings.describe() == "postgresql://gw@db.internal:5433/gateway"
+    assert CatalogSettings(path=tmp_path / "g.db").describe() == str(tmp_path / "g.db")

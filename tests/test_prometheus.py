@@ -28,7 +28,8 @@ if not (PROMTOOL and PROMETHEUS):
 
 # Every metric the README's Metrics table documents, by the name one queries.
 DOCUMENTED = {
-    "gateway_build_info", "gateway_http_requests_total", "gateway_http_request_duration_seconds",
+    "gateway_build_info", "gateway_replica_info", "gateway_http_requests_total",
+    "gateway_http_request_duration_seconds",
     "gateway_webhooks_received_total", "gateway_media_ingested_total", "gateway_media_ingested_bytes_total",
     "gateway_media_ingest_duration_seconds", "gateway_media_fetch_failures_total",
     "gateway_storage_operations_total", "gateway_storage_operation_duration_seconds", "gateway_stored_objects",

@@ -1,8 +1,13 @@
 """The catalog (DESIGN §5-6): webhook events, the durable job queue, media rows and the retention
 log. :mod:`.contract` says what every implementation does (:class:`CatalogContract`, the errors,
 :class:`ExpiryRule`, :class:`CatalogStats`), :mod:`.rows` the rows it takes and returns;
-:mod:`.sqlite` is the default implementation, exported here as :class:`Catalog`.
+:mod:`.sqlite` is the default implementation, exported here as :class:`Catalog`; :mod:`.postgres`
+the one several replicas share. :func:`catalog_from_settings` picks one from ``[catalog]``.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from gateway.catalog.contract import (
     JOB_STATES,
@@ -27,11 +32,27 @@ from gateway.catalog.rows import (
 )
 from gateway.catalog.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteCatalog
 
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
 Catalog = SQLiteCatalog
-"""The catalog the gateway opens (``Catalog(path, exclusive=False)``): SQLite."""
+"""The default catalog (``Catalog(path, exclusive=False)``): SQLite."""
+
+
+def catalog_from_settings(settings: Settings, exclusive: bool = False) -> CatalogContract:
+    """The catalog ``[catalog]`` names: PostgreSQL at ``catalog.url`` (shared by replicas; jobs
+    leased for ``queue.lease`` seconds; a pool of connections for every worker and a few webhooks
+    and API calls besides), else the SQLite file ``catalog.path`` (``exclusive``: the daemon's, see
+    :meth:`CatalogContract.lock`). Not opened yet."""
+    if settings.catalog.url:
+        from gateway.catalog.postgres import PostgresCatalog  # psycopg only when it is used
+        return PostgresCatalog(settings.catalog.url, lease=settings.queue.lease,
+                               pool_size=settings.queue.workers + 8)
+    return SQLiteCatalog(settings.catalog.path, exclusive=exclusive)
 
 __all__ = [
     "JOB_STATES", "MIGRATIONS", "SCHEMA_VERSION", "Catalog", "CatalogContract", "CatalogError", "CatalogLocked",
     "CatalogStats", "ClaimedJob", "CleanupRunRow", "DoomedMedia", "EventRow", "ExpiredMedia", "ExpiryRule",
-    "JobRow", "ListedObject", "MediaRow", "SQLiteCatalog", "StatsGroup", "UnlistedMedia", "exact_time",
+    "JobRow", "ListedObject", "MediaRow", "SQLiteCatalog", "StatsGroup", "UnlistedMedia", "catalog_from_settings",
+    "exact_time",
 ]

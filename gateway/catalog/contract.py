@@ -10,8 +10,11 @@ Rules every implementation keeps (the contract suite, ``tests/test_catalog_contr
   providers: a second insert is a duplicate, not an error and not a second row. A media row's
   ``source_key`` is unique among ``stored`` rows.
 - **Jobs are leased one at a time.** :meth:`CatalogContract.claim_job` hands a due queued job to
-  exactly one caller, even with several workers (a PostgreSQL implementation: ``FOR UPDATE SKIP
-  LOCKED``), and counts the attempt.
+  exactly one caller, even with several workers or replicas (PostgreSQL: ``FOR UPDATE SKIP
+  LOCKED``), and counts the attempt. A catalog shared by replicas (PostgreSQL) gives the claim a
+  lease that the worker renews (:meth:`CatalogContract.renew_leases`); a running job whose lease
+  ran out (its replica died) is claimed again. An exclusive catalog (SQLite, one daemon) needs no
+  lease: its daemon requeues what a crash left running (:meth:`CatalogContract.requeue_running`).
 - **Times** are epoch seconds (float), injected where a method takes ``now`` (tests move the clock);
   media times are stored at whole microseconds (:func:`exact_time`). **Sizes** are bytes.
 - **Errors.** :class:`CatalogError` when the catalog is not open, cannot be opened, or is from a
@@ -25,7 +28,9 @@ Rules every implementation keeps (the contract suite, ``tests/test_catalog_contr
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -120,6 +125,15 @@ class CatalogContract(abc.ABC):
     blocks the event loop. Open with :meth:`open` before anything else, close with :meth:`close`."""
 
     # -- lifecycle ------------------------------------------------------------------------
+    kind: str
+    """The implementation's name (``sqlite``, ``postgresql``), for logs and metrics."""
+
+    @property
+    def replica(self) -> str | None:
+        """This process's id in a shared catalog (the ``owner`` of the jobs it leases); None for an
+        exclusive catalog, which one daemon holds."""
+        return None
+
     @abc.abstractmethod
     def lock(self) -> None:
         """Make this process the catalog's one daemon, without waiting; held until :meth:`close`
@@ -203,8 +217,15 @@ class CatalogContract(abc.ABC):
 
     @abc.abstractmethod
     async def requeue_running(self) -> int:
-        """Return every running job to the queue, attempts kept (their worker crashed; called at
-        start by the daemon that holds :meth:`lock`). Returns how many."""
+        """Return running jobs to the queue, attempts kept (their worker crashed; called at start).
+        An exclusive catalog (its daemon holds :meth:`lock`) returns every running job; a shared one
+        only those whose lease ran out, never a live replica's. Returns how many."""
+
+    async def renew_leases(self, job_ids: Sequence[int]) -> int:
+        """Keep the running jobs ``job_ids`` this process's for another lease (a shared catalog;
+        the worker calls it while they run). Returns how many are still this process's. The
+        default, for an exclusive catalog without leases: all of them."""
+        return len(job_ids)
 
     @abc.abstractmethod
     async def get_job(self, job_id: int) -> JobRow | None:
@@ -346,6 +367,47 @@ class CatalogContract(abc.ABC):
     async def cleanup_runs(self, limit: int = 10) -> list[CleanupRunRow]:
         """The last ``limit`` cleanup runs, newest first (``report`` decoded)."""
 
+    @asynccontextmanager
+    async def try_cleanup_lock(self) -> AsyncIterator[bool]:
+        """The scheduled cleanup's lock across every process sharing the catalog, without waiting:
+        yields ``True`` when this process holds it for the block, ``False`` when another runs a
+        cleanup (PostgreSQL: an advisory lock). The default, for an exclusive catalog whose one
+        daemon is the only scheduler: always ``True`` (the retention runner's lock file keeps
+        ``gateway cleanup`` out)."""
+        yield True
+
+    # -- live notices -----------------------------------------------------------------------
+    async def publish(self, channel: str, payload: dict[str, Any]) -> None:
+        """Send ``payload`` (a JSON object, under 8000 bytes encoded) to every current subscriber
+        of ``channel`` in every process sharing the catalog (PostgreSQL: ``NOTIFY``). Live notices,
+        not a log: a subscriber that is not listening misses them. The default: this process only."""
+        for queue in _local_channels(self).get(channel, ()):
+            queue.put_nowait(payload)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Listen on ``channel`` for the block: yields an async iterator of the payloads
+        :meth:`publish` sends from the moment the block is entered (PostgreSQL: ``LISTEN``, on a
+        connection of its own). The default: this process's."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        subscribers = _local_channels(self).setdefault(channel, set())
+        subscribers.add(queue)
+
+        async def notices() -> AsyncIterator[dict[str, Any]]:
+            while True:
+                yield await queue.get()
+
+        try:
+            yield notices()
+        finally:
+            subscribers.discard(queue)
+
     @abc.abstractmethod
     async def stats(self) -> CatalogStats:
         """Everything ``/metrics`` reads from the catalog, in one round trip."""
+
+
+def _local_channels(catalog: CatalogContract) -> dict[str, set[asyncio.Queue[dict[str, Any]]]]:
+    """The in-process subscribers of a catalog without a shared channel, by channel."""
+    channels: dict[str, set[asyncio.Queue[dict[str, Any]]]] = catalog.__dict__.setdefault("_local_channels", {})
+    return channels

@@ -8,7 +8,8 @@ without it), a value typed ``X | None`` may be NULL.
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+import json
+from typing import Any, NotRequired, TypedDict, cast
 
 
 class EventRow(TypedDict):
@@ -159,3 +160,24 @@ ListedObject = tuple[str, str, int, float]
 
 StatsGroup = tuple[str, int, int]
 """``(value, count, bytes)``: one group of :meth:`~gateway.catalog.CatalogContract.media_stats`."""
+
+
+EVENT_JSON_COLUMNS = ("payload", "media", "forward", "notes")
+"""The columns of ``events`` stored as JSON text."""
+
+
+def to_column(value: Any) -> Any:
+    """A value as every SQL implementation stores it: dicts and lists as JSON text, bools as 0/1."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def event_row(row: dict[str, Any]) -> EventRow:
+    """A stored ``events`` row with its JSON columns (:data:`EVENT_JSON_COLUMNS`) decoded."""
+    for col in EVENT_JSON_COLUMNS:
+        if row.get(col) is not None:
+            row[col] = json.loads(row[col])
+    return cast(EventRow, row)

@@ -5,23 +5,11 @@ without bound. :mod:`.cron` reads the crontab schedule (a leaf), :mod:`.policy` 
 
 from gateway.cron import crontab_trigger
 from gateway.retention.policy import DAY, age_seconds, expiry_rule, max_age_seconds
-from gateway.retention.report import (
-    MAX_LISTED_IDS,
-    CleanupItem,
-    CleanupReport,
-    NoProgress,
-    Progress,
-)
-from gateway.retention.runner import (
-    DELETE_CONCURRENCY,
-    MEDIA_ID,
-    CleanupBusy,
-    Clock,
-    Retention,
-)
+from gateway.retention.report import MAX_LISTED_IDS, CleanupItem, CleanupReport, NoProgress, Progress
+from gateway.retention.runner import DELETE_CONCURRENCY, MEDIA_ID, AlreadyRun, CleanupBusy, Clock, Retention
 
 __all__ = [
-    "DAY", "DELETE_CONCURRENCY", "MAX_LISTED_IDS", "MEDIA_ID", "CleanupBusy", "CleanupItem", "CleanupReport",
+    "DAY", "DELETE_CONCURRENCY", "MAX_LISTED_IDS", "MEDIA_ID", "AlreadyRun", "CleanupBusy", "CleanupItem", "CleanupReport",
     "Clock", "NoProgress", "Progress", "Retention", "age_seconds", "crontab_trigger", "expiry_rule",
     "max_age_seconds",
 ]

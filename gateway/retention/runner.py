@@ -29,13 +29,17 @@ Time: policy ages are measured against an injected ``clock`` (epoch seconds; tes
 of sleeping). Independently, a run never touches rows created, nor objects modified, after it
 started (real time), so what an ingest stores while a run goes on is never part of it.
 
-One run at a time: an :class:`asyncio.Lock` in the process and an exclusive ``flock`` on
-``<catalog>.cleanup-lock`` across processes (the daemon and ``gateway cleanup``). A second run
-raises :class:`CleanupBusy`. The schedule runs on APScheduler 3's :class:`AsyncIOScheduler` with a
+One run at a time: an :class:`asyncio.Lock` in the process, an exclusive ``flock`` on
+``<catalog>.cleanup-lock`` across processes on the host (the daemon and ``gateway cleanup``), and
+the catalog's :meth:`~gateway.catalog.CatalogContract.try_cleanup_lock` across replicas (PostgreSQL:
+an advisory lock). A second run raises :class:`CleanupBusy`. Every replica runs the schedule; the
+scheduled run happens once per due time: a replica that finds the run of that minute already
+logged in ``cleanup_runs`` (another replica did it) skips it. The schedule runs on APScheduler 3's :class:`AsyncIOScheduler` with a
 :class:`CronTrigger` (:func:`crontab_trigger`), started and stopped in the app's cleanup_ctx.
 
 This module is the run; :mod:`.policy` says what expires, :mod:`.report` what a run reports and
-:mod:`.cron` reads the schedule. The catalog's queries are in :mod:`gateway.catalog.sqlite.retention`.
+:mod:`.cron` reads the schedule. The catalog's queries are in :mod:`gateway.catalog.sqlite.retention` and
+:mod:`gateway.catalog.postgres.retention`.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ DELETE_CONCURRENCY = 8
 class CleanupBusy(Exception):
     """Another cleanup run is in progress, in this process or another (HTTP 409; CLI exit 3)."""
 
+
+class AlreadyRun(CleanupBusy):
+    """The scheduled run of this due time is done, or being done, by another replica."""
 
 
 class _LockFile:
@@ -159,12 +166,16 @@ class Retention:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _scheduled(self) -> None:
+        due = time.time() // 60 * 60  # cron's resolution: the minute this run is for
         try:
-            await self.spawn(trigger="schedule")
+            await self.spawn(trigger="schedule", once_since=due)
+        except AlreadyRun as exc:
+            log.info("scheduled cleanup skipped: %s", exc)
         except CleanupBusy as exc:
             log.warning("scheduled cleanup skipped: %s", exc)
 
-    def spawn(self, *, dry_run: bool = False, trigger: str = "api") -> asyncio.Task[CleanupReport]:
+    def spawn(self, *, dry_run: bool = False, trigger: str = "api",
+              once_since: float | None = None) -> asyncio.Task[CleanupReport]:
         """Start :meth:`run` as a task of its own, so that a caller that goes away (an HTTP client
         hanging up) does not interrupt it: await it through :func:`asyncio.shield`.
 
@@ -174,19 +185,23 @@ class Retention:
         if self.running:
             self.metrics.cleanup_runs.labels(trigger, "busy").inc()
             raise CleanupBusy("a cleanup run is already in progress")
-        task = asyncio.create_task(self.run(dry_run=dry_run, trigger=trigger), name="retention-cleanup")
+        task = asyncio.create_task(self.run(dry_run=dry_run, trigger=trigger, once_since=once_since),
+                                   name="retention-cleanup")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     # -- one run ------------------------------------------------------------------------------
     async def run(self, *, dry_run: bool = False, trigger: str = "cli",
-                  progress: Progress | None = None) -> CleanupReport:
+                  progress: Progress | None = None, once_since: float | None = None) -> CleanupReport:
         """Run one cleanup and return its report. ``dry_run``: change nothing, report what would go.
 
         ``trigger`` (``schedule``, ``api``, ``cli``) labels metrics and the run log. Raises
-        :class:`CleanupBusy` if a run is in progress. Storage or catalog failures stop the run
-        early and are reported in ``report.error`` (what was done stays done).
+        :class:`CleanupBusy` if a run is in progress (here, in another process, or on another
+        replica); with ``once_since`` (epoch seconds), :class:`AlreadyRun` if a run with the same
+        ``trigger`` started at or after it (the schedule's run of one due time happens once, on
+        whichever replica gets there first). Storage or catalog failures stop the run early and
+        are reported in ``report.error`` (what was done stays done).
         """
         if self._lock.locked():
             self.metrics.cleanup_runs.labels(trigger, "busy").inc()
@@ -199,7 +214,17 @@ class Retention:
                 self.metrics.cleanup_runs.labels(trigger, "busy").inc()
                 raise
             try:
-                return await self._run(dry_run, trigger, progress or NoProgress())
+                async with self.catalog.try_cleanup_lock() as held:
+                    if not held:
+                        self.metrics.cleanup_runs.labels(trigger, "busy").inc()
+                        if once_since is not None:  # the schedule fired on every replica: one runs it
+                            raise AlreadyRun("another replica is running the scheduled cleanup")
+                        raise CleanupBusy("another replica is running a cleanup")
+                    if once_since is not None and any(
+                            r["trigger"] == trigger and r["started_at"] >= once_since
+                            for r in await self.catalog.cleanup_runs(limit=10)):
+                        raise AlreadyRun(f"the {trigger} run due at {once_since:.0f} is done (another replica)")
+                    return await self._run(dry_run, trigger, progress or NoProgress())
             finally:
                 lock.release()
 

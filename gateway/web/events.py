@@ -4,21 +4,32 @@
 ``media_deleted`` hooks become ``created``, ``updated`` and ``deleted`` notices, each delivered to
 the subscribers whose API key may see the object (same tenant, or a key without a tenant). A
 subscriber that falls ``QUEUE_SIZE`` notices behind is dropped rather than slowing the gateway.
+
+Notices cross replicas: a hook publishes on the catalog's channel :data:`CHANNEL`
+(:meth:`gateway.catalog.CatalogContract.publish`; PostgreSQL ``NOTIFY``), and every replica's
+notifier fans out what it receives there (:meth:`Notifier.start`) to its own subscribers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from gateway.catalog import CatalogContract
 from gateway.hookspecs import hookimpl
 from gateway.keys import NOTIFIER
 from gateway.web.auth import Principal, require
 
 QUEUE_SIZE = 1000
+CHANNEL = "gateway_media"
+"""The catalog channel media notices travel on, between replicas."""
+
+log = logging.getLogger("gateway.web.events")
 
 
 class Subscription:
@@ -32,11 +43,47 @@ class Subscription:
 
 class Notifier:
     """Fans media notices out to subscriptions. ``view(record)`` turns a catalog row into the
-    JSON object a notice carries."""
+    JSON object a notice carries; notices travel through ``catalog``'s channel :data:`CHANNEL`
+    between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, view: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    def __init__(self, view: Callable[[dict[str, Any]], dict[str, Any]], catalog: CatalogContract) -> None:
         self.view = view
+        self.catalog = catalog
         self._subs: set[Subscription] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        """Receive the notices of every replica (call once the catalog is open)."""
+        notices = await self._stack.enter_async_context(self.catalog.subscribe(CHANNEL))
+
+        async def fan_out() -> None:
+            async for notice in notices:
+                self.publish(notice["type"], notice["record"])
+
+        self._listener = asyncio.create_task(fan_out(), name="events-listener")
+
+    async def stop(self) -> None:
+        """Stop receiving and sending notices."""
+        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._listener = None
+        await self._stack.aclose()
+
+    def _send(self, kind: str, record: dict[str, Any]) -> None:
+        """Publish a ``kind`` notice about ``record`` to every replica's notifier (this one too)."""
+        async def send() -> None:
+            try:
+                await self.catalog.publish(CHANNEL, {"type": kind, "record": record})
+            except Exception as exc:  # a live notice, not a record: lost, the catalog is not
+                log.warning("could not send a %s notice for %s: %s", kind, record.get("id"), exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def subscribe(self, principal: Principal) -> Subscription:
         """A new subscription for a caller."""
@@ -66,15 +113,15 @@ class Notifier:
 
     @hookimpl
     def media_stored(self, record: dict[str, Any]) -> None:
-        self.publish("created", record)
+        self._send("created", record)
 
     @hookimpl
     def media_updated(self, record: dict[str, Any]) -> None:
-        self.publish("updated", record)
+        self._send("updated", record)
 
     @hookimpl
     def media_deleted(self, record: dict[str, Any]) -> None:
-        self.publish("deleted", record)
+        self._send("deleted", record)
 
 
 async def events(request: web.Request) -> web.WebSocketResponse:

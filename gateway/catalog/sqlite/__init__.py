@@ -28,3 +28,5 @@ class SQLiteCatalog(EventsMixin, JobsMixin, MediaMixin, RetentionMixin, CatalogC
     coroutines that run on the catalog thread; :meth:`run` runs any ``fn(db)`` there (tests and
     diagnostics read the database with it).
     """
+
+    kind = "sqlite"

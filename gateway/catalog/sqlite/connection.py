@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import itertools
-import json
 import os
 import queue
 import sqlite3
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from gateway.catalog.contract import CatalogError, CatalogLocked
+from gateway.catalog.rows import to_column
 from gateway.catalog.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
@@ -47,13 +47,8 @@ def fetch_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(cols, row)) for row in cur.fetchall()]
 
 
-def to_sql(value: Any) -> Any:
-    """A column value as SQLite stores it: dicts and lists as JSON text, bools as 0/1."""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return int(value)
-    return value
+to_sql = to_column
+"""A column value as SQLite stores it (:func:`gateway.catalog.rows.to_column`)."""
 
 
 class _CatalogThread(Executor):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
 import sqlite_utils
 
-from gateway.catalog.rows import EventRow
+from gateway.catalog.rows import EventRow, event_row
 from gateway.catalog.sqlite.connection import SQLiteConnection, transaction
 from gateway.catalog.sqlite.jobs import insert_job
 from gateway.sdk.provider import WebhookEvent
@@ -57,11 +57,7 @@ class EventsMixin(SQLiteConnection):
             rows = list(db["events"].rows_where("id = ?", [event_id]))
             if not rows:
                 return None
-            row = rows[0]
-            for col in ("payload", "media", "forward", "notes"):
-                if row.get(col) is not None:
-                    row[col] = json.loads(row[col])
-            return cast(EventRow, row)
+            return event_row(rows[0])
 
         return await self.run(_get)
 

@@ -1,0 +1,56 @@
+"""The PostgreSQL catalog's ``events``: webhook events committed with their ingest jobs. The unique
+index on ``idempotency_key`` keeps a key once across every replica (``ON CONFLICT DO NOTHING``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from gateway.catalog.postgres.connection import PostgresConnection, pg_condition
+from gateway.catalog.postgres.jobs import insert_job
+from gateway.catalog.rows import EventRow, event_row
+from gateway.sdk.provider import WebhookEvent
+
+
+class EventsMixin(PostgresConnection):
+    """:class:`gateway.catalog.CatalogContract`'s events methods on PostgreSQL."""
+
+    async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
+                             now: float | None = None) -> tuple[list[str], list[str]]:
+        """Commit each event with its ``ingest`` job in one transaction. Returns ``(accepted event
+        ids, idempotency keys already seen)``; a duplicate gets no row and no job."""
+        now = now if now is not None else time.time()
+        accepted: list[str] = []
+        duplicates: list[str] = []
+        async with self.transaction() as conn:
+            for ev in events:
+                event_id = f"ev_{uuid.uuid4().hex}"
+                cur = await conn.execute(
+                    "INSERT INTO events (id, provider, idempotency_key, event, account, chat,"
+                    " message_id, received_at, raw, payload, media, state)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s, 'queued')"
+                    " ON CONFLICT (idempotency_key) DO NOTHING",
+                    (event_id, provider, ev.idempotency_key, ev.event, ev.account, ev.chat,
+                     ev.message_id, now, raw, json.dumps(ev.payload),
+                     json.dumps([m.to_dict() for m in ev.media])))
+                if cur.rowcount == 0:
+                    duplicates.append(ev.idempotency_key)
+                    continue
+                await insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now)
+                accepted.append(event_id)
+        return accepted, duplicates
+
+    async def get_event(self, event_id: str) -> EventRow | None:
+        """The event row (``payload``/``media``/``forward``/``notes`` decoded), or None."""
+        rows = await self.fetch("SELECT * FROM events WHERE id = %s", (event_id,))
+        return event_row(rows[0]) if rows else None
+
+    async def count(self, table: str, where: str | None = None, args: list[Any] | None = None) -> int:
+        """Rows in ``table`` (``events``, ``jobs`` or ``media``) matching ``where``."""
+        if table not in ("events", "jobs", "media"):
+            raise ValueError(table)
+        rows = await self.fetch(f"SELECT COUNT(*) AS n FROM {table} WHERE {pg_condition(where or '1=1')}",
+                                args or [])
+        return int(rows[0]["n"])

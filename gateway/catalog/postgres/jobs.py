@@ -1,0 +1,139 @@
+"""The PostgreSQL catalog's ``jobs``: the durable queue shared by every replica (DESIGN §6).
+
+A worker claims with ``FOR UPDATE SKIP LOCKED`` (two replicas never get one job) and takes a
+lease: ``owner`` (its replica id) and ``lease_until`` (epoch seconds). The worker renews the lease
+while the job runs (:meth:`JobsMixin.renew_leases`); a running job whose lease expired (its replica
+died) is claimed again by any replica, its attempt counted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+from gateway.catalog.postgres.connection import Conn, PostgresConnection
+from gateway.catalog.rows import to_column, ClaimedJob, JobRow
+
+_COLUMNS = "id, kind, key, payload, state, attempts, run_at, created_at, updated_at, last_error"
+
+
+async def insert_job(conn: Conn, kind: str, key: str, payload: dict[str, Any], now: float) -> bool:
+    """Queue a job unless one with ``key`` (its idempotency key) exists; ``True`` if added. Inside the
+    caller's transaction on ``conn``."""
+    cur = await conn.execute(
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
+        " VALUES (%s,%s,%s, 'queued', 0, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+        (kind, key, json.dumps(payload), now, now, now))
+    return cur.rowcount > 0
+
+
+def _job(row: dict[str, Any]) -> JobRow:
+    row["payload"] = json.loads(row["payload"])
+    return cast(JobRow, row)
+
+
+class JobsMixin(PostgresConnection):
+    """:class:`gateway.catalog.CatalogContract`'s jobs methods on PostgreSQL."""
+
+    async def enqueue(self, kind: str, key: str, payload: dict[str, Any]) -> bool:
+        """Add a job unless one with ``key`` exists (idempotency key). ``True`` if added."""
+        async with self.transaction() as conn:
+            return await insert_job(conn, kind, key, payload, time.time())
+
+    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
+        """Take the due queued job with the earliest ``run_at``, or a running job whose lease expired
+        (its replica died): mark it running under this replica's lease, count the attempt."""
+        now = now if now is not None else time.time()
+        rows = await self.fetch(
+            "WITH due AS (SELECT id FROM jobs WHERE (state = 'queued' AND run_at <= %(now)s)"
+            "  OR (state = 'running' AND lease_until < %(now)s)"
+            "  ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            " UPDATE jobs j SET state = 'running', attempts = attempts + 1, updated_at = %(now)s,"
+            "  owner = %(owner)s, lease_until = %(until)s FROM due WHERE j.id = due.id"
+            " RETURNING j.id, j.kind, j.key, j.payload, j.attempts, j.created_at",
+            {"now": now, "owner": self.owner, "until": now + self.lease})
+        if not rows:
+            return None
+        row = rows[0]
+        row["payload"] = json.loads(row["payload"])
+        return cast(ClaimedJob, row)
+
+    async def renew_leases(self, job_ids: Sequence[int]) -> int:
+        """Extend this replica's lease on its running jobs ``job_ids`` by ``lease`` seconds from
+        now. Returns how many are still this replica's (a job whose lease expired and that another
+        replica took is not)."""
+        if not job_ids:
+            return 0
+        return await self.execute(
+            "UPDATE jobs SET lease_until = %s WHERE id = ANY(%s) AND state = 'running' AND owner = %s",
+            (time.time() + self.lease, list(job_ids), self.owner))
+
+    async def next_run_at(self) -> float | None:
+        """When the earliest queued job is due (epoch seconds), or None. (Expired leases are found
+        by the idle workers' polls, every ``poll_interval``.)"""
+        rows = await self.fetch("SELECT MIN(run_at) AS t FROM jobs WHERE state = 'queued'")
+        value = rows[0]["t"]
+        return None if value is None else float(value)
+
+    async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
+                           event_update: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Mark a job done, enqueue ``followups`` and apply ``event_update``, in one transaction."""
+        now = time.time()
+        async with self.transaction() as conn:
+            if event_update is not None:
+                event_id, values = event_update
+                cols = ", ".join(f"{c} = %s" for c in values)
+                await conn.execute(f"UPDATE events SET {cols} WHERE id = %s".encode(),
+                                   [*(to_column(v) for v in values.values()), event_id])
+            for kind, key, payload in followups:
+                await insert_job(conn, kind, key, payload, now)
+            await conn.execute("UPDATE jobs SET state = 'done', updated_at = %s, last_error = NULL,"
+                               " lease_until = NULL WHERE id = %s", (now, job_id))
+
+    async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
+        """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None. A job
+        another replica took over (this one's lease ran out) is left to that replica."""
+        await self.execute(
+            "UPDATE jobs SET state = CASE WHEN %(retry_at)s::float8 IS NULL THEN 'dead' ELSE 'queued' END,"
+            " run_at = COALESCE(%(retry_at)s::float8, run_at), last_error = %(error)s, updated_at = %(now)s,"
+            " lease_until = NULL WHERE id = %(id)s AND owner = %(owner)s",
+            {"retry_at": retry_at, "error": error[:2000], "now": time.time(), "id": job_id, "owner": self.owner})
+
+    async def release_job(self, job_id: int) -> None:
+        """Return an interrupted running job of this replica's to the queue without counting the attempt."""
+        await self.execute("UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0),"
+                           " updated_at = %s, lease_until = NULL WHERE id = %s AND state = 'running' AND owner = %s",
+                           (time.time(), job_id, self.owner))
+
+    async def requeue_running(self) -> int:
+        """Running jobs whose lease expired (their replica died) go back to ``queued``; a live
+        replica's jobs are left alone. Returns how many."""
+        now = time.time()
+        return await self.execute("UPDATE jobs SET state = 'queued', updated_at = %s, lease_until = NULL"
+                                  " WHERE state = 'running' AND (lease_until IS NULL OR lease_until < %s)",
+                                  (now, now))
+
+    async def get_job(self, job_id: int) -> JobRow | None:
+        """The job row (``payload`` decoded), or None."""
+        rows = await self.fetch(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
+        """Jobs filtered by ``state`` and ``kind``, oldest first."""
+        rows = await self.fetch(f"SELECT {_COLUMNS} FROM jobs WHERE (%(state)s::text IS NULL OR state = %(state)s)"
+                                " AND (%(kind)s::text IS NULL OR kind = %(kind)s) ORDER BY id",
+                                {"state": state or None, "kind": kind or None})
+        return [_job(r) for r in rows]
+
+    async def job_counts(self) -> dict[tuple[str, str], int]:
+        """``{(kind, state): count}`` for the metrics."""
+        rows = await self.fetch("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
+        return {(r["kind"], r["state"]): int(r["n"]) for r in rows}
+
+    async def retry_dead_job(self, job_id: int) -> JobRow | None:
+        """Queue a dead job again (attempts reset); the row as queued again, or None if not dead."""
+        now = time.time()
+        rows = await self.fetch(f"UPDATE jobs SET state = 'queued', attempts = 0, run_at = %s, updated_at = %s"
+                                f" WHERE id = %s AND state = 'dead' RETURNING {_COLUMNS}", (now, now, job_id))
+        return _job(rows[0]) if rows else None
