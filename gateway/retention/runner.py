@@ -69,6 +69,7 @@ from gateway.retention.report import (
     Progress,
 )
 from gateway.sdk.storage import IncompleteUploads, StorageBackend, StorageError
+from gateway.thumbnails import delete_thumbnails
 
 log = logging.getLogger("gateway.retention")
 
@@ -286,6 +287,7 @@ class Retention:
             async with slots:
                 try:
                     existed = await self.storage.delete(row["key"], bucket=row["bucket"])
+                    await delete_thumbnails(self.storage, row)
                 except StorageError as exc:
                     self._failed(report, row["key"], exc, extra)
                     progress.item(CleanupItem("failed", row["reason"], row["key"], row["size"], row["bucket"],
