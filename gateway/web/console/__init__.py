@@ -166,11 +166,11 @@ async def login(request: web.Request) -> web.Response:
         response = aiohttp_jinja2.render_template("login.html", request, {"next": target, "error": str(exc)})
         response.set_status(401)
         return response
-    response = web.HTTPSeeOther(target)
+    response = web.HTTPSeeOther(target)  # raised: aiohttp sends an HTTPException's headers and cookies
     response.set_cookie(COOKIE, request.app[SESSION].cookie(hashlib.sha256(key.strip().encode()).hexdigest()),
                         max_age=SESSION_SECONDS, path="/console", httponly=True, samesite="Strict",
                         secure=request.app[LINKS].base_url.startswith("https:"))
-    return response
+    raise response
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -178,7 +178,7 @@ async def logout(request: web.Request) -> web.Response:
     await _form(request, "read")
     response = web.HTTPSeeOther("/console/login")
     response.del_cookie(COOKIE, path="/console")
-    return response
+    raise response
 
 
 # -- overview ---------------------------------------------------------------------------------------
