@@ -265,13 +265,14 @@ async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, sc
     server = await aiohttp_server(target, host="127.0.0.1")
     gw = await start_gateway(api={"keys": KEYS}, retention={"enabled": False},
                              targets=[{"name": "strict", "url": str(server.make_url("/hook"))}])
-    await gw.post_waha({"event": "session.status", "session": "default", "payload": {"status": "WORKING"}})
+    for status in ("WORKING", "STOPPED"):
+        await gw.post_waha({"event": "session.status", "session": "default", "payload": {"status": status}})
     for _ in range(200):
         dead = await gw.app[CATALOG].list_jobs(state="dead")
-        if dead:
+        if len(dead) == 2:
             break
         await asyncio.sleep(0.05)
-    [job] = dead
+    job, other = sorted(dead, key=lambda j: j["id"])
     page = await sign_in(browser, gw, ADMIN)
     await page.goto(f"{gw.url}/console/queue")
     row = page.locator(f"#job-{job['id']}")
@@ -288,6 +289,16 @@ async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, sc
     assert (await gw.app[CATALOG].get_job(job["id"]))["state"] == "done" and len(received) == 1
     await page.reload()
     assert await page.locator(f"#job-{job['id']}").count() == 0
+    assert (await gw.app[CATALOG].get_job(other["id"]))["state"] == "dead"  # only the one retried
+    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await page.click("text=Retry all dead deliver jobs (1)")
+    await page.wait_for_url(f"{gw.url}/console/queue")
+    for _ in range(200):
+        if (await gw.app[CATALOG].get_job(other["id"]))["state"] == "done":
+            break
+        await asyncio.sleep(0.05)
+    assert (await gw.app[CATALOG].get_job(other["id"]))["state"] == "done" and len(received) == 2
+    await page.reload()
     assert "empty" in await page.locator("section", has_text="Dead letter").inner_text()
 
 
