@@ -58,6 +58,14 @@ def thumbnail_key(key: str, size: int) -> str:
     return f"{key}.thumb-{size}.webp"
 
 
+def original_key(key: str) -> str | None:
+    """The original's object key if ``key`` is a thumbnail's (:func:`thumbnail_key`), else None."""
+    stem, dot, suffix = key.rpartition(".thumb-")
+    if dot and suffix.endswith(".webp") and suffix[:-5].isdigit() and int(suffix[:-5]) in SIZES:
+        return stem
+    return None
+
+
 def has_thumbnail(record: Mapping[str, Any]) -> bool:
     """True if the catalog row's category is one with thumbnails (:data:`CATEGORIES`)."""
     return record.get("category") in CATEGORIES

@@ -251,6 +251,16 @@ async def test_a_tenant_key_sees_only_its_tenant(browser, gw, screenshots):
     await shot(page, screenshots, "gallery-tenant")
 
 
+async def job_state(gw, job_id: int, awaited: str) -> str:
+    """The job's state once it is ``awaited`` (or after 10 s)."""
+    for _ in range(200):
+        state = (await gw.app[CATALOG].get_job(job_id))["state"]
+        if state == awaited:
+            break
+        await asyncio.sleep(0.05)
+    return state
+
+
 async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, screenshots):
     accept = asyncio.Event()
     received: list[bytes] = []
@@ -282,22 +292,14 @@ async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, sc
     accept.set()
     await row.locator("button").click()
     await page.wait_for_url(f"{gw.url}/console/queue")
-    for _ in range(200):
-        if (await gw.app[CATALOG].get_job(job["id"]))["state"] == "done":
-            break
-        await asyncio.sleep(0.05)
-    assert (await gw.app[CATALOG].get_job(job["id"]))["state"] == "done" and len(received) == 1
+    assert await job_state(gw, job["id"], "done") == "done" and len(received) == 1
     await page.reload()
     assert await page.locator(f"#job-{job['id']}").count() == 0
     assert (await gw.app[CATALOG].get_job(other["id"]))["state"] == "dead"  # only the one retried
     page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
     await page.click("text=Retry all dead deliver jobs (1)")
     await page.wait_for_url(f"{gw.url}/console/queue")
-    for _ in range(200):
-        if (await gw.app[CATALOG].get_job(other["id"]))["state"] == "done":
-            break
-        await asyncio.sleep(0.05)
-    assert (await gw.app[CATALOG].get_job(other["id"]))["state"] == "done" and len(received) == 2
+    assert await job_state(gw, other["id"], "done") == "done" and len(received) == 2
     await page.reload()
     assert "empty" in await page.locator("section", has_text="Dead letter").inner_text()
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from yarl import URL
 
-from gateway.keys import CATALOG, LINKS, STORAGE
+from gateway.keys import CATALOG, LINKS, RETENTION, STORAGE
 from gateway.sdk.storage import ObjectNotFound
 from gateway.thumbnails import SIZES, thumbnail_key
 from tests.conftest import MANIFEST, MEDIA, waha_payload
@@ -80,6 +80,20 @@ async def test_deleting_the_original_deletes_its_thumbnails(gw):
             await gw.app[STORAGE].stat(thumbnail_key(record["key"], size), bucket=record["bucket"])
     assert (await get(gw, info["links"]["thumbnail"]))[0] == 404
     assert [o.key async for o in gw.app[STORAGE].list()] == []  # nothing left behind
+
+
+async def test_the_retention_cleanup_deletes_thumbnails_with_their_original(gw):
+    form = aiohttp.FormData()
+    form.add_field("expires_at", str(int(time.time()) + 60))
+    form.add_field("file", (MEDIA / "photo.jpg").read_bytes(), filename="photo.jpg")
+    async with gw.http.post(f"{gw.url}/api/v1/files", data=form, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        info = await r.json()
+    assert (await get(gw, info["links"]["thumbnail"]))[0] == 200
+    assert len([o async for o in gw.app[STORAGE].list()]) == 2
+    gw.app[RETENTION].clock = lambda: time.time() + 120
+    report = await gw.app[RETENTION].run()
+    assert report.deleted["expires_at"]["objects"] == 1
+    assert [o.key async for o in gw.app[STORAGE].list()] == []
 
 
 @pytest.mark.parametrize("side", [8000, 12000])  # over our bound; over Pillow's own too
