@@ -25,11 +25,12 @@ from tests.conftest import MANIFEST, MEDIA
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH_ARGS = ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"]
-ADMIN, T1, T2, READER = "console-admin", "console-t1", "console-t2", "console-reader"
+ADMIN, T1, T2, READER, WRITER = "console-admin", "console-t1", "console-t2", "console-reader", "console-writer"
 KEYS = [{"name": "admin", "key": ADMIN, "scopes": ["admin"]},
         {"name": "t1", "key": T1, "scopes": ["read", "write"], "tenant": "t1"},
         {"name": "t2", "key": T2, "scopes": ["read", "write"], "tenant": "t2"},
-        {"name": "reader", "key": READER, "scopes": ["read"]}]
+        {"name": "reader", "key": READER, "scopes": ["read"]},
+        {"name": "writer", "key": WRITER, "scopes": ["write"]}]
 IMAGES = sorted(n for n, e in MANIFEST.items() if e["category"] == "image" and n != "not_really_an_image.jpg")
 PHONE = {"width": 390, "height": 844}
 
@@ -229,6 +230,24 @@ async def test_forms_without_the_csrf_token_are_refused(browser, gw):
     reader = await sign_in(browser, gw, READER)
     await reader.goto(f"{gw.url}/console/files/{info['id']}")
     assert await reader.locator("button.danger").count() == 0
+    csrf = await reader.locator("input[name=csrf]").first.input_value()
+    answer = await reader.request.post(f"{gw.url}/console/files/{info['id']}/delete", form={"csrf": csrf})
+    assert answer.status == 403 and "lacks the 'write' scope" in (await answer.json())["error"]
+    # a write-only key may not look; no session, or a tampered one, is not signed in
+    writer = await sign_in(browser, gw, WRITER)  # lands on a 403
+    assert (await writer.goto(f"{gw.url}/console/gallery")).status == 403
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/console/files/{info['id']}/delete", data={"csrf": csrf}) as r:
+            assert r.status == 403
+        forged = {"Cookie": "gateway_console=" + "0" * 64 + ".9999999999." + "0" * 64}
+        async with http.get(f"{gw.url}/console/gallery", headers=forged, allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"].startswith("/console/login")
+    # signing out ends the session
+    await reader.click("text=Sign out")
+    await reader.wait_for_url(f"{gw.url}/console/login")
+    await reader.goto(f"{gw.url}/console/gallery")
+    assert reader.url.startswith(f"{gw.url}/console/login")
+    assert await gw.app[CATALOG].get_media(info["id"]) is not None
 
 
 async def test_a_tenant_key_sees_only_its_tenant(browser, gw, screenshots):

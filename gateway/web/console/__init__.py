@@ -114,23 +114,29 @@ def _signed_in(request: web.Request) -> tuple[Principal, str] | None:
     return (principal, cookie) if principal is not None else None
 
 
-def _who(request: web.Request) -> tuple[Principal, str]:
-    """The signed-in key and its session cookie, or a redirect to the sign-in page."""
+def _who(request: web.Request, scope: str = "read") -> tuple[Principal, str]:
+    """The signed-in key (with ``scope``) and its session cookie; else a redirect to the sign-in
+    page, or :class:`ApiError` 403 for a key without ``scope``."""
     found = _signed_in(request)
     if found is None:
         raise web.HTTPSeeOther("/console/login?" + urlencode({"next": request.path_qs}))
+    if not found[0].allows(scope):
+        raise ApiError(403, f"the API key {found[0].name!r} lacks the {scope!r} scope")
     return found
 
 
-async def _form(request: web.Request, scope: str) -> tuple[Principal, Mapping[str, str]]:
-    """The signed-in key (with ``scope``) and the POSTed form, its CSRF token checked. Raises
+async def _form(request: web.Request, scope: str | None) -> tuple[Principal, Mapping[str, str]]:
+    """The signed-in key (with ``scope``, unless None) and the POSTed form, its CSRF token checked. Raises
     :class:`ApiError` 403."""
-    principal, cookie = _who(request)
+    found = _signed_in(request)
+    if found is None:
+        raise ApiError(403, "not signed in: sign in at /console/login")
+    principal, cookie = found
     form = await request.post()
     token = form.get("csrf")
     if not isinstance(token, str) or not hmac.compare_digest(token, request.app[SESSION].csrf(cookie)):
         raise ApiError(403, "the form's CSRF token is missing or wrong: reload the page")
-    if not principal.allows(scope):
+    if scope is not None and not principal.allows(scope):
         raise ApiError(403, f"the API key {principal.name!r} lacks the {scope!r} scope")
     return principal, {k: v for k, v in form.items() if isinstance(v, str)}
 
@@ -175,7 +181,7 @@ async def login(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """``POST /console/logout``: forget the session."""
-    await _form(request, "read")
+    await _form(request, None)
     response = web.HTTPSeeOther("/console/login")
     response.del_cookie(COOKIE, path="/console")
     raise response
