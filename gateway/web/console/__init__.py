@@ -18,11 +18,12 @@ Assets are served from :data:`STATIC` under ``/console/static/``; nothing is fet
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -82,6 +83,27 @@ class Session:
     def csrf(self, cookie: str) -> str:
         """The CSRF token of the session ``cookie``."""
         return self._mac(f"csrf:{cookie}")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def page(handler: Handler) -> Handler:
+    """A console view whose :class:`ApiError` answers as an HTML page (``error.html``) with the
+    error's status, rather than the API's JSON."""
+    @functools.wraps(handler)
+    async def view(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            found = _signed_in(request)
+            context: dict[str, Any] = {"status": exc.status, "message": exc.message, "path": request.path,
+                                       "principal": None}
+            if found is not None:
+                context.update(principal=found[0], csrf=request.app[SESSION].csrf(found[1]),
+                               operator=found[0].allows("admin") and found[0].tenant is None)
+            return aiohttp_jinja2.render_template("error.html", request, context, status=exc.status)
+    return view
 
 
 def setup(app: web.Application) -> None:
@@ -152,6 +174,7 @@ def _page(request: web.Request, template: str, principal: Principal, cookie: str
     return response
 
 
+@page
 async def login_page(request: web.Request) -> web.Response:
     """``GET /console/login``: the sign-in form."""
     return aiohttp_jinja2.render_template("login.html", request, {"next": _next(request.query.get("next")),
@@ -162,6 +185,7 @@ def _next(target: str | None) -> str:
     return target if target and target.startswith("/console") and not target.startswith("//") else "/console"
 
 
+@page
 async def login(request: web.Request) -> web.Response:
     """``POST /console/login``: check the key (form field ``key``) and set the session cookie."""
     form = await request.post()
@@ -179,6 +203,7 @@ async def login(request: web.Request) -> web.Response:
     raise response
 
 
+@page
 async def logout(request: web.Request) -> web.Response:
     """``POST /console/logout``: forget the session."""
     await _form(request, None)
@@ -189,6 +214,7 @@ async def logout(request: web.Request) -> web.Response:
 
 # -- overview ---------------------------------------------------------------------------------------
 
+@page
 async def overview(request: web.Request) -> web.Response:
     """``GET /console``: counts and bytes, webhook events per minute, readiness, the last cleanup."""
     principal, cookie = _who(request)
@@ -228,6 +254,7 @@ async def readiness(app: web.Application) -> dict[str, str]:
     return checks
 
 
+@page
 async def cleanup(request: web.Request) -> web.Response:
     """``POST /console/cleanup``: a cleanup dry run; back to the overview with its report."""
     principal, _ = await _form(request, "admin")
@@ -244,6 +271,7 @@ async def cleanup(request: web.Request) -> web.Response:
 
 # -- gallery and files --------------------------------------------------------------------------------
 
+@page
 async def gallery(request: web.Request) -> web.Response:
     """``GET /console/gallery``: thumbnails, newest first, the files API's filters and cursor."""
     principal, cookie = _who(request)
@@ -273,6 +301,7 @@ async def _visible(request: web.Request, principal: Principal) -> dict[str, Any]
     return dict(record)
 
 
+@page
 async def detail(request: web.Request) -> web.Response:
     """``GET /console/files/{id}``: preview, metadata, the message, links and actions."""
     principal, cookie = _who(request)
@@ -303,6 +332,7 @@ def _local(request: web.Request, url: str) -> str:
     return url[len(base):] if url.startswith(base + "/") else url
 
 
+@page
 async def delete(request: web.Request) -> web.Response:
     """``POST /console/files/{id}/delete``: delete the object and its thumbnails, then the row."""
     principal, _ = await _form(request, "write")
@@ -314,6 +344,7 @@ async def delete(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther("/console/gallery")
 
 
+@page
 async def visibility(request: web.Request) -> web.Response:
     """``POST /console/files/{id}/visibility`` (``public`` = ``1``|``0``): make public or private."""
     principal, form = await _form(request, "write")
@@ -332,6 +363,7 @@ def _operator(principal: Principal) -> None:
         raise ApiError(403, "the queue spans every tenant: sign in with an admin key without a tenant")
 
 
+@page
 async def queue(request: web.Request) -> web.Response:
     """``GET /console/queue?state=&kind=``: jobs by state and kind, the dead letter, the oldest waiting job."""
     principal, cookie = _who(request)
@@ -351,6 +383,7 @@ async def queue(request: web.Request) -> web.Response:
                  state=state, kind=kind, oldest_age=None if oldest is None else max(0, time.time() - oldest))
 
 
+@page
 async def retry(request: web.Request) -> web.Response:
     """``POST /console/jobs/retry`` (``id``, or ``kind`` for every dead job of a kind): queue dead jobs again."""
     principal, form = await _form(request, "admin")
@@ -366,6 +399,7 @@ async def retry(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther("/console/queue")
 
 
+@page
 async def static(request: web.Request) -> web.StreamResponse:
     """``GET /console/static/{name}``: the console's own CSS and JavaScript."""
     name = request.match_info["name"]
@@ -375,6 +409,7 @@ async def static(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
 
 
+@page
 async def root(request: web.Request) -> web.Response:
     """``GET /console/``: the overview."""
     raise web.HTTPSeeOther("/console")
