@@ -9,7 +9,9 @@ checks every request)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import aiohttp
 import pytest
 from playwright import async_api as playwright_api
 from aiohttp import web
+from yarl import URL
 
 from gateway.keys import CATALOG
-from tests.conftest import MANIFEST, MEDIA
+from tests.conftest import MANIFEST, MEDIA, waha_payload
 
 
 
@@ -177,11 +180,27 @@ async def test_copy_a_link_and_fetch_it(browser, gw, screenshots):
     await page.click("button[data-copy]")
     await page.wait_for_function("document.querySelector('button[data-copy]').textContent === 'Copied'")
     link = await page.evaluate("navigator.clipboard.readText()")
-    assert link == await page.input_value("#link") and "exp=" in link and "sig=" in link
+    assert link == await page.input_value("#link") and "sig=" in link
+    exp = int(URL(link).query["exp"])
+    assert abs(exp - (time.time() + 86400)) < 60  # the chosen expiry
     await shot(page, screenshots, "detail-pdf-link")
     async with aiohttp.ClientSession() as http:
         async with http.get(link) as r:
             assert r.status == 200 and await r.read() == (MEDIA / "invoice.pdf").read_bytes()
+
+
+async def test_a_forwarded_image_shows_its_message(browser, gw, waha, sink):
+    body = json.dumps(waha_payload(waha.add_file(MEDIA / "photo.jpg"), message_id="console-msg-1", filename="photo.jpg"))
+    async with gw.http.post(f"{gw.url}/webhooks/waha", data=body) as r:
+        assert r.status == 200
+    [delivery] = await sink.wait_for(1, timeout=20)
+    media_id = delivery.json["payload"]["media"]["gateway"]["id"]
+    page = await sign_in(browser, gw, ADMIN)
+    await page.locator('.tile img').evaluate("i => i.decode()")
+    await page.goto(f"{gw.url}/console/files/{media_id}")
+    message = await page.locator("section", has_text="The message it came with").inner_text()
+    assert "waha" in message and "console-msg-1" in message
+    assert await page.locator(".preview img").evaluate("i => i.decode().then(() => i.naturalWidth)") > 0
 
 
 async def test_delete_an_object_with_confirmation(browser, gw, screenshots):
