@@ -41,6 +41,7 @@ from gateway.thumbnails import has_thumbnail
 from gateway.web.auth import Principal, Unauthorized
 from gateway.web.errors import ApiError
 from gateway.web.files import file_view, query_files
+from gateway.web.health import readiness
 from gateway.web.jobs import job_view
 from gateway.web.models import CATEGORY_NAMES, iso
 
@@ -218,6 +219,10 @@ async def logout(request: web.Request) -> web.Response:
 async def overview(request: web.Request) -> web.Response:
     """``GET /console``: counts and bytes, webhook events per minute, readiness, the last cleanup."""
     principal, cookie = _who(request)
+    return await _overview(request, principal, cookie, None)
+
+
+async def _overview(request: web.Request, principal: Principal, cookie: str, report: str | None) -> web.Response:
     catalog = request.app[CATALOG]
     stats = await catalog.media_stats(principal.tenant)
     context: dict[str, Any] = {"stats": stats, "chart": None, "ready": None, "cleanup": None}
@@ -229,7 +234,7 @@ async def overview(request: web.Request) -> web.Response:
         context["ready"] = await readiness(request.app)
         runs = await catalog.cleanup_runs(1)
         context["cleanup"] = runs[0] if runs else None
-        context["report"] = request.query.get("report")
+        context["report"] = report
     return _page(request, "overview.html", principal, cookie, **context)
 
 
@@ -242,21 +247,9 @@ def chart(counts: list[int], width: int = 600, height: int = 120) -> dict[str, A
     return {"bars": bars, "width": width, "height": height, "top": max(counts), "total": sum(counts)}
 
 
-async def readiness(app: web.Application) -> dict[str, str]:
-    """``{"catalog"|"storage": "ok" or the error}`` as ``/readyz`` checks them (5 s each)."""
-    checks: dict[str, str] = {}
-    for name, check in (("catalog", app[CATALOG].check), ("storage", app[STORAGE].check)):
-        try:
-            await asyncio.wait_for(check(), 5)
-            checks[name] = "ok"
-        except Exception as exc:  # any failure is a readiness answer, not an error of the page
-            checks[name] = f"{type(exc).__name__}: {exc}"
-    return checks
-
-
 @page
 async def cleanup(request: web.Request) -> web.Response:
-    """``POST /console/cleanup``: a cleanup dry run; back to the overview with its report."""
+    """``POST /console/cleanup``: a cleanup dry run; the overview with its report."""
     principal, _ = await _form(request, "admin")
     if principal.tenant is not None:
         raise ApiError(403, "a cleanup covers every tenant: use an admin key without a tenant")
@@ -266,7 +259,7 @@ async def cleanup(request: web.Request) -> web.Response:
         text = ", ".join(f"{k}: {v}" for k, v in summary.items() if isinstance(v, (int, float, str)) and v)
     except CleanupBusy as exc:
         text = str(exc)
-    raise web.HTTPSeeOther("/console?" + urlencode({"report": f"dry run: {text}"}))
+    return await _overview(request, principal, request.cookies[COOKIE], f"dry run: {text}")
 
 
 # -- gallery and files --------------------------------------------------------------------------------
