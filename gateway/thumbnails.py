@@ -19,6 +19,7 @@ import asyncio
 import io
 import logging
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -45,7 +46,8 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 """The formats Pillow may open (no EPS or other formats that run external programs)."""
 MIMETYPE = "image/webp"
 
-_slots = asyncio.Semaphore(CONCURRENCY)
+# the renderings' semaphore, one per event loop (a semaphore belongs to the loop it first waits on)
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 class ThumbnailRefused(Exception):
@@ -129,9 +131,10 @@ async def thumbnail(storage: StorageBackend, record: Mapping[str, Any], size: in
         data = await _read_all(opened.chunks, MAX_SOURCE_BYTES)
     finally:
         await opened.close()
-    await _slots.acquire()
+    slots = _slots.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(CONCURRENCY))
+    await slots.acquire()
     task = asyncio.ensure_future(asyncio.to_thread(render, data, size))
-    task.add_done_callback(lambda _: _slots.release())
+    task.add_done_callback(lambda _: slots.release())
     try:
         made = await asyncio.wait_for(asyncio.shield(task), RENDER_SECONDS)
     except TimeoutError:

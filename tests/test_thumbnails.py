@@ -15,6 +15,7 @@ from yarl import URL
 
 from gateway.keys import CATALOG, LINKS, RETENTION, STORAGE
 from gateway.sdk.storage import ObjectNotFound
+from gateway import thumbnails
 from gateway.thumbnails import SIZES, thumbnail_key
 from tests.conftest import MANIFEST, MEDIA, waha_payload
 
@@ -125,6 +126,15 @@ async def test_a_non_image_declared_as_an_image_is_refused(gw):
     await gw.app[CATALOG].update_media(info["id"], {"category": "image", "mimetype": "image/jpeg"})
     status, body, _ = await get(gw, gw.app[LINKS].thumbnail_link(info["id"], 256))
     assert status == 422 and "not a decodable image" in json.loads(body)["error"]
+
+
+async def test_a_rendering_over_the_time_bound_is_refused(gw, monkeypatch):
+    info = await upload(gw, (MEDIA / "screenshot.png").read_bytes(), "screenshot.png")
+    monkeypatch.setattr(thumbnails, "RENDER_SECONDS", 0.000001)
+    status, body, _ = await get(gw, info["links"]["thumbnail"])
+    assert status == 422 and "rendering took over" in json.loads(body)["error"]
+    monkeypatch.undo()  # the abandoned rendering may still hold one of the two slots: one is free
+    assert (await get(gw, info["links"]["thumbnail"]))[0] == 200
 
 
 async def test_thumbnail_links_are_signed(gw):
