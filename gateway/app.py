@@ -47,6 +47,7 @@ from gateway.sdk.provider import Provider, ProviderContext
 from gateway.sdk.storage import StorageBackend
 from gateway.store import MediaStore
 from gateway.version import gateway_version
+from gateway.web import console
 from gateway.web.auth import ApiKeys
 from gateway.web.errors import error_middleware
 from gateway.web.events import Notifier
@@ -111,6 +112,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[NOTIFIER] = Notifier(lambda record: file_view(app, record), app[CATALOG])
     pm.register(app[NOTIFIER], name=f"gateway-notifier-{id(app)}")
     add_routes(app)
+    console.setup(app)
     for provider in providers.values():
         for route in provider.routes():
             app.router.add_route(route.method, route.path, route.handler)

@@ -25,6 +25,7 @@ from gateway.sdk.download import BODY_ERRORS
 from gateway.sdk.outbound import Origin
 from gateway.sdk.provider import (
     FetchError,
+    copy_path,
     MediaOutcome,
     MediaRef,
     Provider,
@@ -32,6 +33,7 @@ from gateway.sdk.provider import (
 )
 from gateway.sdk.storage import InvalidKey, StorageError
 from gateway.store import MediaRefused, MediaStore
+from gateway.thumbnails import DEFAULT_SIZE, has_thumbnail
 
 log = logging.getLogger("gateway.ingest")
 
@@ -85,7 +87,7 @@ class Ingestor:
             raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
         except StorageError as exc:
             raise RetryLater(f"storage unavailable: {exc}") from exc
-        forward = provider.rewrite(event, outcomes)
+        forward = self._with_thumbnails(provider.rewrite(event, outcomes), outcomes)
         forward = {**forward, "gateway": {
             "event_id": event_id,
             "notes": [{"path": o.ref.path, "error": o.error} for o in outcomes if o.error],
@@ -133,6 +135,20 @@ class Ingestor:
                     return MediaOutcome(ref, error=str(exc))
                 raise
             return self._outcome(ref, record)
+
+    def _with_thumbnails(self, forward: dict[str, Any], outcomes: list[MediaOutcome]) -> dict[str, Any]:
+        """``forward`` with a signed ``thumbnail`` link added to the ``gateway`` object the provider's
+        rewrite put beside each stored image or sticker (at the ref's ``path``)."""
+        for outcome in outcomes:
+            if outcome.record is None or not has_thumbnail(outcome.record):
+                continue
+            path: list[str | int] = [int(p) if p.isdigit() else p for p in outcome.ref.path.split(".")]
+            copied, node = copy_path(forward, path)
+            if isinstance(node, dict) and isinstance(node.get("gateway"), dict):
+                node["gateway"] = {**node["gateway"], "thumbnail": self.links.thumbnail_link(
+                    outcome.record["id"], DEFAULT_SIZE)}
+                forward = copied
+        return forward
 
     def _outcome(self, ref: MediaRef, record: Mapping[str, Any]) -> MediaOutcome:
         return MediaOutcome(ref, record=dict(record), link=self.links.link(record["id"], record["filename"]))

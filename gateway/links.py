@@ -39,6 +39,13 @@ class LinkSigner:
         query = urlencode({"exp": exp, "sig": self._sig(media_id, filename, exp)})
         return f"{self.base_url}/media/{quote(media_id, safe='')}/{quote(filename, safe='')}?{query}"
 
+    def thumbnail_link(self, media_id: str, size: int, ttl: int | None = None, now: float | None = None) -> str:
+        """The full URL of the ``size`` px thumbnail of ``media_id`` (``/media/{id}/thumbnail?size=``),
+        valid for ``ttl`` seconds: signed as a media link to the name ``thumbnail:{size}``."""
+        exp = int((now if now is not None else time.time()) + (ttl or self.ttl))
+        query = urlencode({"size": size, "exp": exp, "sig": self._sig(media_id, f"thumbnail:{size}", exp)})
+        return f"{self.base_url}/media/{quote(media_id, safe='')}/thumbnail?{query}"
+
     def verify(self, media_id: str, filename: str, exp: str | None, sig: str | None,
                now: float | None = None) -> None:
         """Raise :class:`LinkError` unless ``sig`` is right for the id, filename and ``exp`` and

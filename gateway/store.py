@@ -32,6 +32,7 @@ from gateway.plugins import check_media, notify
 from gateway.sdk.hooks import MediaInfo
 from gateway.sdk.outbound import Origin
 from gateway.sdk.storage import StorageBackend
+from gateway.thumbnails import delete_thumbnails
 
 log = logging.getLogger("gateway.store")
 
@@ -116,7 +117,7 @@ class MediaStore:
         return record, True
 
     async def delete(self, media_id: str) -> MediaRow | None:
-        """Delete a stored object, then its catalog row (``media_deleted`` hooks run); return the
+        """Delete a stored object and its thumbnails, then its catalog row (``media_deleted`` hooks run); return the
         row, or ``None`` when there is no such row or another deletion has it.
 
         Raises storage errors: the row then stays marked ``deleting`` for the next cleanup."""
@@ -124,6 +125,7 @@ class MediaStore:
         if claimed is None:
             return None
         await self.storage.delete(claimed["key"], bucket=claimed["bucket"])
+        await delete_thumbnails(self.storage, claimed)
         await self.catalog.forget_media([claimed["id"]])
         await notify(self.pm, "media_deleted", record=claimed)
         return claimed

@@ -104,6 +104,14 @@ async def test_record_webhook_reports_duplicates(catalog):
     assert len(accepted) == 1 and dups == ["k4"]
 
 
+async def test_events_per_minute(catalog):
+    start = 60 * 16_000  # a minute boundary
+    for n, at in enumerate([start - 1, start, start + 59.9, start + 60, start + 185]):
+        await catalog.record_webhook("waha", b"x", [_event(f"epm{n}")], now=at)
+    assert await catalog.events_per_minute(start) == [(start, 2), (start + 60, 1), (start + 180, 1)]
+    assert await catalog.events_per_minute(start + 200) == []
+
+
 async def test_concurrent_redeliveries_store_one_event(catalog):
     results = await asyncio.gather(*(catalog.record_webhook("waha", b"x", [_event("same")], now=T0)
                                      for _ in range(10)))

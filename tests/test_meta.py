@@ -110,6 +110,11 @@ async def test_every_fixture_file_through_the_inbound_flow(meta_gateway, graph, 
     async with http.get(media["url"]) as r:
         assert hashlib.sha256(await r.read()).hexdigest() == MANIFEST[name]["sha256_hex"]
     assert graph.retrievals == [(media_id, PNID)]
+    if g["category"] == "image":  # images and stickers carry a thumbnail link
+        async with http.get(g["thumbnail"]) as r:
+            assert r.status == 200 and r.content_type == "image/webp"
+    else:
+        assert "thumbnail" not in g
 
 
 async def test_a_batch_of_entries_messages_and_statuses(meta_gateway, graph, sink):

@@ -212,11 +212,15 @@ async def test_orphans_go_after_the_grace_period_and_lost_objects_are_marked_mis
     orphan = f"waha/default/2020/01/01/image/{new_media_id()}.jpg"  # a crash between put and row
     await storage.put(orphan, _chunks(b"orphan bytes"), "image/jpeg", {}, category="image")
     await storage.put("notes/readme.txt", _chunks(b"not ours"), "text/plain", {})
+    async with http.get(kept["gateway"]["thumbnail"]) as r:  # a thumbnail belongs to its original's row
+        assert r.status == 200
+    orphan_thumb = f"{orphan}.thumb-256.webp"  # an orphan's thumbnail is an orphan too
+    await storage.put(orphan_thumb, _chunks(b"orphan thumb"), "image/webp", {}, category="image")
     keys = await stored_keys(gw)
 
     retention.clock = lambda: now
     report = await retention.run()
-    assert report.objects == 0 and report.orphans_in_grace == 1 and report.foreign_objects == 1
+    assert report.objects == 0 and report.orphans_in_grace == 3 and report.foreign_objects == 1
     assert report.missing == 1 and report.missing_ids == [lost["gateway"]["id"]]
     assert await stored_keys(gw) == keys
     assert (await media_states(gw)) == {kept["gateway"]["id"]: "stored", lost["gateway"]["id"]: "missing"}
@@ -227,12 +231,13 @@ async def test_orphans_go_after_the_grace_period_and_lost_objects_are_marked_mis
 
     retention.clock = lambda: now + 2 * DAY  # past the grace period
     dry = await retention.run(dry_run=True)
-    assert dry.deleted == {"orphan": {"objects": 1, "bytes": len(b"orphan bytes")}}
+    orphans = {"orphan": {"objects": 2, "bytes": len(b"orphan bytes") + len(b"orphan thumb")}}
+    assert dry.deleted == orphans
     assert await stored_keys(gw) == keys
     report = await retention.run()
-    assert report.deleted == {"orphan": {"objects": 1, "bytes": len(b"orphan bytes")}}
+    assert report.deleted == orphans
     assert report.foreign_objects == 1 and report.missing == 0  # reported once; the row stays missing
-    assert await stored_keys(gw) == keys - {orphan}
+    assert await stored_keys(gw) == keys - {orphan, orphan_thumb}
 
     # the lost attachment arrives again (message.any of the same message): fetched anew
     again = await ingest(gw, waha, sink, "song.mp3", "orph-2", event="message.any")

@@ -173,6 +173,12 @@ class CatalogContract(abc.ABC):
         no job. Concurrent calls with one key accept it once."""
 
     @abc.abstractmethod
+    async def events_per_minute(self, since: float) -> list[tuple[int, int]]:
+        """Webhook events received at or after ``since`` (Unix seconds), counted by minute:
+        ``[(minute start, Unix seconds divisible by 60; count)]`` oldest first, empty minutes left out.
+        (The console's overview chart.)"""
+
+    @abc.abstractmethod
     async def get_event(self, event_id: str) -> EventRow | None:
         """The event (JSON columns decoded), or None."""
 

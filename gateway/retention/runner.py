@@ -15,7 +15,8 @@ One run, in this order (``[retention]`` in :class:`gateway.config.RetentionSetti
 3. **Reconciliation** (``reconcile``): the storage is listed into a temporary table. Objects
    without a row (left by a crash between storing and cataloguing) are deleted once older than
    ``orphan_grace_hours``, and only when their key holds a gateway media id (``m_`` + 27 hex
-   digits), so foreign objects in a shared bucket are left alone (and counted). Rows whose object
+   digits), so foreign objects in a shared bucket are left alone (and counted). A thumbnail
+   (:mod:`gateway.thumbnails`) is kept while its original has a row. Rows whose object
    is not in storage are marked ``missing`` and reported (logged with their media id); they no
    longer count as stored, and the attachment is fetched again if it comes back.
 4. **Incomplete uploads** (backends with :class:`gateway.sdk.storage.IncompleteUploads`, such as
@@ -73,6 +74,7 @@ from gateway.retention.report import (
     Progress,
 )
 from gateway.sdk.storage import IncompleteUploads, StorageBackend, StorageError
+from gateway.thumbnails import delete_thumbnails, original_key
 
 log = logging.getLogger("gateway.retention")
 
@@ -311,6 +313,7 @@ class Retention:
             async with slots:
                 try:
                     existed = await self.storage.delete(row["key"], bucket=row["bucket"])
+                    await delete_thumbnails(self.storage, row)
                 except StorageError as exc:
                     self._failed(report, row["key"], exc, extra)
                     progress.item(CleanupItem("failed", row["reason"], row["key"], row["size"], row["bucket"],
@@ -402,10 +405,12 @@ class Retention:
                     candidates.append((bucket, key, size))
             if not candidates:
                 continue
-            # a row may have been written since the listing: those are not orphans
-            present = await self.catalog.media_keys_present(self.storage.name, [(b, k) for b, k, _ in candidates])
+            # a row may have been written since the listing: those are not orphans; a thumbnail
+            # belongs to its original's row
+            owner = {(b, k): (b, original_key(k) or k) for b, k, _ in candidates}
+            present = await self.catalog.media_keys_present(self.storage.name, list(set(owner.values())))
             for bucket, key, size in candidates:
-                if (bucket, key) in present:
+                if owner[(bucket, key)] in present:
                     continue
                 media_id = MEDIA_ID.search(key).group(0)  # type: ignore[union-attr]
                 extra = {"media_id": media_id}

@@ -63,6 +63,15 @@ class ApiKeys:
             raise Unauthorized("the API key is not valid")
         return found
 
+    def by_digest(self, digest: str) -> Principal | None:
+        """The principal of the key whose SHA-256 hex digest is ``digest`` (the console's session
+        keeps only the digest), or None; every digest compared, as :meth:`identify` does."""
+        found = None
+        for known, principal in self._keys:
+            if hmac.compare_digest(known, digest):
+                found = principal
+        return found
+
     def require(self, request: web.Request, scope: str) -> Principal:
         """The caller of ``request`` if it has ``scope``. Raises :class:`Unauthorized`, :class:`Forbidden`."""
         principal = self.identify(request.headers.get("Authorization"))

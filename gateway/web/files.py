@@ -33,6 +33,7 @@ from gateway.media import safe_filename
 from gateway.plugins import notify
 from gateway.sdk.outbound import MediaUnavailable, Origin
 from gateway.sdk.storage import StorageError
+from gateway.thumbnails import DEFAULT_SIZE, has_thumbnail
 from gateway.web.auth import Principal, require
 from gateway.web.errors import ApiError
 from gateway.web.forms import Form, invalid, json_body, refuse_oversize
@@ -71,7 +72,8 @@ def file_view(request_or_app: web.Request | web.Application, record: Mapping[str
         "state": record.get("state") or "stored", "tenant": record.get("tenant"),
         "is_public": bool(record.get("is_public")), "created_at": iso(record["created_at"]),
         "expires_at": iso(record.get("expires_at")), "metadata": extra.get("metadata") or {},
-        "links": {"content": links.link(record["id"], record["filename"]), "public": public},
+        "links": {"content": links.link(record["id"], record["filename"]), "public": public,
+                  "thumbnail": links.thumbnail_link(record["id"], DEFAULT_SIZE) if has_thumbnail(record) else None},
     }
 
 
@@ -168,8 +170,16 @@ def _decode_cursor(cursor: str, sort: str, order: str) -> tuple[Any, str]:
 async def list_files(request: web.Request) -> web.Response:
     """``GET /files``: filters, sort, and a keyset cursor that stays correct while files are added."""
     principal = require(request, "read")
+    rows, cursor = await query_files(request.app, principal, request.query)
+    return web.json_response({"items": [file_view(request, r) for r in rows], "next_cursor": cursor})
+
+
+async def query_files(app: web.Application, principal: Principal, params: Mapping[str, str]
+                      ) -> tuple[list[MediaRow], str | None]:
+    """One page of the files ``principal`` may see, filtered by the query ``params``
+    (:class:`ListQuery`): ``(rows, next cursor or None)``. Raises :class:`ApiError` 422 for a bad query."""
     try:
-        query = ListQuery(**{k: v for k, v in request.query.items()})
+        query = ListQuery(**{k: v for k, v in params.items()})
         after = _decode_cursor(query.cursor, query.sort, query.order) if query.cursor else None
     except ValidationError as err:
         raise invalid(err) from None
@@ -200,12 +210,12 @@ async def list_files(request: web.Request) -> web.Response:
     if query.is_public is not None:
         where.append("is_public = ?")
         args.append(int(query.is_public))
-    rows = await request.app[CATALOG].list_media(where, args, query.sort, query.order == "desc",
-                                                 after, query.limit + 1)
+    rows = await app[CATALOG].list_media(where, args, query.sort, query.order == "desc",
+                                         after, query.limit + 1)
     more = len(rows) > query.limit
     rows = rows[:query.limit]
     cursor = _encode_cursor(query.sort, query.order, rows[-1][query.sort], rows[-1]["id"]) if more else None
-    return web.json_response({"items": [file_view(request, r) for r in rows], "next_cursor": cursor})
+    return rows, cursor
 
 
 async def get_file(request: web.Request) -> web.Response:

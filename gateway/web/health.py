@@ -18,15 +18,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when the catalog and storage answer, else 503 naming what failed."""
+    checks = await readiness(request.app)
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+async def readiness(app: web.Application) -> dict[str, str]:
+    """``{"catalog"|"storage": "ok" or "<exception type>: <message>"}``: each checked, 5 s at most."""
     checks: dict[str, str] = {}
-    for name, check in (("catalog", request.app[CATALOG].check), ("storage", request.app[STORAGE].check)):
+    for name, check in (("catalog", app[CATALOG].check), ("storage", app[STORAGE].check)):
         try:
             await asyncio.wait_for(check(), 5)
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"{type(exc).__name__}: {exc}"
-    ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+    return checks
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -9,10 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.catalog.rows import MediaRow
 from gateway.keys import CATALOG, LINKS, SETTINGS, STORAGE
 from gateway.links import LinkError
 from gateway.media import content_disposition
-from gateway.sdk.storage import ObjectNotFound
+from gateway.sdk.storage import ObjectNotFound, StorageError
+from gateway.thumbnails import DEFAULT_SIZE, MIMETYPE, SIZES, ThumbnailRefused
+from gateway.thumbnails import thumbnail as make_thumbnail
 from gateway.web.errors import ApiError
 
 log = logging.getLogger("gateway.http")
@@ -24,15 +27,59 @@ async def media(request: web.Request) -> web.StreamResponse:
     403 wrong/expired signature; 404 unknown id; 304 on a matching ``If-None-Match``; 206 with
     ``Content-Range`` for a satisfiable single ``Range`` (RFC 9110 §14); 416 otherwise.
     """
-    media_id, filename = request.match_info["id"], request.match_info["filename"]
+    return await serve_object(request, await _signed_record(request, request.match_info["filename"]))
+
+
+async def _signed_record(request: web.Request, signed_name: str) -> MediaRow:
+    """The catalog row of ``{id}`` if the query's ``exp`` and ``sig`` sign ``signed_name``. Raises
+    :class:`ApiError` 403 or 404."""
+    media_id = request.match_info["id"]
     try:
-        request.app[LINKS].verify(media_id, filename, request.query.get("exp"), request.query.get("sig"))
+        request.app[LINKS].verify(media_id, signed_name, request.query.get("exp"), request.query.get("sig"))
     except LinkError as exc:
         raise ApiError(403, str(exc))
     record = await request.app[CATALOG].get_media(media_id)
-    if record is None:
+    if record is None or record.get("state") == "deleting":
         raise ApiError(404, "no such media")
-    return await serve_object(request, record)
+    return record
+
+
+async def thumbnail(request: web.Request) -> web.StreamResponse:
+    """``GET|HEAD /media/{id}/thumbnail?size=&exp=&sig=``: a WebP thumbnail of a stored image or
+    sticker, its longer side at most ``size`` px (128, 256 or 512; default 256), made on the first
+    request (:mod:`gateway.thumbnails`). Signed as :meth:`gateway.links.LinkSigner.thumbnail_link`
+    makes it. Without ``size`` and with a plain media signature it is the media link of an object
+    named ``thumbnail``.
+
+    403 wrong/expired signature; 404 unknown id or original missing; 422 a size not offered, or an
+    object with no thumbnail (not an image, undecodable, over the pixel or byte bounds); 503 storage."""
+    raw = request.query.get("size")
+    if raw is None and "sig" in request.query:
+        try:
+            request.app[LINKS].verify(request.match_info["id"], "thumbnail", request.query.get("exp"),
+                                      request.query.get("sig"))
+        except LinkError:
+            pass
+        else:  # a stored file named "thumbnail", by its own media link
+            return await serve_object(request, await _signed_record(request, "thumbnail"))
+    size = DEFAULT_SIZE if raw is None else (int(raw) if raw.isdigit() else -1)
+    record = await _signed_record(request, f"thumbnail:{raw if raw is not None else DEFAULT_SIZE}")
+    if size not in SIZES:
+        raise ApiError(422, f"one of {', '.join(map(str, SIZES))}", field="size")
+    etag = f'"{record["sha256"]}-{size}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    try:
+        body = await make_thumbnail(request.app[STORAGE], record, size)
+    except ThumbnailRefused as exc:
+        log.info("no thumbnail for %s: %s", record["id"], exc, extra={"media_id": record["id"]})
+        raise ApiError(422, f"no thumbnail: {exc}")
+    except ObjectNotFound:
+        raise ApiError(404, "object missing from storage")
+    except StorageError as exc:
+        raise ApiError(503, f"storage unavailable: {exc}")
+    return web.Response(body=body, content_type=MIMETYPE, headers=headers)
 
 
 async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.StreamResponse:

@@ -258,6 +258,14 @@ class MediaQuery(BaseModel):
     sig: str
 
 
+class ThumbnailQuery(BaseModel):
+    """The query of a signed thumbnail link (:meth:`gateway.links.LinkSigner.thumbnail_link`)."""
+
+    size: Literal[128, 256, 512] = Field(256, description="the longer side, in pixels")
+    exp: int = Field(description="expiry, epoch seconds")
+    sig: str
+
+
 # -- responses: what the views produce ---------------------------------------------------------
 
 Count = Annotated[int, Field(ge=0)]
@@ -283,6 +291,8 @@ class Error(BaseModel):
 class FileLinks(Out):
     content: Uri = Field(description="a signed `/media` link, valid for `media.link_ttl` seconds")
     public: Uri | None = Field(description="the stable `/public` link while the file is public")
+    thumbnail: Uri | None = Field(description="a signed 256 px thumbnail link (`getThumbnail`), for images "
+                                              "and stickers; valid for `media.link_ttl` seconds")
 
 
 class FileInfo(Out):

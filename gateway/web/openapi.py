@@ -52,7 +52,8 @@ class Route:
     ``api.metrics_key``); ``answers``: status -> :data:`Answer` (401/403 follow from ``scope``);
     ``body``: content type -> model (or the name of a form's component); ``query``: the model of the query string;
     ``params``: path parameter -> schema (default a string); ``serves_bytes``: the object-serving
-    answers, ``Range`` headers and a ``HEAD`` twin; ``errors``: the component of error answers."""
+    answers, ``Range`` headers and a ``HEAD`` twin; ``errors``: the component of error answers;
+    ``documented`` False: an HTML page of the console, left out of the document."""
 
     method: str
     path: str
@@ -70,6 +71,7 @@ class Route:
     errors: str = "Error"
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    documented: bool = True
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -270,6 +272,8 @@ def build_document(app: web.Application, routes: Sequence[Route]) -> dict[str, A
     builder = _Builder(app)
     paths: dict[str, Any] = {}
     for route in routes:
+        if not route.documented:
+            continue
         path, ops = builder.operations(route)
         paths.setdefault(path, {}).update(copy.deepcopy(ops))
     _url_limit(paths)  # the host's operations; a provider's own API answers what it answers
@@ -285,7 +289,7 @@ def build_document(app: web.Application, routes: Sequence[Route]) -> dict[str, A
                            "implies the others) and may be bound to a tenant, which then sees only its own files "
                            "(anything else answers 404). Errors are JSON `{\"error\": \"...\"}`.",
         },
-        "tags": [{"name": n} for n in dict.fromkeys([*(route.tag for route in routes), "pass-through"])],
+        "tags": [{"name": n} for n in dict.fromkeys([*(r.tag for r in routes if r.documented), "pass-through"])],
         "paths": paths,
         "components": {
             "schemas": builder.components,

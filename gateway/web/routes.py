@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.web import admin, events, files, health, jobs, media, messages, webhooks
+from gateway.web import admin, console, events, files, health, jobs, media, messages, webhooks
 from gateway.web import models as m
-from gateway.web.openapi import Answer, Route, build_document
+from gateway.web.openapi import BYTES, Answer, Route, build_document
 
 FILE_ID = {"id": {"schema": {"type": "string"}, "description": "a media id"}}
 JOB_ID = {"id": {"schema": {"type": "integer", "minimum": 0}}}
@@ -94,6 +94,17 @@ ROUTES: tuple[Route, ...] = (
           body={"application/json": m.ProviderPayload},
           description="Authenticated by the provider's own signature (WAHA `X-Webhook-Hmac`, Meta "
                       "`X-Hub-Signature-256`) when configured."),
+    Route("GET", "/media/{id}/thumbnail", media.thumbnail, "getThumbnail",
+          "A stored image's thumbnail by signed link (WebP)", "media",
+          answers={200: {"description": "the thumbnail", "content": {"image/webp": {"schema": BYTES}}},
+                   304: {"description": "not modified (`If-None-Match`)"},
+                   403: "the signature is missing, wrong or expired", 404: "no such media",
+                   422: "a size not offered, or no thumbnail: not an image, undecodable, or over the "
+                        "pixel or byte bounds", 503: STORAGE_DOWN},
+          query=m.ThumbnailQuery, params=FILE_ID,
+          description="Made with Pillow on the first request, stored beside the original and deleted "
+                      "with it. Signed like a media link, for the name `thumbnail:{size}` "
+                      "(`media.gateway.thumbnail` of a forwarded image carries one)."),
     Route("GET", "/media/{id}/{filename:[^/]+}", media.media, "getMedia", "A stored object by signed link",
           "media", answers={403: "the signature is missing, wrong or expired"}, query=m.MediaQuery,
           serves_bytes=True),
@@ -105,6 +116,16 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", health.metrics, "metrics", "Prometheus metrics", "operations", "read", {200: {
         "description": "the text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
           key_optional=True),
+    # the operator console's HTML pages (gateway/web/console): not part of the API document
+    *(Route(method, path, handler, f"console{i}", "", "console", documented=False) for i, (method, path, handler)
+      in enumerate((("GET", "/console", console.overview), ("GET", "/console/", console.root),
+                    ("GET", "/console/login", console.login_page), ("POST", "/console/login", console.login),
+                    ("POST", "/console/logout", console.logout), ("POST", "/console/cleanup", console.cleanup),
+                    ("GET", "/console/gallery", console.gallery), ("GET", "/console/files/{id}", console.detail),
+                    ("POST", "/console/files/{id}/delete", console.delete),
+                    ("POST", "/console/files/{id}/visibility", console.visibility),
+                    ("GET", "/console/queue", console.queue), ("POST", "/console/jobs/retry", console.retry),
+                    ("GET", "/console/static/{name}", console.static)))),
     Route("GET", "/openapi.json", openapi_json, "openapi", "This document", "operations", answers={200: {
         "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}),
 )

@@ -42,6 +42,14 @@ class EventsMixin(PostgresConnection):
                 accepted.append(event_id)
         return accepted, duplicates
 
+    async def events_per_minute(self, since: float) -> list[tuple[int, int]]:
+        """Webhook events received since ``since`` (epoch seconds), by minute: ``(minute start in
+        epoch seconds, count)`` in time order; uses the ``received_at`` index."""
+        rows = await self.fetch(
+            "SELECT (floor(received_at / 60) * 60)::bigint AS minute, COUNT(*) AS n FROM events"
+            " WHERE received_at >= %s GROUP BY 1 ORDER BY 1", (since,))
+        return [(int(r["minute"]), int(r["n"])) for r in rows]
+
     async def get_event(self, event_id: str) -> EventRow | None:
         """The event row (``payload``/``media``/``forward``/``notes`` decoded), or None."""
         rows = await self.fetch("SELECT * FROM events WHERE id = %s", (event_id,))

@@ -51,6 +51,16 @@ class EventsMixin(SQLiteConnection):
 
         return await self.run(_record)
 
+    async def events_per_minute(self, since: float) -> list[tuple[int, int]]:
+        """Webhook events received since ``since``, by minute (see the contract); uses the
+        ``received_at`` index."""
+        def _count(db: sqlite_utils.Database) -> list[tuple[int, int]]:
+            return [(int(m), int(n)) for m, n in db.conn.execute(
+                "SELECT CAST(received_at / 60 AS INTEGER) * 60, COUNT(*) FROM events"
+                " WHERE received_at >= ? GROUP BY 1 ORDER BY 1", [since])]
+
+        return await self.run(_count)
+
     async def get_event(self, event_id: str) -> EventRow | None:
         """The event row as a dict (``payload``/``media``/``forward``/``notes`` decoded), or None."""
         def _get(db: sqlite_utils.Database) -> EventRow | None:
