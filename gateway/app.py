@@ -113,6 +113,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[STORAGE] = storage = MeteredStorage(storage, metrics)  # every operation counted and timed
     app[METRICS] = metrics
     app[CATALOG] = Catalog(settings.catalog.path, exclusive=True)  # one daemon per catalog
+    app[CATALOG].on_commit = metrics.observe_commit
+    app[CATALOG].default_media_lifetime = settings.queue.media_deadline
+    app[CATALOG].media_lifetimes = dict(settings.queue.media_deadlines)
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
     app[API_KEYS] = ApiKeys(settings.api)
     app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm)
@@ -186,8 +189,9 @@ async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
     queue = JobQueue(app[CATALOG], s.queue, app[METRICS], {"ingest": ingest, "deliver": deliver})
     app[QUEUE] = queue
     await queue.start()
-    log.info("gateway ready: %d worker(s), storage %s, providers %s", s.queue.workers,
-             app[STORAGE].name, ", ".join(app[PROVIDERS]) or "none")
+    names = ", ".join(app[PROVIDERS].keys()) or "none"
+    log.info("gateway ready: %d fetch + %d deliver worker(s), storage %s, providers %s",
+             s.queue.fetch_workers, s.queue.workers, app[STORAGE].name, names)
     yield
     await queue.stop(s.server.shutdown_grace)
 

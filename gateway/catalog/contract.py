@@ -168,14 +168,25 @@ class CatalogContract(abc.ABC):
         state. ``True`` if added."""
 
     @abc.abstractmethod
-    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
-        """Take the due queued job (``run_at <= now``) with the earliest ``run_at`` (then id):
+    async def claim_job(self, now: float | None = None, kinds: Sequence[str] | None = None,
+                        exclude_kinds: Sequence[str] = ()) -> ClaimedJob | None:
+        """Take the due queued job (``run_at <= now``) of one of ``kinds`` (None: any) and none of
+        ``exclude_kinds`` (a job queue's lanes, DESIGN §6) with the
+        earliest ``deadline`` (jobs without one first), then the earliest ``run_at``, then id:
         mark it running, count the attempt, return it; None when nothing is due. A job is handed
         to one caller only."""
 
     @abc.abstractmethod
-    async def next_run_at(self) -> float | None:
-        """When the earliest queued job is due (epoch seconds), or None."""
+    async def next_run_at(self, kinds: Sequence[str] | None = None,
+                          exclude_kinds: Sequence[str] = ()) -> float | None:
+        """When the earliest queued job of ``kinds`` (None: any) and none of ``exclude_kinds`` is
+        due (epoch seconds), or None."""
+
+    @abc.abstractmethod
+    async def media_backlog(self) -> tuple[float, float] | None:
+        """The queued ``ingest`` job with the earliest deadline as ``(created_at, deadline)``
+        (epoch seconds), or None when no media waits: how close the oldest waiting media is to
+        being deleted by its provider (readiness and the backlog metric)."""
 
     @abc.abstractmethod
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
