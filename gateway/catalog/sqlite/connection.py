@@ -4,8 +4,8 @@ survives a crash or power loss. One daemon per catalog: an exclusive ``flock`` o
 
 Group commit (DESIGN §6): writes submitted with :meth:`SQLiteConnection.write` that wait for the
 catalog thread together (webhooks, job claims and completions arriving while a commit is in
-flight) run in one transaction, each in its own savepoint, and share one ``COMMIT`` (one fsync);
-none of their callers hears back before that commit returned.
+flight) run in one transaction and share one ``COMMIT`` (one fsync); none of their callers hears
+back before that commit returned.
 """
 
 from __future__ import annotations
@@ -41,18 +41,12 @@ MAX_BATCH = 256
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` (the write lock at once, so the transaction never fails half-way on a
     busy database) ... ``COMMIT``; ``ROLLBACK`` when the block raises. Inside a transaction
-    already open (a group commit's), a ``SAVEPOINT`` instead: the block's writes are undone alone
-    when it raises, and become durable with the enclosing ``COMMIT``."""
+    already open (a group commit's, :meth:`SQLiteConnection.write`), the block joins it: it
+    becomes durable with the group's ``COMMIT``, and if it raises, the group is rolled back and
+    each of its writes runs again alone."""
     conn = db.conn
     if conn.in_transaction:
-        conn.execute("SAVEPOINT block")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK TO block")
-            conn.execute("RELEASE block")
-            raise
-        conn.execute("RELEASE block")
+        yield conn
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -245,49 +239,53 @@ class SQLiteConnection:
 
     async def write(self, fn: Callable[..., T], *args: Any, first: bool = False) -> T:
         """Run ``fn(db, *args)`` on the catalog thread inside a group commit: with the other writes
-        waiting at that moment, in one transaction and one ``COMMIT`` (one fsync), ``fn`` in a
-        savepoint of its own (its exception undoes its writes alone and is raised here). Returns
-        ``fn``'s result once the commit is durable. ``first``: ahead of the ordinary calls waiting.
-        ``fn`` may use :func:`transaction` (it becomes a savepoint). Raises :class:`CatalogError`
-        when the catalog is not open, and the commit's ``sqlite3.Error`` if the commit failed."""
+        waiting at that moment, in one transaction and one ``COMMIT`` (one fsync). ``fn`` must only
+        write to the database (it may run twice: when a write of its group raises, each runs again
+        alone), and may use :func:`transaction`. Returns ``fn``'s result once the commit is
+        durable; ``fn``'s exception undoes its own writes only and is raised here. ``first``: ahead
+        of the ordinary calls waiting. Raises :class:`CatalogError` when the catalog is not open,
+        and the ``sqlite3.Error`` of a failed ``BEGIN``/``COMMIT``."""
         self._require()
         return await asyncio.wrap_future(
             self._executor.submit_write(lambda: fn(self._require(), *args), first=first))
 
     def _group_commit(self, calls: list[_Call]) -> None:
-        """On the catalog thread: run ``calls`` in one transaction, each in a savepoint, commit
-        once, then resolve their futures (exceptions of single calls go to their own futures;
-        a failed ``BEGIN``/``COMMIT`` to every one)."""
-        results: list[tuple[_Call, bool, Any]] = []
+        """On the catalog thread: run ``calls`` in one transaction and commit once, then resolve
+        their futures. If one raises, the group is rolled back and each call runs again alone, in a
+        transaction of its own (the writes are SQL only, so running one again is safe), so that
+        its exception goes to its own caller and the others still commit."""
         try:
-            conn = self._require().conn
-            conn.execute("BEGIN IMMEDIATE")
+            results = self._commit(calls)
+        except BaseException:
+            if len(calls) == 1:
+                results = None
+            else:
+                for call in calls:
+                    self._resolve([call], self._try_commit([call]))
+                return
+        self._resolve(calls, results if results is not None else self._try_commit(calls))
+
+    def _try_commit(self, calls: list[_Call]) -> list[Any] | BaseException:
+        try:
+            return self._commit(calls)
         except BaseException as exc:
-            for call in calls:
-                call.future.set_exception(exc)
-            return
+            return exc
+
+    def _commit(self, calls: list[_Call]) -> list[Any]:
+        """``BEGIN IMMEDIATE``, every call, ``COMMIT``: their results; ``ROLLBACK`` and raise if
+        one call or the commit raises."""
+        conn = self._require().conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            for call in calls:
-                conn.execute("SAVEPOINT call")
-                try:
-                    value = call.fn()
-                except BaseException as exc:  # this call's writes are undone; the group goes on
-                    conn.execute("ROLLBACK TO call")
-                    conn.execute("RELEASE call")
-                    results.append((call, False, exc))
-                    continue
-                conn.execute("RELEASE call")
-                results.append((call, True, value))
+            results = [call.fn() for call in calls]
             conn.execute("COMMIT")
-        except BaseException as exc:
+        except BaseException:
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
             except sqlite3.Error:
-                pass  # SQLite rolled back already; every caller hears of the failed commit below
-            for call in calls:
-                call.future.set_exception(exc)
-            return
+                pass  # SQLite rolled back already
+            raise
         self.commits += 1
         self.committed_writes += len(calls)
         if self.on_commit is not None:
@@ -295,11 +293,15 @@ class SQLiteConnection:
                 self.on_commit(len(calls))
             except Exception:  # metrics never fail a commit
                 pass
-        for call, ok, value in results:
-            if ok:
-                call.future.set_result(value)
+        return results
+
+    @staticmethod
+    def _resolve(calls: list[_Call], outcome: list[Any] | BaseException) -> None:
+        for i, call in enumerate(calls):
+            if isinstance(outcome, BaseException):
+                call.future.set_exception(outcome)
             else:
-                call.future.set_exception(value)
+                call.future.set_result(outcome[i])
 
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:
