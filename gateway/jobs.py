@@ -116,7 +116,7 @@ class JobQueue:
             "fetch": (FETCH_KINDS, settings.fetch_workers),
             "deliver": (None, settings.workers),
         }
-        self._wake = {lane: asyncio.Event() for lane in self.lanes}
+        self._idle_workers: dict[str, list[asyncio.Future[None]]] = {lane: [] for lane in self.lanes}
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -124,9 +124,19 @@ class JobQueue:
         self.backlog: str | None = None
 
     def notify(self) -> None:
-        """Wake idle workers: new jobs were committed."""
-        for event in self._wake.values():
-            event.set()
+        """New jobs were committed: wake one idle worker of each lane. A worker that finds a job
+        wakes the next one (:meth:`_wake_one`), so a burst wakes as many workers as it has jobs,
+        and a single webhook does not send every idle worker to the catalog."""
+        for lane in self.lanes:
+            self._wake_one(lane)
+
+    def _wake_one(self, lane: str) -> None:
+        waiters = self._idle_workers[lane]
+        while waiters:
+            waiter = waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def check(self) -> None:
         """Raise :class:`Backlogged` naming the oldest waiting media's age and deadline while the
@@ -182,7 +192,10 @@ class JobQueue:
     async def stop(self, grace: float) -> None:
         """Take no new jobs; wait up to ``grace`` seconds for running ones; requeue the rest."""
         self._stopping = True
-        self.notify()
+        for waiters in self._idle_workers.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         running = list(self._running.values())
         if running:
             log.info("waiting up to %.0fs for %d running job(s)", grace, len(running))
@@ -205,6 +218,7 @@ class JobQueue:
             if row is None:
                 await self._idle(lane, kinds, exclude)
                 continue
+            self._wake_one(lane)  # there may be more: let the next idle worker look
             job = Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
                       attempts=row["attempts"], max_attempts=self.settings.max_attempts)
             task = asyncio.current_task()
@@ -221,18 +235,22 @@ class JobQueue:
 
     async def _idle(self, lane: str, kinds: tuple[str, ...] | None, exclude: tuple[str, ...]) -> None:
         timeout = self.settings.poll_interval
-        wake = self._wake[lane]
-        wake.clear()  # before the look, so that a notify after it is not lost
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_workers[lane].append(waiter)  # before the look, so that a notify after it is not lost
         try:
-            nxt = await self.catalog.next_run_at(kinds, exclude)
-        except Exception:
-            nxt = None
-        if nxt is not None:
-            timeout = max(0.01, min(timeout, nxt - time.time()))
-        try:
-            await asyncio.wait_for(wake.wait(), timeout)
-        except TimeoutError:
-            pass
+            try:
+                nxt = await self.catalog.next_run_at(kinds, exclude)
+            except Exception:
+                nxt = None
+            if nxt is not None:
+                timeout = max(0.01, min(timeout, nxt - time.time()))
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                pass
+        finally:
+            if waiter in self._idle_workers[lane]:
+                self._idle_workers[lane].remove(waiter)
 
     async def _run(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
