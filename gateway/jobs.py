@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, ClaimedJob
 from gateway.config import QueueSettings
 from gateway.metrics import Metrics
 
@@ -111,10 +111,11 @@ class JobQueue:
         self.settings = settings
         self.metrics = metrics
         self.handlers = handlers
-        #: lane name -> (its job kinds, None: all but the other lanes'; its workers)
-        self.lanes: dict[str, tuple[tuple[str, ...] | None, int]] = {
+        #: lane name -> (its job kinds, its workers). Jobs of a kind without a handler are
+        #: claimed by the backlog monitor, and go dead.
+        self.lanes: dict[str, tuple[tuple[str, ...], int]] = {
             "fetch": (FETCH_KINDS, settings.fetch_workers),
-            "deliver": (None, settings.workers),
+            "deliver": (tuple(k for k in handlers if k not in FETCH_KINDS), settings.workers),
         }
         self._idle_workers: dict[str, list[asyncio.Future[None]]] = {lane: [] for lane in self.lanes}
         self._stopping = False
@@ -169,9 +170,16 @@ class JobQueue:
         self.backlog = problem
         return problem
 
+    async def _dead_letter_unknown(self) -> None:
+        """Jobs of a kind no lane runs (left by another gateway version) go dead."""
+        known = tuple({*self.handlers, *FETCH_KINDS})
+        while not self._stopping and (row := await self.catalog.claim_job(exclude_kinds=known)) is not None:
+            await self._run(self._job(row))
+
     async def _monitor(self) -> None:
         while not self._stopping:
             try:
+                await self._dead_letter_unknown()
                 await self.check_backlog()
             except asyncio.CancelledError:
                 raise
@@ -186,7 +194,7 @@ class JobQueue:
             log.warning("requeued %d job(s) left running by an earlier crash", recovered)
         self._stopping = False
         self._workers = [asyncio.create_task(self._worker(lane, i), name=f"job-{lane}-{i}")
-                         for lane, (_, count) in self.lanes.items() for i in range(count)]
+                         for lane, (kinds, count) in self.lanes.items() if kinds for i in range(count)]
         self._workers.append(asyncio.create_task(self._monitor(), name="job-backlog-monitor"))
 
     async def stop(self, grace: float) -> None:
@@ -207,20 +215,18 @@ class JobQueue:
 
     async def _worker(self, lane: str, index: int) -> None:
         kinds = self.lanes[lane][0]
-        exclude = FETCH_KINDS if kinds is None else ()
         while not self._stopping:
             try:
-                row = await self.catalog.claim_job(kinds=kinds, exclude_kinds=exclude)
+                row = await self.catalog.claim_job(kinds=kinds)
             except Exception:
                 log.exception("could not claim a job; retrying")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
             if row is None:
-                await self._idle(lane, kinds, exclude)
+                await self._idle(lane, kinds)
                 continue
             self._wake_one(lane)  # there may be more: let the next idle worker look
-            job = Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
-                      attempts=row["attempts"], max_attempts=self.settings.max_attempts)
+            job = self._job(row)
             task = asyncio.current_task()
             assert task is not None
             self._running[job.id] = task
@@ -233,13 +239,17 @@ class JobQueue:
             finally:
                 self._running.pop(job.id, None)
 
-    async def _idle(self, lane: str, kinds: tuple[str, ...] | None, exclude: tuple[str, ...]) -> None:
+    def _job(self, row: ClaimedJob) -> Job:
+        return Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
+                   attempts=row["attempts"], max_attempts=self.settings.max_attempts)
+
+    async def _idle(self, lane: str, kinds: tuple[str, ...]) -> None:
         timeout = self.settings.poll_interval
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_workers[lane].append(waiter)  # before the look, so that a notify after it is not lost
         try:
             try:
-                nxt = await self.catalog.next_run_at(kinds, exclude)
+                nxt = await self.catalog.next_run_at(kinds)
             except Exception:
                 nxt = None
             if nxt is not None:

@@ -10,7 +10,7 @@ from typing import Any, cast
 import sqlite_utils
 
 from gateway.catalog.rows import EventRow
-from gateway.catalog.sqlite.connection import SQLiteConnection, transaction
+from gateway.catalog.sqlite.connection import SQLiteConnection, fetch_dicts, transaction
 from gateway.catalog.sqlite.jobs import insert_job
 from gateway.providers import WebhookEvent
 
@@ -56,7 +56,7 @@ class EventsMixin(SQLiteConnection):
     async def get_event(self, event_id: str) -> EventRow | None:
         """The event row as a dict (``payload``/``media``/``forward``/``notes`` decoded), or None."""
         def _get(db: sqlite_utils.Database) -> EventRow | None:
-            rows = list(db["events"].rows_where("id = ?", [event_id]))
+            rows = fetch_dicts(db.conn.execute("SELECT * FROM events WHERE id = ?", (event_id,)))
             if not rows:
                 return None
             row = rows[0]
