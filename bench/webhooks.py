@@ -163,16 +163,22 @@ async def _metric(url: str, name: str, labels: str = "") -> float:
     return total
 
 
+CODE = REPO
+"""The source tree whose daemon runs (``--code``)."""
+
+
 def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[dict[str, object]]) -> GatewayProcess:
     port = _free_port()
     work = tmp / name
     work.mkdir()
-    data = deep_merge(base_config(work, port, None, None), {
-        "queue": {"workers": 4, "fetch_workers": 8, "max_attempts": 8, "backoff_base": 2.0,
-                  "backoff_max": 600.0, "poll_interval": 1.0},
-        "log": {"level": "WARNING"}, "providers": providers})
+    queue: dict[str, object] = {"workers": 4, "max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
+                                "poll_interval": 1.0}
+    if CODE == REPO:
+        queue["fetch_workers"] = 8
+    data = deep_merge(base_config(work, port, None, None),
+                      {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
     data["targets"] = targets
-    return GatewayProcess(write_toml(work / "gateway.toml", data), port, work / "daemon.log")
+    return GatewayProcess(write_toml(work / "gateway.toml", data), port, work / "daemon.log", cwd=CODE)
 
 
 async def b1(tmp: Path, seconds: int, connections: int) -> None:
@@ -279,7 +285,12 @@ async def main() -> int:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--code", type=Path, default=REPO,
+                        help="run the daemon of this source tree (e.g. an earlier commit from git archive)")
     args = parser.parse_args()
+    global CODE
+    CODE = args.code.resolve()
+    print(f"daemon from {CODE}", flush=True)
     if not shutil.which("wrk"):
         subprocess.run([str(REPO / "scripts" / "system-deps"), "--bench"], check=True)
     nproc = len(__import__("os").sched_getaffinity(0))
