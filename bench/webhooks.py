@@ -207,7 +207,11 @@ async def b1(tmp: Path, seconds: int, connections: int) -> None:
               f"({accepted / max(commits, 1):.1f} webhooks/commit, job claims and completions included)")
         print(f"B1 ratio gateway / bare: {res['rate'] / base['rate']:.2f} (target >= 1.5); load {loadavg()}",
               flush=True)
-        await asyncio.sleep(3)
+        drain_t0 = time.monotonic()
+        while await _metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
+            await asyncio.sleep(0.5)
+        print(f"(the flood's jobs ran in {time.monotonic() - drain_t0:.1f} s more; the fixed rate starts "
+              f"on an empty queue)", flush=True)
         fixed = await fixed_rate(f"{gw.url}/webhooks/waha", body, 500, min(seconds, 10))
         print(f"B1 fixed 500/s for {min(seconds, 10)} s: p50 {fixed['p50_ms']:.1f} ms, p99 {fixed['p99_ms']:.1f} ms "
               f"(target <= 25), failures {fixed['failures']:.0f}; load {loadavg()}", flush=True)
