@@ -96,6 +96,7 @@ async def test_sigkill_during_concurrent_webhooks_loses_no_acknowledged_one(tmp_
                 await asyncio.sleep(0.005)
             async with aiohttp.ClientSession() as scrape, scrape.get(f"{daemon.url}/metrics") as r:
                 text = await r.text()
+            acknowledged_at_scrape = len(acknowledged)
             daemon.kill()  # mid-flood: requests are in flight and in uncommitted groups
             await task
     finally:
@@ -104,7 +105,8 @@ async def test_sigkill_during_concurrent_webhooks_loses_no_acknowledged_one(tmp_
     assert len(acknowledged) < 2000, "the kill came too late to test anything"
     commits = next(float(line.split()[1]) for line in text.splitlines()
                    if line.startswith("gateway_catalog_commits_total "))
-    assert 0 < commits < 300  # fewer commits than acknowledged webhooks: they were grouped
+    # far fewer commits than acknowledged webhooks (whose jobs' claims and completions commit too)
+    assert 0 < commits < acknowledged_at_scrape / 2
     conn = sqlite3.connect(tmp_path / "var" / "gateway.db")
     try:
         stored = {row[0] for row in conn.execute("SELECT message_id FROM events")}
