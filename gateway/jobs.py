@@ -28,7 +28,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,12 +124,14 @@ class JobQueue:
         #: Why the gateway cannot keep up, or None (set by the backlog monitor).
         self.backlog: str | None = None
 
-    def notify(self) -> None:
-        """New jobs were committed: wake one idle worker of each lane. A worker that finds a job
-        wakes the next one (:meth:`_wake_one`), so a burst wakes as many workers as it has jobs,
-        and a single webhook does not send every idle worker to the catalog."""
-        for lane in self.lanes:
-            self._wake_one(lane)
+    def notify(self, kinds: Collection[str] | None = None) -> None:
+        """New jobs (of ``kinds``; None: any) were committed: wake one idle worker of each lane
+        that runs them. A worker that finds a job wakes the next one (:meth:`_wake_one`), so a
+        burst wakes as many workers as it has jobs, and a single webhook does not send every idle
+        worker to the catalog."""
+        for lane, (lane_kinds, _) in self.lanes.items():
+            if kinds is None or any(k in lane_kinds for k in kinds):
+                self._wake_one(lane)
 
     def _wake_one(self, lane: str) -> None:
         waiters = self._idle_workers[lane]
@@ -303,7 +305,7 @@ class JobQueue:
         await self.catalog.complete_job(job.id, result.followups, result.event_update)
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
         if result.followups:
-            self.notify()
+            self.notify({kind for kind, _, _ in result.followups})
         if result.after is not None:
             try:
                 await result.after()
