@@ -103,6 +103,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[METRICS] = metrics
     app[CATALOG] = catalog_from_settings(settings, exclusive=True)  # SQLite: one daemon per catalog
     metrics.replica_info.info({"replica": app[CATALOG].replica or "", "catalog": app[CATALOG].kind})
+    app[CATALOG].on_commit = metrics.observe_commit
+    app[CATALOG].default_media_lifetime = settings.queue.media_deadline
+    app[CATALOG].media_lifetimes = dict(settings.queue.media_deadlines)
     app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
     app[API_KEYS] = ApiKeys(settings.api)
     app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm)
@@ -178,8 +181,9 @@ async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
     queue = JobQueue(app[CATALOG], s.queue, app[METRICS], {"ingest": ingest, "deliver": deliver})
     app[QUEUE] = queue
     await queue.start()
-    log.info("gateway ready: %d worker(s), storage %s, providers %s", s.queue.workers,
-             app[STORAGE].name, ", ".join(app[PROVIDERS].keys()) or "none")
+    names = ", ".join(app[PROVIDERS].keys()) or "none"
+    log.info("gateway ready: %d fetch + %d deliver worker(s), storage %s, providers %s",
+             s.queue.fetch_workers, s.queue.workers, app[STORAGE].name, names)
     yield
     await queue.stop(s.server.shutdown_grace)
 

@@ -206,9 +206,18 @@ class StorageSettings(BaseModel):
 
 
 class QueueSettings(_Section):
-    """``[queue]``: the durable job queue's workers and retry policy."""
+    """``[queue]``: the durable job queue's lanes, workers and retry policy, and the deadline of
+    webhook media (DESIGN §6)."""
 
-    workers: int = Field(4, ge=1, le=256)
+    workers: int = Field(4, ge=1, le=256, description="deliver lane: deliveries to bots run at once")
+    fetch_workers: int = Field(8, ge=1, le=256, description="fetch lane: media downloads run at once")
+    media_deadline: float = Field(
+        180.0, gt=0, description="seconds after a webhook that its provider may delete the media (WAHA: 180)")
+    media_deadlines: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="media_deadline per provider name, overriding it")
+    backlog_ready_fraction: float = Field(
+        0.5, gt=0, le=1, description="/readyz is 503 when the oldest waiting media has used this "
+                                     "fraction of its deadline")
     max_attempts: int = Field(8, ge=1, description="attempts before a job goes dead")
     backoff_base: float = Field(2.0, gt=0, description="seconds before the first retry; doubles each attempt")
     backoff_max: float = Field(600.0, gt=0, description="longest wait between attempts, seconds")

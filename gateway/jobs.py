@@ -11,6 +11,12 @@ runs the handler for its ``kind`` and records the outcome:
   (``backoff_base * 2**(attempt-1)``, capped at ``backoff_max``, the wait drawn uniformly from
   its upper half), or ``dead`` after ``max_attempts``.
 
+Two lanes, each with its own workers (DESIGN §6): the fetch lane runs ``ingest`` jobs (media
+downloads, I/O-bound; the earliest provider deadline first), the deliver lane every other kind.
+Neither waits behind the other's backlog. A monitor watches the oldest waiting media: when it has
+used ``backlog_ready_fraction`` of its deadline, :meth:`JobQueue.check` raises (``/readyz``) and
+one WARNING says so.
+
 On start, jobs left ``running`` by a crash are queued again (a shared catalog: only those whose
 lease ran out, see below). While jobs run, their leases are renewed every third of
 ``settings.lease`` seconds (:meth:`CatalogContract.renew_leases`), so that replicas sharing a
@@ -25,11 +31,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.catalog import CatalogContract
+from gateway.catalog import CatalogContract, ClaimedJob
 from gateway.config import QueueSettings
 from gateway.metrics import Metrics
 
@@ -86,8 +92,17 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     return delay / 2 + (rng or random).uniform(0, delay / 2)
 
 
+FETCH_KINDS = ("ingest",)
+"""The job kinds of the fetch lane; every other kind runs in the deliver lane."""
+
+
+class Backlogged(Exception):
+    """The gateway cannot keep up: the oldest waiting media is close to its provider's deadline."""
+
+
 class JobQueue:
-    """Runs ``settings.workers`` workers over the catalog's job table.
+    """Runs the fetch lane (``settings.fetch_workers`` workers, :data:`FETCH_KINDS`) and the
+    deliver lane (``settings.workers`` workers, every other kind) over the catalog's job table.
 
     ``handlers`` maps a job kind (``ingest``, ``deliver``) to a coroutine function taking a
     :class:`Job`.
@@ -99,15 +114,84 @@ class JobQueue:
         self.settings = settings
         self.metrics = metrics
         self.handlers = handlers
-        self._wake = asyncio.Event()
+        #: lane name -> (its job kinds, its workers). Jobs of a kind without a handler are
+        #: claimed by the backlog monitor, and go dead.
+        self.lanes: dict[str, tuple[tuple[str, ...], int]] = {
+            "fetch": (FETCH_KINDS, settings.fetch_workers),
+            "deliver": (tuple(k for k in handlers if k not in FETCH_KINDS), settings.workers),
+        }
+        self._idle_workers: dict[str, list[asyncio.Future[None]]] = {lane: [] for lane in self.lanes}
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        #: Why the gateway cannot keep up, or None (set by the backlog monitor).
+        self.backlog: str | None = None
 
-    def notify(self) -> None:
-        """Wake idle workers: new jobs were committed."""
-        self._wake.set()
+    def notify(self, kinds: Collection[str] | None = None) -> None:
+        """New jobs (of ``kinds``; None: any) were committed: wake one idle worker of each lane
+        that runs them. A worker that finds a job wakes the next one (:meth:`_wake_one`), so a
+        burst wakes as many workers as it has jobs, and a single webhook does not send every idle
+        worker to the catalog."""
+        for lane, (lane_kinds, _) in self.lanes.items():
+            if kinds is None or any(k in lane_kinds for k in kinds):
+                self._wake_one(lane)
+
+    def _wake_one(self, lane: str) -> None:
+        waiters = self._idle_workers[lane]
+        while waiters:
+            waiter = waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def check(self) -> None:
+        """Raise :class:`Backlogged` naming the oldest waiting media's age and deadline while the
+        gateway cannot keep up (for ``/readyz``)."""
+        if self.backlog is not None:
+            raise Backlogged(self.backlog)
+
+    async def check_backlog(self, now: float | None = None) -> str | None:
+        """Look at the waiting media once: set :attr:`backlog` (and the backlog gauges), log one
+        WARNING when the gateway falls behind and one INFO when it caught up. Returns
+        :attr:`backlog`."""
+        now = now if now is not None else time.time()
+        oldest = await self.catalog.media_backlog()
+        problem = None
+        if oldest is not None:
+            created, deadline = oldest
+            used = (now - created) / max(deadline - created, 1e-9)
+            self.metrics.media_backlog_oldest.set(max(0.0, now - created))
+            self.metrics.media_backlog_deadline_used.set(max(0.0, used))
+            if used > self.settings.backlog_ready_fraction:
+                problem = (f"the oldest waiting media is {now - created:.0f}s old; its provider may delete"
+                           f" it {deadline - created:.0f}s after the webhook")
+        else:
+            self.metrics.media_backlog_oldest.set(0)
+            self.metrics.media_backlog_deadline_used.set(0)
+        if problem is not None and self.backlog is None:
+            log.warning("media backlog: the gateway cannot keep up (%s); /readyz answers 503", problem)
+        elif problem is None and self.backlog is not None:
+            log.info("media backlog: caught up; /readyz answers 200 again")
+        self.backlog = problem
+        return problem
+
+    async def _dead_letter_unknown(self) -> None:
+        """Jobs of a kind no lane runs (left by another gateway version) go dead."""
+        known = tuple({*self.handlers, *FETCH_KINDS})
+        while not self._stopping and (row := await self.catalog.claim_job(exclude_kinds=known)) is not None:
+            await self._run(self._job(row))
+
+    async def _monitor(self) -> None:
+        while not self._stopping:
+            try:
+                await self._dead_letter_unknown()
+                await self.check_backlog()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the catalog's own trouble shows in /readyz already
+                log.info("media backlog: could not look (%s)", exc)
+            await asyncio.sleep(min(self.settings.poll_interval, 1.0))
 
     async def start(self) -> None:
         """Requeue jobs a crash left running, then start the workers."""
@@ -115,14 +199,18 @@ class JobQueue:
         if recovered:
             log.warning("requeued %d job(s) left running by an earlier crash", recovered)
         self._stopping = False
-        self._workers = [asyncio.create_task(self._worker(i), name=f"job-worker-{i}")
-                         for i in range(self.settings.workers)]
+        self._workers = [asyncio.create_task(self._worker(lane, i), name=f"job-{lane}-{i}")
+                         for lane, (kinds, count) in self.lanes.items() if kinds for i in range(count)]
+        self._workers.append(asyncio.create_task(self._monitor(), name="job-backlog-monitor"))
         self._renewer = asyncio.create_task(self._renew_leases(), name="job-leases")
 
     async def stop(self, grace: float) -> None:
         """Take no new jobs; wait up to ``grace`` seconds for running ones; requeue the rest."""
         self._stopping = True
-        self._wake.set()
+        for waiters in self._idle_workers.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         running = list(self._running.values())
         if running:
             log.info("waiting up to %.0fs for %d running job(s)", grace, len(running))
@@ -152,19 +240,20 @@ class JobQueue:
                 log.warning("%d of %d running job(s) lost their lease to another replica",
                             len(running) - kept, len(running))
 
-    async def _worker(self, index: int) -> None:
+    async def _worker(self, lane: str, index: int) -> None:
+        kinds = self.lanes[lane][0]
         while not self._stopping:
             try:
-                row = await self.catalog.claim_job()
+                row = await self.catalog.claim_job(kinds=kinds)
             except Exception:
                 log.exception("could not claim a job; retrying")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
             if row is None:
-                await self._idle()
+                await self._idle(lane, kinds)
                 continue
-            job = Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
-                      attempts=row["attempts"], max_attempts=self.settings.max_attempts)
+            self._wake_one(lane)  # there may be more: let the next idle worker look
+            job = self._job(row)
             task = asyncio.current_task()
             assert task is not None
             self._running[job.id] = task
@@ -177,19 +266,28 @@ class JobQueue:
             finally:
                 self._running.pop(job.id, None)
 
-    async def _idle(self) -> None:
+    def _job(self, row: ClaimedJob) -> Job:
+        return Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
+                   attempts=row["attempts"], max_attempts=self.settings.max_attempts)
+
+    async def _idle(self, lane: str, kinds: tuple[str, ...]) -> None:
         timeout = self.settings.poll_interval
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_workers[lane].append(waiter)  # before the look, so that a notify after it is not lost
         try:
-            nxt = await self.catalog.next_run_at()
-        except Exception:
-            nxt = None
-        if nxt is not None:
-            timeout = max(0.01, min(timeout, nxt - time.time()))
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
-        self._wake.clear()
+            try:
+                nxt = await self.catalog.next_run_at(kinds)
+            except Exception:
+                nxt = None
+            if nxt is not None:
+                timeout = max(0.01, min(timeout, nxt - time.time()))
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                pass
+        finally:
+            if waiter in self._idle_workers[lane]:
+                self._idle_workers[lane].remove(waiter)
 
     async def _run(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
@@ -232,7 +330,7 @@ class JobQueue:
         await self.catalog.complete_job(job.id, result.followups, result.event_update)
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
         if result.followups:
-            self.notify()
+            self.notify({kind for kind, _, _ in result.followups})
         if result.after is not None:
             try:
                 await result.after()

@@ -149,6 +149,21 @@ class Metrics:
             "gateway_jobs_oldest_queued_age_seconds",
             "Age of the oldest queued job (since it was created, retries included), by kind; 0 when none.",
             ["kind"], registry=r)
+        self.media_backlog_oldest = Gauge(
+            "gateway_media_backlog_oldest_seconds",
+            "Age of the waiting media (queued ingest job) closest to its provider's deadline, "
+            "seconds since its webhook; 0 when none waits.", registry=r)
+        self.media_backlog_deadline_used = Gauge(
+            "gateway_media_backlog_deadline_ratio",
+            "How much of its provider's deadline the waiting media closest to it has used "
+            "(0..1; at 1 the provider may have deleted it); 0 when none waits.", registry=r)
+        self.catalog_commits = Counter(
+            "gateway_catalog_commits_total",
+            "Group commits of the catalog: each is one transaction and one fsync.", registry=r)
+        self.catalog_batch_size = Histogram(
+            "gateway_catalog_batch_size",
+            "Writes (webhooks, job claims and completions) that shared one group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.jobs_processed = Counter(
             "gateway_jobs_processed_total", "Job attempts finished, by kind and outcome (done, retry, dead).",
             ["kind", "outcome"], registry=r)
@@ -213,6 +228,11 @@ class Metrics:
             self.media_ingest_duration.labels(provider, category, outcome).observe(seconds)
         if size is not None:
             self.media_ingested_bytes.labels(provider, category).inc(size)
+
+    def observe_commit(self, writes: int) -> None:
+        """Count one group commit carrying ``writes`` writes (called on the catalog thread)."""
+        self.catalog_commits.inc()
+        self.catalog_batch_size.observe(writes)
 
     async def refresh(self, catalog: CatalogContract, kinds: list[str], now: float | None = None) -> None:
         """Read the catalog's state into the gauges (jobs by kind and state, the oldest queued job,

@@ -57,9 +57,11 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
 
 
 class GatewayProcess:
-    """``python -m gateway serve --config <toml>``; stderr goes to ``log_path``."""
+    """``python -m gateway serve --config <toml>``; stderr goes to ``log_path``. ``cwd``: the
+    source tree to run (default: this repository; benchmarks run an earlier commit's too)."""
 
-    def __init__(self, config: Path, port: int, log_path: Path):
+    def __init__(self, config: Path, port: int, log_path: Path, cwd: Path = REPO):
+        self.cwd = cwd
         self.config = config
         self.port = port
         self.log_path = log_path
@@ -80,7 +82,7 @@ class GatewayProcess:
         env["PYTHONUNBUFFERED"] = "1"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+                                     cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:

@@ -91,6 +91,9 @@ async def test_migration_3_takes_stored_times_to_whole_microseconds(tmp_path):
     await catalog.close()
     conn = sqlite3.connect(path)  # back to schema 2, with a row stored at the clock's full precision
     conn.execute("DROP INDEX idx_media_message_id")
+    for undo in ("DROP INDEX idx_jobs_lane", "DROP INDEX idx_jobs_kind_run_at",  # migration 4
+                 "ALTER TABLE jobs DROP COLUMN deadline"):
+        conn.execute(undo)
     conn.execute("INSERT INTO media (id, sha256, size, mimetype, category, filename, backend, key, direction,"
                  " created_at, expires_at) VALUES ('m_1', '0', 1, 'image/jpeg', 'image', 'a.jpg', 'local', 'k',"
                  " 'upload', 1764500000.1234567, 1764600000.9999996)")

@@ -292,6 +292,25 @@ async def test_media_stats_and_totals_group_what_is_stored(catalog):
 
 # -- retention queries ----------------------------------------------------------------------------
 
+async def test_claim_by_lane_and_the_media_backlog(catalog):
+    a, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    b, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
+    assert await catalog.enqueue("deliver", "deliver:x", {"event_id": "x"})
+    assert await catalog.enqueue("mystery", "mystery:1", {})
+    deadline = (await catalog.media_backlog())[1] - T0  # the provider's media lifetime (WAHA: 180 s)
+    assert await catalog.media_backlog() == (T0, T0 + deadline) and deadline > 0
+    now = time.time() + 1
+    assert await catalog.next_run_at(["ingest"]) == T0
+    assert await catalog.next_run_at(["deliver"]) > T0
+    assert (await catalog.claim_job(now=now, kinds=["deliver"]))["key"] == "deliver:x"
+    assert (await catalog.claim_job(now=now, exclude_kinds=["ingest", "deliver"]))["key"] == "mystery:1"
+    assert await catalog.claim_job(now=now, exclude_kinds=["ingest"]) is None
+    assert (await catalog.claim_job(now=now, kinds=["ingest"]))["payload"] == {"event_id": a[0]}
+    assert await catalog.media_backlog() == (T0 + 5, T0 + 5 + deadline)
+    assert (await catalog.claim_job(now=now, kinds=["ingest"]))["payload"] == {"event_id": b[0]}
+    assert await catalog.media_backlog() is None
+
+
 async def test_expired_media_keeps_what_a_queued_job_needs_and_claims_the_rest(catalog):
     [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)  # needs src:a:0
     await catalog.insert_media(_media(1, source_key="src:a:0"))

@@ -356,7 +356,7 @@ async def test_overview_chart_readiness_and_a_cleanup_dry_run(browser, gw, scree
     await page.goto(f"{gw.url}/console")
     assert await page.locator("svg.chart rect").count() == 60
     assert "3 events" in await page.locator("section", has_text="Webhook events").inner_text()
-    assert await page.locator("dd.ok").count() == 2  # catalog and storage ready
+    assert await page.locator("dd.ok").count() == 3  # catalog, storage and the media backlog ready
     await page.click("text=Run a cleanup dry run")
     await page.wait_for_selector("#report")
     assert "dry run" in await page.locator("#report").inner_text()

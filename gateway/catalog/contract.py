@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +120,25 @@ class CatalogStats:
     last_cleanup: float | None
 
 
-class CatalogContract(abc.ABC):
+class CatalogTuning:
+    """What the host sets on any catalog after building it (``create_app``), shared by every
+    implementation and the contract."""
+
+    on_commit: Callable[[int], None] | None = None
+    """Called with each commit's number of writes where the implementation groups commits (for the
+    metrics; on the catalog's own thread where it has one)."""
+    default_media_lifetime: float = 180.0
+    """Seconds a provider keeps a webhook's media, unless :attr:`media_lifetimes` names it: an ingest
+    job's deadline is its webhook's time plus this (``[queue] media_deadline``)."""
+    media_lifetimes: Mapping[str, float] = {}
+    """``{provider: seconds}`` (``[queue] media_deadlines``); set a new mapping, never mutate."""
+
+    def media_lifetime(self, provider: str) -> float:
+        """Seconds after a webhook that ``provider`` deletes its media (WAHA: 180 by default)."""
+        return self.media_lifetimes.get(provider, self.default_media_lifetime)
+
+
+class CatalogContract(CatalogTuning, abc.ABC):
     """The catalog as the host uses it. Every method but :meth:`lock` is a coroutine and never
     blocks the event loop. Open with :meth:`open` before anything else, close with :meth:`close`."""
 
@@ -194,14 +212,25 @@ class CatalogContract(abc.ABC):
         state. ``True`` if added."""
 
     @abc.abstractmethod
-    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
-        """Take the due queued job (``run_at <= now``) with the earliest ``run_at`` (then id):
+    async def claim_job(self, now: float | None = None, kinds: Sequence[str] | None = None,
+                        exclude_kinds: Sequence[str] = ()) -> ClaimedJob | None:
+        """Take the due queued job (``run_at <= now``) of one of ``kinds`` (None: any) and none of
+        ``exclude_kinds`` (a job queue's lanes, DESIGN §6) with the
+        earliest ``deadline`` (jobs without one first), then the earliest ``run_at``, then id:
         mark it running, count the attempt, return it; None when nothing is due. A job is handed
         to one caller only."""
 
     @abc.abstractmethod
-    async def next_run_at(self) -> float | None:
-        """When the earliest queued job is due (epoch seconds), or None."""
+    async def next_run_at(self, kinds: Sequence[str] | None = None,
+                          exclude_kinds: Sequence[str] = ()) -> float | None:
+        """When the earliest queued job of ``kinds`` (None: any) and none of ``exclude_kinds`` is
+        due (epoch seconds), or None."""
+
+    @abc.abstractmethod
+    async def media_backlog(self) -> tuple[float, float] | None:
+        """The queued ``ingest`` job with the earliest deadline as ``(created_at, deadline)``
+        (epoch seconds), or None when no media waits: how close the oldest waiting media is to
+        being deleted by its provider (readiness and the backlog metric)."""
 
     @abc.abstractmethod
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),

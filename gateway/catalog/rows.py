@@ -55,6 +55,7 @@ class JobRow(TypedDict):
     created_at: float
     updated_at: float
     last_error: str | None
+    deadline: NotRequired[float | None]
 
 
 class ClaimedJob(TypedDict):

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.keys import CATALOG, METRICS, SETTINGS, STORAGE
+from gateway.keys import CATALOG, METRICS, QUEUE, SETTINGS, STORAGE
 from gateway.web.auth import require
 
 
@@ -24,9 +24,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def readiness(app: web.Application) -> dict[str, str]:
-    """``{"catalog"|"storage": "ok" or "<exception type>: <message>"}``: each checked, 5 s at most."""
+    """``{"catalog"|"storage"|"backlog": "ok" or "<exception type>: <message>"}``: each checked, 5 s
+    at most; ``backlog`` fails while the oldest waiting media has used more than
+    ``[queue] backlog_ready_fraction`` of its provider's deadline (the gateway cannot keep up)."""
     checks: dict[str, str] = {}
-    for name, check in (("catalog", app[CATALOG].check), ("storage", app[STORAGE].check)):
+    for name, check in (("catalog", app[CATALOG].check), ("storage", app[STORAGE].check),
+                        ("backlog", app[QUEUE].check)):
         try:
             await asyncio.wait_for(check(), 5)
             checks[name] = "ok"

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.catalog.contract import CatalogError
 from gateway.catalog.postgres.migrations import MIGRATIONS, SCHEMA_VERSION
+from gateway.catalog.contract import CatalogTuning
 
 log = logging.getLogger("gateway.catalog.postgres")
 
@@ -46,7 +47,7 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class PostgresConnection:
+class PostgresConnection(CatalogTuning):
     """The pool on ``url`` (``postgresql://user@host:port/dbname``) and the plumbing the concern
     modules (events, jobs, media, retention) build on; :class:`gateway.catalog.postgres.PostgresCatalog`
     puts them together.

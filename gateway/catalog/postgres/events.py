@@ -38,7 +38,8 @@ class EventsMixin(PostgresConnection):
                 if cur.rowcount == 0:
                     duplicates.append(ev.idempotency_key)
                     continue
-                await insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now)
+                await insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now,
+                                 deadline=now + self.media_lifetime(provider))
                 accepted.append(event_id)
         return accepted, duplicates
 

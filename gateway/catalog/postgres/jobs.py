@@ -15,17 +15,32 @@ from typing import Any, cast
 from gateway.catalog.postgres.connection import Conn, PostgresConnection
 from gateway.catalog.rows import to_column, ClaimedJob, JobRow
 
-_COLUMNS = "id, kind, key, payload, state, attempts, run_at, created_at, updated_at, last_error"
+_COLUMNS = "id, kind, key, payload, state, attempts, run_at, created_at, updated_at, last_error, deadline"
 
 
-async def insert_job(conn: Conn, kind: str, key: str, payload: dict[str, Any], now: float) -> bool:
+async def insert_job(conn: Conn, kind: str, key: str, payload: dict[str, Any], now: float,
+                     deadline: float | None = None) -> bool:
     """Queue a job unless one with ``key`` (its idempotency key) exists; ``True`` if added. Inside the
-    caller's transaction on ``conn``."""
+    caller's transaction on ``conn``. ``deadline``: when its work is lost if not done (epoch
+    seconds; claims take the earliest first)."""
     cur = await conn.execute(
-        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
-        " VALUES (%s,%s,%s, 'queued', 0, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-        (kind, key, json.dumps(payload), now, now, now))
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at, deadline)"
+        " VALUES (%s,%s,%s, 'queued', 0, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+        (kind, key, json.dumps(payload), now, now, now, deadline))
     return cur.rowcount > 0
+
+
+def _lane(kinds: Sequence[str] | None, exclude: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """``(" AND kind = ANY(...) AND NOT kind = ANY(...)", params)``: jobs of ``kinds`` (None: any)
+    and none of ``exclude`` (a job queue's lane)."""
+    sql, params = "", {}
+    if kinds is not None:
+        sql += " AND kind = ANY(%(kinds)s)"
+        params["kinds"] = list(kinds)
+    if exclude:
+        sql += " AND NOT kind = ANY(%(exclude)s)"
+        params["exclude"] = list(exclude)
+    return sql, params
 
 
 def _job(row: dict[str, Any]) -> JobRow:
@@ -41,18 +56,22 @@ class JobsMixin(PostgresConnection):
         async with self.transaction() as conn:
             return await insert_job(conn, kind, key, payload, time.time())
 
-    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
-        """Take the due queued job with the earliest ``run_at``, or a running job whose lease expired
-        (its replica died): mark it running under this replica's lease, count the attempt."""
+    async def claim_job(self, now: float | None = None, kinds: Sequence[str] | None = None,
+                        exclude_kinds: Sequence[str] = ()) -> ClaimedJob | None:
+        """Take the due queued job of ``kinds`` (None: any) and none of ``exclude_kinds``, or such a
+        running job whose lease expired (its replica died), with the earliest deadline (jobs
+        without one first), then the earliest ``run_at``, then id: mark it running under this
+        replica's lease, count the attempt."""
         now = now if now is not None else time.time()
+        lane, params = _lane(kinds, exclude_kinds)
         rows = await self.fetch(
-            "WITH due AS (SELECT id FROM jobs WHERE (state = 'queued' AND run_at <= %(now)s)"
-            "  OR (state = 'running' AND lease_until < %(now)s)"
-            "  ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            "WITH due AS (SELECT id FROM jobs WHERE ((state = 'queued' AND run_at <= %(now)s)"
+            f"  OR (state = 'running' AND lease_until < %(now)s)){lane}"
+            "  ORDER BY deadline NULLS FIRST, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
             " UPDATE jobs j SET state = 'running', attempts = attempts + 1, updated_at = %(now)s,"
             "  owner = %(owner)s, lease_until = %(until)s FROM due WHERE j.id = due.id"
             " RETURNING j.id, j.kind, j.key, j.payload, j.attempts, j.created_at",
-            {"now": now, "owner": self.owner, "until": now + self.lease})
+            {"now": now, "owner": self.owner, "until": now + self.lease, **params})
         if not rows:
             return None
         row = rows[0]
@@ -69,12 +88,21 @@ class JobsMixin(PostgresConnection):
             "UPDATE jobs SET lease_until = %s WHERE id = ANY(%s) AND state = 'running' AND owner = %s",
             (time.time() + self.lease, list(job_ids), self.owner))
 
-    async def next_run_at(self) -> float | None:
-        """When the earliest queued job is due (epoch seconds), or None. (Expired leases are found
-        by the idle workers' polls, every ``poll_interval``.)"""
-        rows = await self.fetch("SELECT MIN(run_at) AS t FROM jobs WHERE state = 'queued'")
+    async def next_run_at(self, kinds: Sequence[str] | None = None,
+                          exclude_kinds: Sequence[str] = ()) -> float | None:
+        """When the earliest queued job of ``kinds`` (None: any) and none of ``exclude_kinds`` is
+        due (epoch seconds), or None. (Expired leases are found by the idle workers' polls, every
+        ``poll_interval``.)"""
+        lane, params = _lane(kinds, exclude_kinds)
+        rows = await self.fetch(f"SELECT MIN(run_at) AS t FROM jobs WHERE state = 'queued'{lane}", params)
         value = rows[0]["t"]
         return None if value is None else float(value)
+
+    async def media_backlog(self) -> tuple[float, float] | None:
+        """``(created_at, deadline)`` of the queued ingest job with the earliest deadline, or None."""
+        rows = await self.fetch("SELECT created_at, deadline FROM jobs WHERE state = 'queued' AND kind = 'ingest'"
+                                " AND deadline IS NOT NULL ORDER BY deadline LIMIT 1")
+        return (float(rows[0]["created_at"]), float(rows[0]["deadline"])) if rows else None
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:

@@ -57,5 +57,13 @@ CREATE UNLOGGED TABLE cleanup_listing (
 CREATE INDEX cleanup_listing_key ON cleanup_listing (listing, key);
 """
 
-MIGRATIONS: list[str] = [_MIGRATION_1]
+# Job lanes (DESIGN §6), as SQLite's migration 4: a job's deadline (epoch seconds; an ingest job's
+# provider deletes the media then, NULL for other kinds) and indexes to claim by kind and deadline.
+_MIGRATION_2 = """
+ALTER TABLE jobs ADD COLUMN deadline DOUBLE PRECISION;
+CREATE INDEX jobs_lane ON jobs (state, kind, deadline NULLS FIRST, run_at);
+CREATE INDEX jobs_kind_run_at ON jobs (state, kind, run_at);
+"""
+
+MIGRATIONS: list[str] = [_MIGRATION_1, _MIGRATION_2]
 SCHEMA_VERSION = len(MIGRATIONS)

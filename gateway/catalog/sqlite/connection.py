@@ -1,6 +1,11 @@
 """The SQLite catalog's connection: one dedicated thread owns it, so the event loop never blocks on
 SQLite and there is exactly one writer. WAL mode with ``synchronous=FULL``: a committed webhook
 survives a crash or power loss. One daemon per catalog: an exclusive ``flock`` on ``<path>.lock``.
+
+Group commit (DESIGN §6): writes submitted with :meth:`SQLiteConnection.write` that wait for the
+catalog thread together (webhooks, job claims and completions arriving while a commit is in
+flight) run in one transaction and share one ``COMMIT`` (one fsync); none of their callers hears
+back before that commit returned.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,15 +29,26 @@ import sqlite_utils
 from gateway.catalog.contract import CatalogError, CatalogLocked
 from gateway.catalog.rows import to_column
 from gateway.catalog.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
+from gateway.catalog.contract import CatalogTuning
 
 T = TypeVar("T")
+
+
+#: Most writes one group commit takes from the queue: bounds the time the first waits.
+MAX_BATCH = 256
 
 
 @contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` (the write lock at once, so the transaction never fails half-way on a
-    busy database) ... ``COMMIT``; ``ROLLBACK`` when the block raises."""
+    busy database) ... ``COMMIT``; ``ROLLBACK`` when the block raises. Inside a transaction
+    already open (a group commit's, :meth:`SQLiteConnection.write`), the block joins it: it
+    becomes durable with the group's ``COMMIT``, and if it raises, the group is rolled back and
+    each of its writes runs again alone."""
     conn = db.conn
+    if conn.in_transaction:
+        yield conn
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -51,51 +68,86 @@ to_sql = to_column
 """A column value as SQLite stores it (:func:`gateway.catalog.rows.to_column`)."""
 
 
+@dataclass(slots=True)
+class _Call:
+    """One call waiting for the catalog thread; ``write``: it may share a group commit."""
+
+    future: Future[Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    write: bool = False
+
+
 class _CatalogThread(Executor):
     """The catalog's one thread: runs submitted calls one at a time in submission order, except
     that :meth:`submit_first` calls run before every call still waiting. Marking a job done goes
     first, so that the moment between a job's effect (a bot's 2xx) and the commit that records it,
-    in which a crash repeats the job, is not stretched by a queue of other catalog work."""
+    in which a crash repeats the job, is not stretched by a queue of other catalog work.
 
-    def __init__(self) -> None:
-        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+    Writes (``write=True``) waiting together, up to :data:`MAX_BATCH`, run as one group commit
+    through ``group(calls)``, which resolves their futures once it committed.
+    """
+
+    def __init__(self, group: Callable[[list[_Call]], None] | None = None) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, _Call | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._shutdown = False
+        self._group = group
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` after the calls already waiting."""
-        return self._put(1, fn, args, kwargs)
+        return self._put(1, _Call(Future(), fn, args, kwargs))
 
     def submit_first(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
         """Run ``fn(*args)`` before the ordinary calls already waiting."""
-        return self._put(0, fn, args, {})
+        return self._put(0, _Call(Future(), fn, args, {}))
 
-    def _put(self, priority: int, fn: Callable[..., T], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Future[T]:
-        future: Future[T] = Future()
+    def submit_write(self, fn: Callable[[], T], first: bool = False) -> Future[T]:
+        """Run ``fn()`` in a group commit with the other writes waiting (``first``: ahead of the
+        ordinary calls, like :meth:`submit_first`)."""
+        return self._put(0 if first else 1, _Call(Future(), fn, (), {}, write=True))
+
+    def _put(self, priority: int, call: _Call) -> Future[Any]:
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new calls after shutdown")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="catalog", daemon=True)
                 self._thread.start()
-            self._queue.put((priority, next(self._seq), (future, fn, args, kwargs)))
-        return future
+            self._queue.put((priority, next(self._seq), call))
+        return call.future
 
     def _work(self) -> None:
+        held: tuple[int, int, _Call | None] | None = None
         while True:
-            _, _, item = self._queue.get()
-            if item is None:
+            entry, held = (held, None) if held is not None else (self._queue.get(), None)
+            call = entry[2]
+            if call is None:
                 return
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
+            if call.write and self._group is not None:
+                batch = [call] if call.future.set_running_or_notify_cancel() else []
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt[2] is None or not nxt[2].write:
+                        held = nxt  # runs next, after this group's commit
+                        break
+                    if nxt[2].future.set_running_or_notify_cancel():
+                        batch.append(nxt[2])
+                if batch:
+                    self._group(batch)
+                continue
+            if not call.future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn(*args, **kwargs))
+                call.future.set_result(call.fn(*call.args, **call.kwargs))
             except BaseException as exc:  # handed to the awaiting coroutine
-                future.set_exception(exc)
+                call.future.set_exception(exc)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop after the calls already submitted; ``wait``: until they ran."""
@@ -109,7 +161,7 @@ class _CatalogThread(Executor):
             thread.join()
 
 
-class SQLiteConnection:
+class SQLiteConnection(CatalogTuning):
     """The SQLite catalog's connection at ``path`` and its one thread: opening (WAL,
     ``synchronous=FULL``, migrations), the daemon's lock, and :meth:`run` to reach the database
     from the event loop. The concern modules (events, jobs, media, retention) build on it;
@@ -121,9 +173,12 @@ class SQLiteConnection:
     def __init__(self, path: Path, exclusive: bool = False):
         self.path = Path(path)
         self.exclusive = exclusive
-        self._executor = _CatalogThread()
+        self._executor = _CatalogThread(self._group_commit)
         self._db: sqlite_utils.Database | None = None
         self._lock_fd: int | None = None
+        #: Group commits done, and the writes they carried (read by the metrics).
+        self.commits = 0
+        self.committed_writes = 0
 
     # -- the daemon's lock ----------------------------------------------------------------
     @property
@@ -168,10 +223,71 @@ class SQLiteConnection:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._require(), *args))
 
-    async def _run_first(self, fn: Callable[..., T], *args: Any) -> T:
-        """:meth:`run`, ahead of the calls waiting for the catalog thread."""
+    async def write(self, fn: Callable[..., T], *args: Any, first: bool = False) -> T:
+        """Run ``fn(db, *args)`` on the catalog thread inside a group commit: with the other writes
+        waiting at that moment, in one transaction and one ``COMMIT`` (one fsync). ``fn`` must only
+        write to the database (it may run twice: when a write of its group raises, each runs again
+        alone), and may use :func:`transaction`. Returns ``fn``'s result once the commit is
+        durable; ``fn``'s exception undoes its own writes only and is raised here. ``first``: ahead
+        of the ordinary calls waiting. Raises :class:`CatalogError` when the catalog is not open,
+        and the ``sqlite3.Error`` of a failed ``BEGIN``/``COMMIT``."""
         self._require()
-        return await asyncio.wrap_future(self._executor.submit_first(lambda: fn(self._require(), *args)))
+        return await asyncio.wrap_future(
+            self._executor.submit_write(lambda: fn(self._require(), *args), first=first))
+
+    def _group_commit(self, calls: list[_Call]) -> None:
+        """On the catalog thread: run ``calls`` in one transaction and commit once, then resolve
+        their futures. If one raises, the group is rolled back and each call runs again alone, in a
+        transaction of its own (the writes are SQL only, so running one again is safe), so that
+        its exception goes to its own caller and the others still commit."""
+        try:
+            results = self._commit(calls)
+        except BaseException:
+            if len(calls) == 1:
+                results = None
+            else:
+                for call in calls:
+                    self._resolve([call], self._try_commit([call]))
+                return
+        self._resolve(calls, results if results is not None else self._try_commit(calls))
+
+    def _try_commit(self, calls: list[_Call]) -> list[Any] | BaseException:
+        try:
+            return self._commit(calls)
+        except BaseException as exc:
+            return exc
+
+    def _commit(self, calls: list[_Call]) -> list[Any]:
+        """``BEGIN IMMEDIATE``, every call, ``COMMIT``: their results; ``ROLLBACK`` and raise if
+        one call or the commit raises."""
+        conn = self._require().conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [call.fn() for call in calls]
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back already
+            raise
+        self.commits += 1
+        self.committed_writes += len(calls)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(len(calls))
+            except Exception:  # metrics never fail a commit
+                pass
+        return results
+
+    @staticmethod
+    def _resolve(calls: list[_Call], outcome: list[Any] | BaseException) -> None:
+        for i, call in enumerate(calls):
+            if isinstance(outcome, BaseException):
+                call.future.set_exception(outcome)
+            else:
+                call.future.set_result(outcome[i])
 
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:

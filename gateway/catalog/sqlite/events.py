@@ -10,7 +10,7 @@ from typing import Any
 import sqlite_utils
 
 from gateway.catalog.rows import EventRow, event_row
-from gateway.catalog.sqlite.connection import SQLiteConnection, transaction
+from gateway.catalog.sqlite.connection import SQLiteConnection, fetch_dicts, transaction
 from gateway.catalog.sqlite.jobs import insert_job
 from gateway.sdk.provider import WebhookEvent
 
@@ -20,7 +20,8 @@ class EventsMixin(SQLiteConnection):
 
     async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
                              now: float | None = None) -> tuple[list[str], list[str]]:
-        """Commit each event with its ``ingest`` job in one transaction.
+        """Commit each event with its ``ingest`` job in one transaction, grouped with the other
+        webhooks waiting for the catalog (:meth:`SQLiteConnection.write`): returns once it is durable.
 
         Returns ``(accepted event ids, idempotency keys already seen)``. An event whose idempotency
         key exists is a duplicate: no row, no job.
@@ -45,11 +46,12 @@ class EventsMixin(SQLiteConnection):
                     if cur.rowcount == 0:
                         duplicates.append(ev.idempotency_key)
                         continue
-                    insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now)
+                    insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now,
+                               deadline=now + self.media_lifetime(provider))
                     accepted.append(event_id)
             return accepted, duplicates
 
-        return await self.run(_record)
+        return await self.write(_record)
 
     async def events_per_minute(self, since: float) -> list[tuple[int, int]]:
         """Webhook events received since ``since``, by minute (see the contract); uses the
@@ -64,7 +66,7 @@ class EventsMixin(SQLiteConnection):
     async def get_event(self, event_id: str) -> EventRow | None:
         """The event row as a dict (``payload``/``media``/``forward``/``notes`` decoded), or None."""
         def _get(db: sqlite_utils.Database) -> EventRow | None:
-            rows = list(db["events"].rows_where("id = ?", [event_id]))
+            rows = fetch_dicts(db.conn.execute("SELECT * FROM events WHERE id = ?", (event_id,)))
             if not rows:
                 return None
             return event_row(rows[0])

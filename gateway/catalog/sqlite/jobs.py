@@ -16,13 +16,14 @@ from gateway.catalog.sqlite.connection import SQLiteConnection, to_sql, transact
 
 
 def insert_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str, Any],
-                now: float, run_at: float | None = None) -> bool:
+                now: float, run_at: float | None = None, deadline: float | None = None) -> bool:
     """Queue a job unless one with ``key`` (its idempotency key) exists; ``True`` if added. Inside the
-    caller's transaction ``conn``."""
+    caller's transaction ``conn``. ``deadline``: when its work is lost if not done (epoch seconds;
+    claims take the earliest first)."""
     cur = conn.execute(
-        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
-        " VALUES (?,?,?, 'queued', 0, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
-        (kind, key, json.dumps(payload), run_at if run_at is not None else now, now, now),
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at, deadline)"
+        " VALUES (?,?,?, 'queued', 0, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+        (kind, key, json.dumps(payload), run_at if run_at is not None else now, now, now, deadline),
     )
     return cur.rowcount > 0
 
@@ -36,6 +37,19 @@ def job_row(db: sqlite_utils.Database, job_id: int) -> JobRow | None:
     return cast(JobRow, rows[0])
 
 
+def _kinds_clause(kinds: Sequence[str] | None, exclude: Sequence[str]) -> tuple[str, list[str]]:
+    """``(" AND kind IN (?,...) AND kind NOT IN (?,...)", args)`` to pick jobs of ``kinds``
+    (None: any) and none of ``exclude``."""
+    sql, args = "", []
+    if kinds is not None:
+        sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+        args += list(kinds)
+    if exclude:
+        sql += f" AND kind NOT IN ({','.join('?' * len(exclude))})"
+        args += list(exclude)
+    return sql, args
+
+
 class JobsMixin(SQLiteConnection):
     """:class:`gateway.catalog.CatalogContract`'s jobs methods on SQLite."""
 
@@ -45,20 +59,25 @@ class JobsMixin(SQLiteConnection):
             with transaction(db) as conn:
                 return insert_job(conn, kind, key, payload, time.time())
 
-        return await self.run(_enqueue)
+        return await self.write(_enqueue)
 
-    async def claim_job(self, now: float | None = None) -> ClaimedJob | None:
-        """Take the oldest due queued job: mark it running, count the attempt, return it."""
+    async def claim_job(self, now: float | None = None, kinds: Sequence[str] | None = None,
+                        exclude_kinds: Sequence[str] = ()) -> ClaimedJob | None:
+        """Take the due queued job of ``kinds`` (None: any) and none of ``exclude_kinds`` with the
+        earliest deadline (jobs
+        without one first), then the oldest: mark it running, count the attempt, return it.
+        Claims waiting together share a group commit."""
         now = now if now is not None else time.time()
+        lane, lane_args = _kinds_clause(kinds, exclude_kinds)
 
         def _claim(db: sqlite_utils.Database) -> ClaimedJob | None:
             with transaction(db) as conn:
                 cur = conn.execute(
                     "UPDATE jobs SET state='running', attempts=attempts+1, updated_at=?"
-                    " WHERE id = (SELECT id FROM jobs WHERE state='queued' AND run_at<=?"
-                    " ORDER BY run_at, id LIMIT 1)"
+                    f" WHERE id = (SELECT id FROM jobs WHERE state='queued'{lane} AND run_at<=?"
+                    " ORDER BY deadline, run_at, id LIMIT 1)"
                     " RETURNING id, kind, key, payload, attempts, created_at",
-                    (now, now),
+                    (now, *lane_args, now),
                 )
                 row = cur.fetchone()
             if row is None:
@@ -66,12 +85,25 @@ class JobsMixin(SQLiteConnection):
             return {"id": row[0], "kind": row[1], "key": row[2], "payload": json.loads(row[3]),
                     "attempts": row[4], "created_at": row[5]}
 
-        return await self.run(_claim)
+        return await self.write(_claim)
 
-    async def next_run_at(self) -> float | None:
-        """When the earliest queued job is due (epoch seconds), or None."""
+    async def next_run_at(self, kinds: Sequence[str] | None = None,
+                          exclude_kinds: Sequence[str] = ()) -> float | None:
+        """When the earliest queued job of ``kinds`` (None: any) and none of ``exclude_kinds`` is
+        due (epoch seconds), or None."""
+        lane, lane_args = _kinds_clause(kinds, exclude_kinds)
         return await self.run(lambda db: db.conn.execute(
-            "SELECT MIN(run_at) FROM jobs WHERE state='queued'").fetchone()[0])
+            f"SELECT MIN(run_at) FROM jobs WHERE state='queued'{lane}", lane_args).fetchone()[0])
+
+    async def media_backlog(self) -> tuple[float, float] | None:
+        """``(created_at, deadline)`` of the queued ingest job with the earliest deadline, or None."""
+        def _backlog(db: sqlite_utils.Database) -> tuple[float, float] | None:
+            row = db.conn.execute(
+                "SELECT created_at, deadline FROM jobs WHERE state='queued' AND kind='ingest'"
+                " AND deadline IS NOT NULL ORDER BY deadline LIMIT 1").fetchone()
+            return (row[0], row[1]) if row is not None else None
+
+        return await self.run(_backlog)
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:
@@ -92,7 +124,7 @@ class JobsMixin(SQLiteConnection):
                 conn.execute("UPDATE jobs SET state='done', updated_at=?, last_error=NULL WHERE id=?",
                              (now, job_id))
 
-        await self._run_first(_complete)  # the job's effect has happened: record it at once
+        await self.write(_complete, first=True)  # the job's effect has happened: record it at once
 
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
         """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None."""
@@ -107,7 +139,7 @@ class JobsMixin(SQLiteConnection):
                     conn.execute("UPDATE jobs SET state='queued', last_error=?, run_at=?, updated_at=?"
                                  " WHERE id=?", (error[:2000], retry_at, now, job_id))
 
-        await self.run(_fail)
+        await self.write(_fail)
 
     async def release_job(self, job_id: int) -> None:
         """Return an interrupted running job to the queue without counting the attempt."""
@@ -116,7 +148,7 @@ class JobsMixin(SQLiteConnection):
                 conn.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts-1, 0), updated_at=?"
                              " WHERE id=? AND state='running'", (time.time(), job_id))
 
-        await self.run(_release)
+        await self.write(_release)
 
     async def requeue_running(self) -> int:
         """Jobs left ``running`` by a crash go back to ``queued`` (called at start). Returns how many."""

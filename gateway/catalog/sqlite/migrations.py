@@ -127,5 +127,16 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     conn.execute("CREATE INDEX idx_media_message_id ON media (message_id)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Job lanes (DESIGN §6): a job's ``deadline`` (epoch seconds; an ingest job's provider
+    deletes the media then, NULL for other kinds), and an index to claim by kind, due time and
+    deadline, and to find when a kind's next job is due."""
+    conn = db.conn
+    conn.execute("ALTER TABLE jobs ADD COLUMN deadline REAL")
+    conn.execute("CREATE INDEX idx_jobs_lane ON jobs (state, kind, deadline, run_at)")
+    conn.execute("CREATE INDEX idx_jobs_kind_run_at ON jobs (state, kind, run_at)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1, _migration_2, _migration_3, _migration_4]
 SCHEMA_VERSION = len(MIGRATIONS)

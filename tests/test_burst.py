@@ -1,0 +1,227 @@
+"""Under a burst (issue 12): group commits in the SQLite catalog, the job queue's fetch and deliver
+lanes, the fetch lane's deadline order, and the media backlog's metric, readiness and log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.config import QueueSettings
+from gateway.jobs import Backlogged, Job, JobQueue
+from gateway.metrics import Metrics
+from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
+from tests.daemon import GatewayProcess, write_toml
+from tests.test_catalog_contract import _event
+from tests.test_catalog_jobs import catalog  # noqa: F401  (the fixture: a real SQLite catalog)
+
+FAST = dict(backoff_base=0.01, backoff_max=0.02, poll_interval=0.05)
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+async def test_concurrent_webhooks_share_commits(catalog):
+    sizes: list[int] = []
+    catalog.on_commit = sizes.append
+    results = await asyncio.gather(*(catalog.record_webhook("waha", b"{}", [_event(f"g{i}")])
+                                     for i in range(200)))
+    assert all(len(accepted) == 1 and not dup for accepted, dup in results)
+    assert await catalog.count("events") == 200 and await catalog.count("jobs", "kind='ingest'") == 200
+    assert sum(sizes) == catalog.committed_writes == 200
+    assert catalog.commits == len(sizes) < 200 / 4, sizes  # the webhooks waiting together share a commit
+    assert max(sizes) > 1
+
+
+async def test_a_failing_write_in_a_group_undoes_only_itself(catalog):
+    def boom(db):
+        db.conn.execute("INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
+                        " VALUES ('x', 'half-done', '{}', 'queued', 0, 0, 0, 0)")
+        raise ValueError("boom")
+
+    outcomes = await asyncio.gather(
+        catalog.record_webhook("waha", b"{}", [_event("before")]),
+        catalog.write(boom),
+        catalog.record_webhook("waha", b"{}", [_event("after")]),
+        return_exceptions=True)
+    assert isinstance(outcomes[1], ValueError)
+    assert [len(o[0]) for o in (outcomes[0], outcomes[2])] == [1, 1]
+    assert await catalog.count("events") == 2
+    assert await catalog.count("jobs", "key = 'half-done'") == 0
+
+
+async def test_claims_waiting_together_share_a_commit_and_never_hand_a_job_twice(catalog):
+    for i in range(40):
+        await catalog.enqueue("deliver", f"deliver:{i}", {"n": i})
+    before = catalog.commits
+    claimed = await asyncio.gather(*(catalog.claim_job() for _ in range(50)))
+    ids = [c["id"] for c in claimed if c is not None]
+    assert len(ids) == len(set(ids)) == 40
+    assert catalog.commits - before < 50 / 4
+
+
+def _text_payload(message_id: str) -> dict[str, object]:
+    data = waha_payload(None, message_id=message_id)
+    data["payload"].update(hasMedia=False, media=None, body=f"text {message_id}")
+    return data
+
+
+def _daemon(tmp_path: Path, port: int, waha, sink, **overrides) -> GatewayProcess:
+    data = deep_merge(base_config(tmp_path, port, waha, sink), overrides)
+    return GatewayProcess(write_toml(tmp_path / "gateway.toml", data), port, tmp_path / "daemon.log")
+
+
+async def test_sigkill_during_concurrent_webhooks_loses_no_acknowledged_one(tmp_path, waha, sink, unused_tcp_port):
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink)
+    await daemon.start()
+    acknowledged: list[str] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def post(i: int) -> None:
+                body = json.dumps(_text_payload(f"burst-{i}"))
+                async with http.post(f"{daemon.url}/webhooks/waha", data=body) as r:
+                    assert r.status == 200
+                    acknowledged.append(f"burst-{i}")
+
+            async def flood() -> None:
+                await asyncio.gather(*(post(i) for i in range(2000)), return_exceptions=True)
+
+            task = asyncio.create_task(flood())
+            while len(acknowledged) < 300:
+                await asyncio.sleep(0.005)
+            async with aiohttp.ClientSession() as scrape, scrape.get(f"{daemon.url}/metrics") as r:
+                text = await r.text()
+            acknowledged_at_scrape = len(acknowledged)
+            daemon.kill()  # mid-flood: requests are in flight and in uncommitted groups
+            await task
+    finally:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.kill()
+    assert len(acknowledged) < 2000, "the kill came too late to test anything"
+    commits = next(float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("gateway_catalog_commits_total "))
+    # far fewer commits than acknowledged webhooks (whose jobs' claims and completions commit too)
+    assert 0 < commits < acknowledged_at_scrape / 2
+    conn = sqlite3.connect(tmp_path / "var" / "gateway.db")
+    try:
+        stored = {row[0] for row in conn.execute("SELECT message_id FROM events")}
+    finally:
+        conn.close()
+    assert set(acknowledged) <= stored
+
+
+# -- lanes and deadlines --------------------------------------------------------------------------
+
+async def test_fetch_lane_takes_the_earliest_deadline_first(catalog):
+    catalog.media_lifetimes = {"slow": 3600.0, "fast": 60.0}
+    await catalog.record_webhook("slow", b"{}", [_event("a")], now=1000.0)
+    await catalog.record_webhook("fast", b"{}", [_event("b")], now=1010.0)   # deadline 1070
+    await catalog.record_webhook("fast", b"{}", [_event("c")], now=1005.0)   # deadline 1065
+    order = []
+    while (job := await catalog.claim_job(now=2000.0, kinds=["ingest"])) is not None:
+        event = await catalog.get_event(job["payload"]["event_id"])
+        order.append(event["message_id"])
+    assert order == ["c", "b", "a"]
+
+
+async def test_deliveries_are_not_stuck_behind_a_download_backlog(catalog):
+    for i in range(30):
+        await catalog.record_webhook("waha", b"{}", [_event(f"m{i}")])
+    await catalog.enqueue("deliver", "deliver:urgent", {"event_id": "x"})
+    delivered = asyncio.Event()
+    downloads_started = 0
+    release = asyncio.Event()
+
+    async def ingest(job: Job) -> None:
+        nonlocal downloads_started
+        downloads_started += 1
+        await release.wait()  # every fetch worker busy on a slow download
+
+    async def deliver(job: Job) -> None:
+        delivered.set()
+
+    q = JobQueue(catalog, QueueSettings(workers=1, fetch_workers=3, **FAST), Metrics(),
+                 {"ingest": ingest, "deliver": deliver})
+    await q.start()
+    try:
+        await asyncio.wait_for(delivered.wait(), 5)
+        assert downloads_started == 3  # the fetch lane's own concurrency, no more
+    finally:
+        release.set()
+        await q.stop(grace=1.0)
+
+
+async def test_a_backlog_near_its_deadline_is_a_metric_readiness_and_one_warning(catalog, caplog):
+    catalog.default_media_lifetime = 100.0
+    now = time.time()
+    await catalog.record_webhook("waha", b"{}", [_event("old")], now=now - 60)
+    metrics = Metrics()
+    q = JobQueue(catalog, QueueSettings(backlog_ready_fraction=0.5, **FAST), metrics, {})
+    with caplog.at_level(logging.INFO, logger="gateway.jobs"):
+        assert await q.check_backlog(now) is not None
+        assert await q.check_backlog(now) is not None
+        with pytest.raises(Backlogged, match="60s old"):
+            await q.check()
+        assert metrics.registry.get_sample_value("gateway_media_backlog_oldest_seconds") == pytest.approx(60)
+        assert metrics.registry.get_sample_value("gateway_media_backlog_deadline_ratio") == pytest.approx(0.6)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "cannot keep up" in warnings[0].getMessage()
+
+        [job] = await catalog.list_jobs(kind="ingest")
+        await catalog.claim_job(kinds=["ingest"])
+        await catalog.complete_job(job["id"])
+        assert await q.check_backlog(now) is None
+        await q.check()
+        assert metrics.registry.get_sample_value("gateway_media_backlog_oldest_seconds") == 0
+    assert any("caught up" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_young_backlog_is_ready(catalog):
+    now = time.time()
+    await catalog.record_webhook("waha", b"{}", [_event("young")], now=now - 10)
+    q = JobQueue(catalog, QueueSettings(**FAST), Metrics(), {})
+    assert await q.check_backlog(now) is None  # 10 of 180 s
+    await q.check()
+
+
+async def test_readyz_says_when_the_gateway_cannot_keep_up(tmp_path, waha, sink, unused_tcp_port):
+    """A daemon whose one fetch worker is stuck on a slow download, with media waiting past the
+    configured share of its deadline: ``/readyz`` is 503 naming the backlog, and 200 again once the
+    media is stored."""
+    from tests.test_crash_safety import _daemon
+    from tests.test_faults import _post_waha
+
+    waha.delay = 2.5  # each download waits this long before its headers
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink,
+                     queue={"fetch_workers": 1, "media_deadline": 2.0, "backlog_ready_fraction": 0.25})
+    await daemon.start()
+    try:
+        for i in range(2):
+            await _post_waha(daemon, waha.add_file(MEDIA / "photo.jpg"), f"slow-{i}", "photo.jpg")
+        async with aiohttp.ClientSession() as http:
+            for _ in range(60):
+                async with http.get(f"{daemon.url}/readyz") as r:
+                    body = await r.json()
+                    if r.status == 503:
+                        break
+                await asyncio.sleep(0.1)
+            assert r.status == 503 and "oldest waiting media" in body["backlog"], body
+            assert (body["catalog"], body["storage"]) == ("ok", "ok")
+            await sink.wait_for(2, timeout=30)
+            for _ in range(60):
+                async with http.get(f"{daemon.url}/readyz") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            assert r.status == 200
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    assert log.count("the gateway cannot keep up") == 1 and "caught up" in log
