@@ -203,11 +203,13 @@ class S3Storage:
         :data:`ABORT_RETRY_MAX`), at once when a put or a readiness check reaches S3."""
         delay = 1.0
         while self.unaborted:
-            self._abort_wake.clear()
             try:
                 await asyncio.wait_for(self._abort_wake.wait(), delay)
             except TimeoutError:
                 pass
+            # cleared before the retry, not before the wait: a wake-up that comes while a retry is
+            # under way (S3 back during a slow failing abort) starts the next retry at once
+            self._abort_wake.clear()
             await self._retry_aborts()
             delay = min(delay * 2, ABORT_RETRY_MAX)
 
