@@ -61,7 +61,7 @@ class EventsMixin(SQLiteConnection):
                 "SELECT CAST(received_at / 60 AS INTEGER) * 60, COUNT(*) FROM events"
                 " WHERE received_at >= ? GROUP BY 1 ORDER BY 1", [since])]
 
-        return await self.run(_count)
+        return await self.read(_count)
 
     async def get_event(self, event_id: str) -> EventRow | None:
         """The event row as a dict (``payload``/``media``/``forward``/``notes`` decoded), or None."""
@@ -71,10 +71,10 @@ class EventsMixin(SQLiteConnection):
                 return None
             return event_row(rows[0])
 
-        return await self.run(_get)
+        return await self.read(_get)
 
     async def count(self, table: str, where: str | None = None, args: list[Any] | None = None) -> int:
         """Rows in ``table`` (``events``, ``jobs`` or ``media``) matching ``where``."""
         if table not in ("events", "jobs", "media"):
             raise ValueError(table)
-        return await self.run(lambda db: db[table].count_where(where or "1=1", args or []))
+        return await self.read(lambda db: db[table].count_where(where or "1=1", args or []))
