@@ -78,6 +78,19 @@ class _Call:
     kwargs: dict[str, Any]
     write: bool = False
     durable: bool = True
+    #: The awaiting coroutine's future, settled by :func:`_settle` on its loop (one wake-up per group).
+    settle: asyncio.Future[Any] | None = None
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the event loop: set each future's result or exception (unless it was cancelled)."""
+    for future, result, error in outcomes:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 class _CatalogThread(Executor):
@@ -106,10 +119,14 @@ class _CatalogThread(Executor):
         """Run ``fn(*args)`` before the ordinary calls already waiting."""
         return self._put(0, _Call(Future(), fn, args, {}))
 
-    def submit_write(self, fn: Callable[[], T], first: bool = False, durable: bool = True) -> Future[T]:
+    def submit_write(self, fn: Callable[[], T], first: bool = False, durable: bool = True,
+                     settle: asyncio.Future[T] | None = None) -> Future[T]:
         """Run ``fn()`` in a group commit with the other writes waiting (``first``: ahead of the
-        ordinary calls, like :meth:`submit_first`; ``durable``: see :meth:`SQLiteConnection.write`)."""
-        return self._put(0 if first else 1, _Call(Future(), fn, (), {}, write=True, durable=durable))
+        ordinary calls, like :meth:`submit_first`; ``durable``: see :meth:`SQLiteConnection.write`).
+        ``settle``: an asyncio future that gets the outcome too, on its own loop, together with
+        the other futures of the group in one callback."""
+        return self._put(0 if first else 1, _Call(Future(), fn, (), {}, write=True, durable=durable,
+                                                  settle=settle))
 
     def _put(self, priority: int, call: _Call) -> Future[Any]:
         with self._lock:
@@ -258,8 +275,11 @@ class SQLiteConnection(CatalogTuning):
         next durable commit's fsync covers it against power loss). Raises :class:`CatalogError`
         when the catalog is not open, and the ``sqlite3.Error`` of a failed ``BEGIN``/``COMMIT``."""
         self._require()
-        return await asyncio.wrap_future(
-            self._executor.submit_write(lambda: fn(self._require(), *args), first=first, durable=durable))
+        settle: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        call = self._executor.submit_write(lambda: fn(self._require(), *args), first=first, durable=durable,
+                                           settle=settle)
+        settle.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)  # not run yet: skipped
+        return await settle
 
     def _group_commit(self, calls: list[_Call]) -> None:
         """On the catalog thread: run ``calls`` in one transaction and commit once, then resolve
@@ -313,11 +333,23 @@ class SQLiteConnection(CatalogTuning):
 
     @staticmethod
     def _resolve(calls: list[_Call], outcome: list[Any] | BaseException) -> None:
+        """Settle the calls' futures with ``outcome`` (results in order, or one exception for all);
+        the awaiting coroutines' futures in one callback per event loop."""
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
         for i, call in enumerate(calls):
             if isinstance(outcome, BaseException):
                 call.future.set_exception(outcome)
+                result, error = None, outcome
             else:
                 call.future.set_result(outcome[i])
+                result, error = outcome[i], None
+            if call.settle is not None:
+                settled.setdefault(call.settle.get_loop(), []).append((call.settle, result, error))
+        for loop, outcomes in settled.items():
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:  # the loop closed: nobody waits any more
+                pass
 
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:
