@@ -180,10 +180,8 @@ def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[di
     port = _free_port()
     work = tmp / name
     work.mkdir()
-    queue: dict[str, object] = {"workers": 4, "max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
-                                "poll_interval": 1.0}
-    if CODE == REPO:
-        queue["fetch_workers"] = 8
+    queue: dict[str, object] = {"max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
+                                "poll_interval": 1.0}  # the lanes' workers: the defaults
     data = deep_merge(base_config(work, port, None, None),
                       {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
     data["targets"] = targets
