@@ -92,7 +92,7 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, flo
             "non2xx": int(non2xx.group(1)) if non2xx else 0, "errors": errors.group(1) if errors else ""}  # type: ignore[dict-item]
 
 
-async def fixed_rate(url: str, body: str, rate: float, seconds: float) -> dict[str, float]:
+async def fixed_rate(url: str, body: str, rate: float, seconds: float, tag: str = "fixed") -> dict[str, float]:
     """Open loop: ``rate`` webhooks/s for ``seconds``, each on its own task; latency percentiles."""
     latencies: list[float] = []
     failures = 0
@@ -101,7 +101,7 @@ async def fixed_rate(url: str, body: str, rate: float, seconds: float) -> dict[s
             nonlocal failures
             started = time.perf_counter()
             try:
-                async with http.post(url, data=body.replace(PLACEHOLDER, f"fixed-{i}"),
+                async with http.post(url, data=body.replace(PLACEHOLDER, f"{tag}-{i}"),
                                      headers={"Content-Type": "application/json"}) as r:
                     await r.read()
                     if r.status != 200:
@@ -125,7 +125,16 @@ async def fixed_rate(url: str, body: str, rate: float, seconds: float) -> dict[s
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
 
-    return {"sent": rate * seconds, "failures": failures, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+    return {"sent": rate * seconds, "failures": failures, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+            "seconds": time.perf_counter() - t0}
+
+
+def fixed_rate_process(url: str, body: str, rate: float, seconds: float, tag: str) -> subprocess.Popen[str]:
+    """:func:`fixed_rate` in a process of its own (``--send``), so that the sender's CPU is not the
+    bench process's (which runs the bot sink); it prints its result as one JSON line."""
+    return subprocess.Popen([sys.executable, "-m", "bench.webhooks", "--send", url, "--rate", str(rate),
+                             "--seconds", str(seconds), "--tag", tag, "--body", body],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
 
 
 class CountingSink:
@@ -171,10 +180,8 @@ def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[di
     port = _free_port()
     work = tmp / name
     work.mkdir()
-    queue: dict[str, object] = {"workers": 4, "max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
-                                "poll_interval": 1.0}
-    if CODE == REPO:
-        queue["fetch_workers"] = 8
+    queue: dict[str, object] = {"max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
+                                "poll_interval": 1.0}  # the lanes' workers: the defaults
     data = deep_merge(base_config(work, port, None, None),
                       {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
     data["targets"] = targets
@@ -219,52 +226,56 @@ async def b1(tmp: Path, seconds: int, connections: int) -> None:
         await gw.terminate()
 
 
-async def _end_to_end(tmp: Path, name: str, seconds: int, connections: int, url: str | None,
-                      providers: dict[str, object], target: float) -> None:
+async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
+                      providers: dict[str, object], rate: float) -> None:
+    """Webhooks at a fixed ``rate`` for ``seconds`` (open loop, :func:`fixed_rate_process`), a
+    counting bot sink; the backlog (acknowledged - forwarded) every few seconds, the forwarding
+    rate during the window, then the time to forward the rest."""
     sink = CountingSink()
     runner = await sink.start()
     gw = _daemon(tmp, name, providers, [{"name": "bot", "url": sink.url}])
     await gw.start()
     try:
-        script = _lua(tmp, _body(url), name)
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        run = loop.run_in_executor(None, wrk, f"{gw.url}/webhooks/waha", script, seconds, connections)
+        sender = fixed_rate_process(f"{gw.url}/webhooks/waha", _body(url), rate, seconds, name)
         samples = []
-        while not run.done():
-            await asyncio.sleep(min(4.0, seconds / 5))
+        while sender.poll() is None:
+            await asyncio.sleep(min(3.0, seconds / 6))
             accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
             samples.append((time.monotonic() - t0, accepted, sink.count))
-        res = await run
+        assert sender.stdout is not None
+        res = json.loads(sender.stdout.read().strip().splitlines()[-1])
         window = time.monotonic() - t0
         accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
         forwarded_in_window = sink.count
         drain_t0 = time.monotonic()
         while sink.count < accepted and time.monotonic() - drain_t0 < 600:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
         drain = time.monotonic() - drain_t0
         dead = await _metric(gw.url, "gateway_jobs", 'state="dead"')
         series = ", ".join(f"{t:.0f}s: {a - f:.0f}" for t, a, f in samples)
-        print(f"acknowledged {res['rate']:.0f}/s (wrk, p99 {res['p99_ms']:.1f} ms, non-2xx {res['non2xx']}); "
-              f"forwarded {forwarded_in_window / window:.0f}/s during the {window:.0f} s window; "
-              f"backlog (acknowledged - forwarded) {series}; drained {accepted - forwarded_in_window:.0f} "
-              f"more in {drain:.1f} s; forwarded {sink.count} of {accepted:.0f}; dead jobs {dead:.0f}")
-        sustained = sink.count / (window + drain)
-        print(f"{name.upper()} forwarded end to end {sustained:.0f}/s over {window + drain:.0f} s "
-              f"(target >= {target:.0f}/s); load {loadavg()}", flush=True)
+        backlogs = [a - f for _, a, f in samples[len(samples) // 2:]]
+        flat = not backlogs or max(backlogs) <= max(rate, 2 * backlogs[0])
+        print(f"offered {rate:.0f}/s for {seconds} s: {accepted:.0f} acknowledged (sender failures "
+              f"{res['failures']:.0f}, ack p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms); backlog "
+              f"(acknowledged - forwarded) {series}; {accepted - forwarded_in_window:.0f} left at the end, "
+              f"forwarded in {drain:.1f} s more; forwarded {sink.count} of {accepted:.0f}; dead jobs {dead:.0f}")
+        print(f"{name.upper()} forwarded {forwarded_in_window / window:.0f}/s during the {window:.0f} s window "
+              f"(offered {rate:.0f}/s; backlog {'flat' if flat else 'GROWING'}); load {loadavg()}", flush=True)
     finally:
         await gw.terminate()
         await runner.cleanup()
 
 
-async def b2(tmp: Path, seconds: int, connections: int) -> None:
-    print(f"\n== B2 text webhooks forwarded end to end, {seconds} s; load {loadavg()}", flush=True)
-    await _end_to_end(tmp, "b2", seconds, connections, None,
-                      {"waha": {"base_url": "http://127.0.0.1:9", "api_key": "k"}}, 1000)
+async def b2(tmp: Path, seconds: int, connections: int, rate: float = 1000) -> None:
+    print(f"\n== B2 text webhooks forwarded end to end, {rate:.0f}/s for {seconds} s; load {loadavg()}", flush=True)
+    await _end_to_end(tmp, "b2", seconds, None,
+                      {"waha": {"base_url": "http://127.0.0.1:9", "api_key": "k"}}, rate)
 
 
-async def b3(tmp: Path, seconds: int, connections: int) -> None:
-    print(f"\n== B3 55 KiB image webhooks stored (local, fsync) and forwarded, {seconds} s; load {loadavg()}",
+async def b3(tmp: Path, seconds: int, connections: int, rate: float = 300) -> None:
+    print(f"\n== B3 55 KiB image webhooks stored (local, fsync) and forwarded, {rate:.0f}/s for {seconds} s; "
+          f"load {loadavg()}",
           flush=True)
     files = tmp / "waha-files"
     files.mkdir()
@@ -276,8 +287,8 @@ async def b3(tmp: Path, seconds: int, connections: int) -> None:
         assert emu.stdout is not None
         emu.stdout.readline()
         base_url = f"http://127.0.0.1:{port}"
-        await _end_to_end(tmp, "b3", seconds, connections, f"{base_url}/api/files/default/photo.jpg",
-                          {"waha": {"base_url": base_url, "api_key": "waha-key"}}, 300)
+        await _end_to_end(tmp, "b3", seconds, f"{base_url}/api/files/default/photo.jpg",
+                          {"waha": {"base_url": base_url, "api_key": "waha-key"}}, rate)
     finally:
         emu.terminate()
         emu.wait()
@@ -289,9 +300,16 @@ async def main() -> int:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--rate", type=float, help="B2/B3: webhooks/s offered (default 1000 and 300)")
+    parser.add_argument("--send", metavar="URL", help=argparse.SUPPRESS)  # the sender process
+    parser.add_argument("--tag", default="fixed", help=argparse.SUPPRESS)
+    parser.add_argument("--body", help=argparse.SUPPRESS)
     parser.add_argument("--code", type=Path, default=REPO,
                         help="run the daemon of this source tree (e.g. an earlier commit from git archive)")
     args = parser.parse_args()
+    if args.send:
+        print(json.dumps(await fixed_rate(args.send, args.body, args.rate, args.seconds, args.tag)), flush=True)
+        return 0
     global CODE
     CODE = args.code.resolve()
     print(f"daemon from {CODE}", flush=True)
@@ -302,7 +320,12 @@ async def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-webhooks-"))
     try:
         for name in args.only or ["b1", "b2", "b3"]:
-            await {"b1": b1, "b2": b2, "b3": b3}[name](tmp, args.seconds, args.connections)
+            if name == "b1":
+                await b1(tmp, args.seconds, args.connections)
+            else:
+                bench = b2 if name == "b2" else b3
+                await (bench(tmp, args.seconds, args.connections, args.rate) if args.rate
+                       else bench(tmp, args.seconds, args.connections))
     finally:
         if args.keep:
             print(f"kept {tmp}")

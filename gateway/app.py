@@ -24,6 +24,7 @@ from gateway.keys import (
     CATALOG,
     FETCHER,
     HTTP,
+    INGESTOR,
     LINKS,
     MEDIA_STORE,
     METRICS,
@@ -176,10 +177,12 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _queue_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    ingest = Ingestor(s, app[CATALOG], app[MEDIA_STORE], app[PROVIDERS], app[LINKS], app[METRICS])
     deliver = Deliverer(s, app[CATALOG], app[HTTP], app[METRICS], app[PLUGINS])
+    ingest = Ingestor(s, app[CATALOG], app[MEDIA_STORE], app[PROVIDERS], app[LINKS], app[METRICS],
+                      forwards=deliver.forwards)
     queue = JobQueue(app[CATALOG], s.queue, app[METRICS], {"ingest": ingest, "deliver": deliver})
     app[QUEUE] = queue
+    app[INGESTOR] = ingest
     await queue.start()
     names = ", ".join(app[PROVIDERS].keys()) or "none"
     log.info("gateway ready: %d fetch + %d deliver worker(s), storage %s, providers %s",

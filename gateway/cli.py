@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import socket
 import sys
@@ -110,8 +111,14 @@ def serve(config_path: Path | None) -> None:
     # The catalog thread releases the GIL for every SQLite statement and its fsync; at the default
     # 5 ms switch interval, getting it back behind a busy event loop costs more than the fsync.
     sys.setswitchinterval(0.0005)
+    # Blocking file work (writes, fsync, libmagic, thumbnails) runs in the loop's default executor:
+    # enough threads for every download of the fetch lane to wait on its fsync at once, since the
+    # file system batches concurrent fsyncs into one journal commit.
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=settings.queue.fetch_workers + 8,
+                                                 thread_name_prefix="gateway-io"))
     web.run_app(app, sock=sock, print=None, shutdown_timeout=settings.server.shutdown_grace,
-                handle_signals=True)
+                handle_signals=True, loop=loop)
 
 
 @main.command("check-config")

@@ -209,8 +209,8 @@ class QueueSettings(_Section):
     """``[queue]``: the durable job queue's lanes, workers and retry policy, and the deadline of
     webhook media (DESIGN §6)."""
 
-    workers: int = Field(4, ge=1, le=256, description="deliver lane: deliveries to bots run at once")
-    fetch_workers: int = Field(8, ge=1, le=256, description="fetch lane: media downloads run at once")
+    workers: int = Field(16, ge=1, le=256, description="deliver lane: deliveries to bots run at once")
+    fetch_workers: int = Field(32, ge=1, le=256, description="fetch lane: media downloads run at once")
     media_deadline: float = Field(
         180.0, gt=0, description="seconds after a webhook that its provider may delete the media (WAHA: 180)")
     media_deadlines: dict[str, Annotated[float, Field(gt=0)]] = Field(

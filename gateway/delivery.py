@@ -24,6 +24,8 @@ import hashlib
 import hmac
 import json
 import logging
+from collections import OrderedDict
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -60,16 +62,45 @@ class DeliveryFailed(Exception):
     """A delivery attempt failed in a way worth retrying."""
 
 
+def forward_body(forward: Any) -> bytes:
+    """The body a target gets: the rewritten payload as compact JSON (UTF-8)."""
+    return json.dumps(forward, separators=(",", ":")).encode()
+
+
+class Forwards:
+    """The bodies of the events this process rewrote lately, so that their deliveries need no
+    catalog read: ``event id -> (provider's event name, body)``, at most ``size`` of them, the
+    oldest dropped first. A miss (another replica rewrote it, or it was dropped) reads the
+    catalog, which stays the source of truth."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._bodies: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    def remember(self, event_id: str, event: str, forward: Any) -> None:
+        """Keep the body of ``forward``, the rewritten payload of ``event_id`` (the provider's
+        event name ``event``), replacing an earlier one."""
+        self._bodies[event_id] = (event, forward_body(forward))
+        self._bodies.move_to_end(event_id)
+        while len(self._bodies) > self.size:
+            self._bodies.popitem(last=False)
+
+    def get(self, event_id: str) -> tuple[str, bytes] | None:
+        """``(event name, body)`` if remembered."""
+        return self._bodies.get(event_id)
+
+
 class Deliverer:
     """Handler of ``deliver`` jobs (payload ``{"event_id": ..., "target": <name>}``)."""
 
     def __init__(self, settings: Settings, catalog: CatalogContract, http: aiohttp.ClientSession,
-                 metrics: Metrics, pm: pluggy.PluginManager):
+                 metrics: Metrics, pm: pluggy.PluginManager, forwards: Forwards | None = None):
         self.targets = {t.name: t for t in settings.targets}
         self.catalog = catalog
         self.http = http
         self.metrics = metrics
         self.pm = pm
+        self.forwards = forwards if forwards is not None else Forwards()
 
     async def __call__(self, job: Job) -> JobResult:
         """POST the event's rewritten payload to the target. Raises to retry. On a 2xx, the
@@ -78,15 +109,18 @@ class Deliverer:
         target = self.targets.get(name)
         if target is None:
             raise PermanentError(f"target {name!r} is no longer configured")
-        event = await self.catalog.get_event(event_id)
-        if event is None or event.get("forward") is None:
-            raise PermanentError(f"event {event_id} has no rewritten payload")
-        body = json.dumps(event["forward"], separators=(",", ":")).encode()
+        remembered = self.forwards.get(event_id)
+        if remembered is None:
+            event = await self.catalog.get_event(event_id)
+            if event is None or event.get("forward") is None:
+                raise PermanentError(f"event {event_id} has no rewritten payload")
+            remembered = (event["event"], forward_body(event["forward"]))
+        event_name, body = remembered
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "chat-media-gateway",
             "X-Gateway-Event-Id": event_id,
-            "X-Gateway-Event": header_value(event["event"]),
+            "X-Gateway-Event": header_value(event_name),
             "Idempotency-Key": event_id,
         }
         if target.secret is not None:

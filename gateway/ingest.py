@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from gateway.catalog import CatalogContract
+from gateway.catalog import CatalogContract, ReadyEvent
 from gateway.config import Settings
+from gateway.delivery import Forwards
 from gateway.jobs import Job, JobResult, PermanentError, RetryLater
 from gateway.links import LinkSigner
 from gateway.media import DigestMismatch, MediaTooLarge, category_for
@@ -42,8 +43,11 @@ class Ingestor:
     """Handler of ``ingest`` jobs (payload ``{"event_id": ...}``)."""
 
     def __init__(self, settings: Settings, catalog: CatalogContract, media_store: MediaStore,
-                 providers: dict[str, Provider], links: LinkSigner, metrics: Metrics):
+                 providers: dict[str, Provider], links: LinkSigner, metrics: Metrics,
+                 forwards: Forwards | None = None):
         self.settings = settings
+        #: Where the rewritten payloads go for the deliveries of this process (their catalog read saved).
+        self.forwards = forwards if forwards is not None else Forwards()
         self.catalog = catalog
         self.media_store = media_store
         self.providers = providers
@@ -87,6 +91,23 @@ class Ingestor:
             raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
         except StorageError as exc:
             raise RetryLater(f"storage unavailable: {exc}") from exc
+        ready = self._ready(provider, event, event_id, outcomes)
+        notes = [o.error for o in outcomes if o.error]
+        return JobResult(ready.followups, (event_id, {"forward": ready.forward, "state": "ingested",
+                                                      "notes": notes or None}))
+
+    def without_media(self, provider: Provider, event: WebhookEvent, event_id: str) -> ReadyEvent | None:
+        """An event with no media reference has nothing to fetch: its rewritten payload and its
+        deliveries, made as the webhook arrives, so that the catalog records it ``ingested`` with
+        its deliver jobs and no ingest job (:meth:`CatalogContract.record_webhook`). None for an
+        event with media."""
+        return None if event.media else self._ready(provider, event, event_id, [])
+
+    def _ready(self, provider: Provider, event: WebhookEvent, event_id: str,
+               outcomes: list[MediaOutcome]) -> ReadyEvent:
+        """The rewritten payload for the bots (the provider's rewrite, thumbnails, and the
+        ``gateway`` object: event id and a note per media not stored) and one ``deliver`` job per
+        target that takes the event."""
         forward = self._with_thumbnails(provider.rewrite(event, outcomes), outcomes)
         forward = {**forward, "gateway": {
             "event_id": event_id,
@@ -96,9 +117,9 @@ class Ingestor:
             ("deliver", f"deliver:{event_id}:{t.name}", {"event_id": event_id, "target": t.name})
             for t in self.settings.targets if not t.events or event.event in t.events
         ]
-        notes = [o.error for o in outcomes if o.error]
-        return JobResult(followups, (event_id, {"forward": forward, "state": "ingested",
-                                                "notes": notes or None}))
+        if followups:  # their jobs exist only once this forward is committed with them
+            self.forwards.remember(event_id, event.event, forward)
+        return ReadyEvent(forward, followups)
 
     async def _ingest_ref(self, provider: Provider, event: WebhookEvent, event_id: str,
                           ref: MediaRef, last_attempt: bool) -> MediaOutcome:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from gateway.catalog import CatalogContract
     from gateway.config import Settings
+    from gateway.ingest import Ingestor
     from gateway.jobs import JobQueue
     from gateway.links import LinkSigner
     from gateway.metrics import Metrics
@@ -35,6 +36,7 @@ STORAGE: web.AppKey[StorageBackend] = web.AppKey("storage")
 PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("providers")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
 QUEUE: web.AppKey[JobQueue] = web.AppKey("queue")
+INGESTOR: web.AppKey[Ingestor] = web.AppKey("ingestor")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 LINKS: web.AppKey[LinkSigner] = web.AppKey("links")
 API_KEYS: web.AppKey[ApiKeys] = web.AppKey("api_keys")

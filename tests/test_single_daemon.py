@@ -46,7 +46,7 @@ async def test_a_second_daemon_on_the_same_catalog_is_refused_and_touches_nothin
     # the same catalog, another port: nothing but the catalog's lock can stop it
     second_config = write_toml(tmp_path / "second.toml",
                                deep_merge(data, {"server": {"port": second_port}}))
-    waha.delay = 2.0  # the ingest job stays running while the second daemon tries to start
+    waha.delay = 6.0  # the ingest job stays running while the second daemon tries to start (two interpreter starts, slow under load)
     await first.start()
     try:
         url = waha.add_file(MEDIA / "photo.jpg")

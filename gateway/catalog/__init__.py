@@ -27,6 +27,7 @@ from gateway.catalog.rows import (
     JobRow,
     ListedObject,
     MediaRow,
+    ReadyEvent,
     StatsGroup,
     UnlistedMedia,
 )
@@ -53,6 +54,6 @@ def catalog_from_settings(settings: Settings, exclusive: bool = False) -> Catalo
 __all__ = [
     "JOB_STATES", "MIGRATIONS", "SCHEMA_VERSION", "Catalog", "CatalogContract", "CatalogError", "CatalogLocked",
     "CatalogStats", "ClaimedJob", "CleanupRunRow", "DoomedMedia", "EventRow", "ExpiredMedia", "ExpiryRule",
-    "JobRow", "ListedObject", "MediaRow", "SQLiteCatalog", "StatsGroup", "UnlistedMedia", "catalog_from_settings",
+    "JobRow", "ListedObject", "MediaRow", "ReadyEvent", "SQLiteCatalog", "StatsGroup", "UnlistedMedia", "catalog_from_settings",
     "exact_time",
 ]

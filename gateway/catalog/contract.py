@@ -44,6 +44,7 @@ from gateway.catalog.rows import (
     JobRow,
     ListedObject,
     MediaRow,
+    ReadyEvent,
     StatsGroup,
     UnlistedMedia,
 )
@@ -182,9 +183,16 @@ class CatalogContract(CatalogTuning, abc.ABC):
     # -- events ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
-                             now: float | None = None) -> tuple[list[str], list[str]]:
+                             now: float | None = None, *, event_ids: Sequence[str] | None = None,
+                             ready: Mapping[int, ReadyEvent] | None = None) -> tuple[list[str], list[str]]:
         """Commit each event of one webhook body ``raw`` with its ``ingest`` job (key
         ``ingest:<event id>``, payload ``{"event_id": ...}``, due at ``now``) in one transaction.
+
+        ``event_ids``: the ids to give ``events`` (same length; default: new ones, see
+        :func:`gateway.catalog.rows.new_event_id`). ``ready``: index in ``events`` →
+        :class:`ReadyEvent` for events the gateway handled already (no media): such an event is
+        recorded ``ingested`` with its ``forward``, and gets the ready event's follow-up jobs
+        instead of an ingest job.
 
         Returns ``(accepted event ids, idempotency keys already seen)``: an event whose
         idempotency key exists (from any provider, or earlier in ``events``) is a duplicate: no row,

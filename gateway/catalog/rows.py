@@ -9,6 +9,8 @@ without it), a value typed ``X | None`` may be NULL.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+import uuid
 from typing import Any, NotRequired, TypedDict, cast
 
 
@@ -174,6 +176,21 @@ def to_column(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
     return value
+
+
+def new_event_id() -> str:
+    """A new event id: ``ev_`` and 32 hex digits (a random UUID)."""
+    return f"ev_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyEvent:
+    """An event the gateway handled as it arrived (one without media, so nothing to fetch): it is
+    recorded already ``ingested``, with its rewritten ``forward`` payload, and with ``followups``
+    (``(kind, key, payload)`` jobs: its deliveries) instead of an ``ingest`` job."""
+
+    forward: dict[str, Any]
+    followups: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
 
 def event_row(row: dict[str, Any]) -> EventRow:

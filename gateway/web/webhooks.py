@@ -6,7 +6,9 @@ import logging
 
 from aiohttp import web
 
-from gateway.keys import CATALOG, METRICS, PROVIDERS, QUEUE, SETTINGS
+from gateway.catalog import ReadyEvent
+from gateway.catalog.rows import new_event_id
+from gateway.keys import CATALOG, INGESTOR, METRICS, PROVIDERS, QUEUE, SETTINGS
 from gateway.sdk.provider import PayloadError, SignatureError
 from gateway.web.errors import ApiError
 
@@ -46,15 +48,29 @@ async def webhook(request: web.Request) -> web.Response:
         metrics.webhooks.labels(name, "invalid").inc()
         log.warning("%s webhook invalid: %s", name, exc, extra={"provider": name})
         raise ApiError(400, str(exc))
+    event_ids = [new_event_id() for _ in events]
+    ready: dict[int, ReadyEvent] = {}
+    ingestor = request.app.get(INGESTOR)
+    if ingestor is not None:  # events without media skip the ingest job: their deliveries are queued now
+        for i, (event, event_id) in enumerate(zip(events, event_ids)):
+            if (handled := ingestor.without_media(provider, event, event_id)) is not None:
+                ready[i] = handled
     try:
-        accepted, duplicates = await request.app[CATALOG].record_webhook(name, body, events)
+        accepted, duplicates = await request.app[CATALOG].record_webhook(
+            name, body, events, event_ids=event_ids, ready=ready)
     except Exception:
         metrics.webhooks.labels(name, "unavailable").inc()
         log.exception("could not commit a %s webhook; answering 503 so the provider retries", name,
                       extra={"provider": name})
         raise ApiError(503, "catalog unavailable, retry later")
-    if accepted:
-        request.app[QUEUE].notify()
+    if accepted:  # wake the lanes that have new jobs
+        index = {event_id: i for i, event_id in enumerate(event_ids)}
+        kinds: set[str] = set()
+        for event_id in accepted:
+            handled = ready.get(index[event_id])
+            kinds |= {"ingest"} if handled is None else {kind for kind, _, _ in handled.followups}
+        if kinds:
+            request.app[QUEUE].notify(kinds)
     metrics.webhooks.labels(name, "accepted").inc(len(accepted))
     metrics.webhooks.labels(name, "duplicate").inc(len(duplicates))
     for event_id in accepted:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.catalog.postgres.connection import PostgresConnection, pg_condition
 from gateway.catalog.postgres.jobs import insert_job
-from gateway.catalog.rows import EventRow, event_row
+from gateway.catalog.rows import EventRow, ReadyEvent, event_row, new_event_id
 from gateway.sdk.provider import WebhookEvent
 
 
@@ -18,28 +18,38 @@ class EventsMixin(PostgresConnection):
     """:class:`gateway.catalog.CatalogContract`'s events methods on PostgreSQL."""
 
     async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
-                             now: float | None = None) -> tuple[list[str], list[str]]:
+                             now: float | None = None, *, event_ids: Sequence[str] | None = None,
+                             ready: Mapping[int, ReadyEvent] | None = None) -> tuple[list[str], list[str]]:
         """Commit each event with its ``ingest`` job in one transaction. Returns ``(accepted event
-        ids, idempotency keys already seen)``; a duplicate gets no row and no job."""
+        ids, idempotency keys already seen)``; a duplicate gets no row and no job. ``event_ids``
+        and ``ready``: see :meth:`gateway.catalog.CatalogContract.record_webhook`."""
         now = now if now is not None else time.time()
+        ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
+        done = ready or {}
         accepted: list[str] = []
         duplicates: list[str] = []
         async with self.transaction() as conn:
-            for ev in events:
-                event_id = f"ev_{uuid.uuid4().hex}"
+            for i, (ev, event_id) in enumerate(zip(events, ids, strict=True)):
+                handled = done.get(i)
                 cur = await conn.execute(
                     "INSERT INTO events (id, provider, idempotency_key, event, account, chat,"
-                    " message_id, received_at, raw, payload, media, state)"
-                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s, 'queued')"
+                    " message_id, received_at, raw, payload, media, state, forward)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                     " ON CONFLICT (idempotency_key) DO NOTHING",
                     (event_id, provider, ev.idempotency_key, ev.event, ev.account, ev.chat,
                      ev.message_id, now, raw, json.dumps(ev.payload),
-                     json.dumps([m.to_dict() for m in ev.media])))
+                     json.dumps([m.to_dict() for m in ev.media]),
+                     "queued" if handled is None else "ingested",
+                     None if handled is None else json.dumps(handled.forward)))
                 if cur.rowcount == 0:
                     duplicates.append(ev.idempotency_key)
                     continue
-                await insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now,
-                                 deadline=now + self.media_lifetime(provider))
+                if handled is None:
+                    await insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now,
+                                     deadline=now + self.media_lifetime(provider))
+                else:
+                    for kind, key, payload in handled.followups:
+                        await insert_job(conn, kind, key, payload, now)
                 accepted.append(event_id)
         return accepted, duplicates
 

@@ -18,7 +18,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +77,20 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     write: bool = False
+    durable: bool = True
+    #: The awaiting coroutine's future, settled by :func:`_settle` on its loop (one wake-up per group).
+    settle: asyncio.Future[Any] | None = None
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the event loop: set each future's result or exception (unless it was cancelled)."""
+    for future, result, error in outcomes:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 class _CatalogThread(Executor):
@@ -105,10 +119,14 @@ class _CatalogThread(Executor):
         """Run ``fn(*args)`` before the ordinary calls already waiting."""
         return self._put(0, _Call(Future(), fn, args, {}))
 
-    def submit_write(self, fn: Callable[[], T], first: bool = False) -> Future[T]:
+    def submit_write(self, fn: Callable[[], T], first: bool = False, durable: bool = True,
+                     settle: asyncio.Future[T] | None = None) -> Future[T]:
         """Run ``fn()`` in a group commit with the other writes waiting (``first``: ahead of the
-        ordinary calls, like :meth:`submit_first`)."""
-        return self._put(0 if first else 1, _Call(Future(), fn, (), {}, write=True))
+        ordinary calls, like :meth:`submit_first`; ``durable``: see :meth:`SQLiteConnection.write`).
+        ``settle``: an asyncio future that gets the outcome too, on its own loop, together with
+        the other futures of the group in one callback."""
+        return self._put(0 if first else 1, _Call(Future(), fn, (), {}, write=True, durable=durable,
+                                                  settle=settle))
 
     def _put(self, priority: int, call: _Call) -> Future[Any]:
         with self._lock:
@@ -175,6 +193,10 @@ class SQLiteConnection(CatalogTuning):
         self.exclusive = exclusive
         self._executor = _CatalogThread(self._group_commit)
         self._db: sqlite_utils.Database | None = None
+        #: The reader's own connection and thread (:meth:`read`): reads never wait behind a commit.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-read")
+        self._read_db: sqlite_utils.Database | None = None
+        self._synchronous = "FULL"
         self._lock_fd: int | None = None
         #: Group commits done, and the writes they carried (read by the metrics).
         self.commits = 0
@@ -223,17 +245,41 @@ class SQLiteConnection(CatalogTuning):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._require(), *args))
 
-    async def write(self, fn: Callable[..., T], *args: Any, first: bool = False) -> T:
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the read-only ``fn(db, *args)`` on the reader thread, over a second connection
+        (``query_only``), so that it does not wait behind the catalog thread's writes and their
+        fsync. WAL gives it the state of the last commit when it starts: a write whose ``await``
+        returned is seen. Raises :class:`CatalogError` when the catalog is not open."""
+        self._require()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, lambda: fn(self._reader_db(), *args))
+
+    def _reader_db(self) -> sqlite_utils.Database:
+        """The reader thread's connection, opened on its first use."""
+        self._require()
+        if self._read_db is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            self._read_db = sqlite_utils.Database(conn)
+        return self._read_db
+
+    async def write(self, fn: Callable[..., T], *args: Any, first: bool = False, durable: bool = True) -> T:
         """Run ``fn(db, *args)`` on the catalog thread inside a group commit: with the other writes
         waiting at that moment, in one transaction and one ``COMMIT`` (one fsync). ``fn`` must only
         write to the database (it may run twice: when a write of its group raises, each runs again
         alone), and may use :func:`transaction`. Returns ``fn``'s result once the commit is
         durable; ``fn``'s exception undoes its own writes only and is raised here. ``first``: ahead
-        of the ordinary calls waiting. Raises :class:`CatalogError` when the catalog is not open,
-        and the ``sqlite3.Error`` of a failed ``BEGIN``/``COMMIT``."""
+        of the ordinary calls waiting. ``durable=False`` (job claims, leases: state a crash may
+        lose, since the job is queued again): a group of only such writes commits with
+        ``synchronous=NORMAL``, no fsync (WAL: the commit survives a crash of the process, and the
+        next durable commit's fsync covers it against power loss). Raises :class:`CatalogError`
+        when the catalog is not open, and the ``sqlite3.Error`` of a failed ``BEGIN``/``COMMIT``."""
         self._require()
-        return await asyncio.wrap_future(
-            self._executor.submit_write(lambda: fn(self._require(), *args), first=first))
+        settle: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        call = self._executor.submit_write(lambda: fn(self._require(), *args), first=first, durable=durable,
+                                           settle=settle)
+        settle.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)  # not run yet: skipped
+        return await settle
 
     def _group_commit(self, calls: list[_Call]) -> None:
         """On the catalog thread: run ``calls`` in one transaction and commit once, then resolve
@@ -261,6 +307,10 @@ class SQLiteConnection(CatalogTuning):
         """``BEGIN IMMEDIATE``, every call, ``COMMIT``: their results; ``ROLLBACK`` and raise if
         one call or the commit raises."""
         conn = self._require().conn
+        synchronous = "FULL" if any(call.durable for call in calls) else "NORMAL"
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
         conn.execute("BEGIN IMMEDIATE")
         try:
             results = [call.fn() for call in calls]
@@ -283,11 +333,23 @@ class SQLiteConnection(CatalogTuning):
 
     @staticmethod
     def _resolve(calls: list[_Call], outcome: list[Any] | BaseException) -> None:
+        """Settle the calls' futures with ``outcome`` (results in order, or one exception for all);
+        the awaiting coroutines' futures in one callback per event loop."""
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
         for i, call in enumerate(calls):
             if isinstance(outcome, BaseException):
                 call.future.set_exception(outcome)
+                result, error = None, outcome
             else:
                 call.future.set_result(outcome[i])
+                result, error = outcome[i], None
+            if call.settle is not None:
+                settled.setdefault(call.settle.get_loop(), []).append((call.settle, result, error))
+        for loop, outcomes in settled.items():
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:  # the loop closed: nobody waits any more
+                pass
 
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:
@@ -331,10 +393,14 @@ class SQLiteConnection(CatalogTuning):
 
     async def close(self) -> None:
         """Close the connection and stop the catalog thread."""
+        loop = asyncio.get_running_loop()
+        if self._read_db is not None:
+            read_db, self._read_db = self._read_db, None
+            await loop.run_in_executor(self._reader, read_db.conn.close)
         if self._db is not None:
             db, self._db = self._db, None
-            loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, db.conn.close)
+        self._reader.shutdown(wait=True)
         self._executor.shutdown(wait=True)
         self._unlock()
 

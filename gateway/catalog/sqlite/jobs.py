@@ -85,14 +85,14 @@ class JobsMixin(SQLiteConnection):
             return {"id": row[0], "kind": row[1], "key": row[2], "payload": json.loads(row[3]),
                     "attempts": row[4], "created_at": row[5]}
 
-        return await self.write(_claim)
+        return await self.write(_claim, durable=False)  # a claim lost in a crash: queued again
 
     async def next_run_at(self, kinds: Sequence[str] | None = None,
                           exclude_kinds: Sequence[str] = ()) -> float | None:
         """When the earliest queued job of ``kinds`` (None: any) and none of ``exclude_kinds`` is
         due (epoch seconds), or None."""
         lane, lane_args = _kinds_clause(kinds, exclude_kinds)
-        return await self.run(lambda db: db.conn.execute(
+        return await self.read(lambda db: db.conn.execute(
             f"SELECT MIN(run_at) FROM jobs WHERE state='queued'{lane}", lane_args).fetchone()[0])
 
     async def media_backlog(self) -> tuple[float, float] | None:
@@ -103,7 +103,7 @@ class JobsMixin(SQLiteConnection):
                 " AND deadline IS NOT NULL ORDER BY deadline LIMIT 1").fetchone()
             return (row[0], row[1]) if row is not None else None
 
-        return await self.run(_backlog)
+        return await self.read(_backlog)
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:
@@ -148,7 +148,7 @@ class JobsMixin(SQLiteConnection):
                 conn.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts-1, 0), updated_at=?"
                              " WHERE id=? AND state='running'", (time.time(), job_id))
 
-        await self.write(_release)
+        await self.write(_release, durable=False)
 
     async def requeue_running(self) -> int:
         """Jobs left ``running`` by a crash go back to ``queued`` (called at start). Returns how many."""
@@ -161,7 +161,7 @@ class JobsMixin(SQLiteConnection):
 
     async def get_job(self, job_id: int) -> JobRow | None:
         """The job row (``payload`` decoded), or None."""
-        return await self.run(job_row, job_id)
+        return await self.read(job_row, job_id)
 
     async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
         """Jobs filtered by ``state`` and ``kind``, oldest first."""
@@ -179,7 +179,7 @@ class JobsMixin(SQLiteConnection):
                 r["payload"] = json.loads(r["payload"])
             return cast(list[JobRow], rows)
 
-        return await self.run(_list)
+        return await self.read(_list)
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
         """``{(kind, state): count}`` for the metrics."""
@@ -187,7 +187,7 @@ class JobsMixin(SQLiteConnection):
             rows = db.conn.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")
             return {(k, s): n for k, s, n in rows}
 
-        return await self.run(_counts)
+        return await self.read(_counts)
 
     async def retry_dead_job(self, job_id: int) -> JobRow | None:
         """Queue a dead job again (attempts reset). The row as queued again (read in the same

@@ -21,12 +21,12 @@ class MediaMixin(SQLiteConnection):
     async def media_by_source(self, source_key: str) -> MediaRow | None:
         """The media row stored for ``source_key`` (see :class:`gateway.sdk.provider.MediaRef`); rows a
         cleanup is deleting or found missing do not count (the attachment is fetched again)."""
-        return await self.run(lambda db: next(db["media"].rows_where(
+        return await self.read(lambda db: next(db["media"].rows_where(
             "source_key = ? AND state = 'stored'", [source_key]), None))
 
     async def get_media(self, media_id: str) -> MediaRow | None:
         """The media row, or None."""
-        return await self.run(lambda db: next(db["media"].rows_where("id = ?", [media_id]), None))
+        return await self.read(lambda db: next(db["media"].rows_where("id = ?", [media_id]), None))
 
     async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
         """Insert a media row written after its object. If its ``source_key`` is taken (a concurrent
@@ -79,7 +79,7 @@ class MediaMixin(SQLiteConnection):
         def _list(db: sqlite_utils.Database) -> list[MediaRow]:
             return cast(list[MediaRow], fetch_dicts(db.conn.execute(sql, params)))
 
-        return await self.run(_list)
+        return await self.read(_list)
 
     async def media_stats(self, tenant: str | None) -> dict[str, list[StatsGroup]]:
         """``{"category"|"provider"|"backend": [(value, count, bytes)]}`` over stored media, of one
@@ -94,7 +94,7 @@ class MediaMixin(SQLiteConnection):
                 f"SELECT COALESCE({col}, ''), COUNT(*), COALESCE(SUM(size), 0) FROM media WHERE {where}"
                 f" GROUP BY 1 ORDER BY 1", args)] for col in ("category", "provider", "backend")}
 
-        return await self.run(_stats)
+        return await self.read(_stats)
 
     async def claim_media_for_delete(self, media_id: str, now: float) -> MediaRow | None:
         """Mark a visible media row ``deleting`` (so neither ingest nor a cleanup uses it meanwhile)

@@ -262,7 +262,7 @@ class RetentionMixin(SQLiteConnection):
                 r["report"] = json.loads(r["report"]) if r["report"] else None
             return cast(list[CleanupRunRow], rows)
 
-        return await self.run(_runs)
+        return await self.read(_runs)
 
     async def stats(self) -> CatalogStats:
         """Everything ``/metrics`` reads from the catalog, in one trip to the catalog thread."""
@@ -278,4 +278,4 @@ class RetentionMixin(SQLiteConnection):
             last = conn.execute("SELECT MAX(finished_at) FROM cleanup_runs WHERE ok = 1").fetchone()[0]
             return CatalogStats(jobs, oldest, media, last)
 
-        return await self.run(_stats)
+        return await self.read(_stats)
