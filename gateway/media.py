@@ -22,7 +22,7 @@ HASH_INLINE_BYTES = 256 * 1024
 """The first bytes of a :class:`MediaStream` hashed on the event loop (under a millisecond)."""
 HASH_BATCH_BYTES = 1024 * 1024
 """The least a :class:`MediaStream` hands its hashing thread at once (fewer thread hand-offs)."""
-HASH_MAX_PENDING_BYTES = 8 * 1024 * 1024
+HASH_MAX_PENDING_BYTES = 4 * 1024 * 1024
 """The most a :class:`MediaStream` lets wait for its hashing thread before the reader waits too."""
 CATEGORIES = ("image", "video", "audio", "document", "other")
 
