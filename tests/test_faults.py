@@ -19,12 +19,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway import hookimpl
 from gateway.app import create_app
 from gateway.keys import CATALOG
 from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
+from gateway.sdk.download import RECV_BYTES, DownloadPolicy, resumable_body
 from gateway.sdk.provider import MediaRef, MediaSource
 from gateway.sdk.storage import StorageError
 from plugins.storage_local import LocalSettings, LocalStorage
@@ -211,6 +213,33 @@ async def test_a_large_meta_download_broken_mid_way_resumes_and_is_checked_again
     [note] = bad.json["gateway"]["notes"]
     assert "sha256" in note["error"]
     assert _db_rows(tmp_path / "var" / "gateway.db", "SELECT COUNT(*) FROM jobs WHERE state='dead'") == [(0,)]
+
+
+async def test_a_download_reads_in_large_pieces_and_gives_its_pooled_connection_back_as_it_was(
+        aiohttp_server, tmp_path):
+    """``resumable_body`` lets the socket transport take RECV_BYTES per read while it reads a body,
+    and puts asyncio's own read size back before the kept-alive connection serves another request."""
+    data = os.urandom(3 * MiB + 5)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data)
+
+    app = web.Application()
+    app.router.add_get("/f", serve)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        url = server.make_url("/f")
+        async with http.get(url) as resp:
+            transport = resp.connection.transport
+            default = transport.max_size
+            chunks, sizes = [], set()
+            async for chunk in resumable_body(http, resp, url, {}, DownloadPolicy()):
+                chunks.append(chunk)
+                sizes.add(transport.max_size)
+        assert b"".join(chunks) == data and sizes == {RECV_BYTES} and default < RECV_BYTES
+        async with http.get(url) as again:  # the same kept-alive connection
+            assert again.connection.transport is transport and transport.max_size == default
+            assert await again.read() == data
 
 
 # -- item 7: a full disk ----------------------------------------------------------------------------
