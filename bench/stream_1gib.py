@@ -13,7 +13,9 @@ What is measured, all on 127.0.0.1 in one run:
    telemetry off, data in the temp directory) runs as a child process.
 3. Baselines: the same URL downloaded to disk by a *separate* Python process with aiohttp
    (``iter_chunked`` + ``write``), once plain and once also hashing (SHA-256) and fsyncing, which
-   is the minimum work the gateway must do with local storage; and by ``curl`` when it is on PATH.
+   is the minimum work the gateway must do with local storage; and by ``curl -o`` when it is on
+   PATH (``scripts/system-deps --bench`` installs it). With local storage every baseline writes
+   into the gateway's storage root, so all of them write to the same disk and directory.
    A separate process is used so that, like the daemon, the client does not share this process's
    event loop (and CPU) with the emulator. With ``--storage s3`` also: boto3's own ``upload_file``
    of the generated file to the same SeaweedFS (default ``TransferConfig``: 8 MiB parts, 10
@@ -28,7 +30,10 @@ What is measured, all on 127.0.0.1 in one run:
    the file. Throughput is size / elapsed. The catalog is read afterwards to split the time into
    phases, and the stored object is checked: its size on disk, or with S3 a HeadObject by plain
    boto3 (``ContentLength``, ``x-amz-meta-media-id``, S3's multipart CRC32) and, for the last run,
-   a GetObject whose SHA-256 must be the file's. ``--repeat`` (default 3) webhooks with
+   a GetObject whose SHA-256 must be the file's. With local storage the summary's ``B6`` line is
+   the gateway's median rate divided by ``curl -o``'s (issue 12 asks for at least 0.8); each run
+   also gives the daemon's CPU seconds and those of its main thread, the event loop (the SHA-256
+   and the writes run in worker threads). ``--repeat`` (default 3) webhooks with
    distinct message ids are sent one after the other (each stores a new object, deleted after it
    is checked, except the last one on local storage), and each baseline runs as many times; the
    summary gives medians.
@@ -732,7 +737,8 @@ def summary(res: Result, limit_mb: float, s3_settings: dict[str, int] | None = N
                      f"({origin})")
     base = statistics.median(res.aiohttp_plain) if res.aiohttp_plain else None
     if res.aiohttp_plain:
-        curl = f"; curl: {_rate(size, res.curl)}" if res.curl else "; curl: not on PATH"
+        curl = (f"; curl -o: {_rate(size, res.curl)}" if res.curl
+                else "; curl: not on PATH (scripts/system-deps --bench installs it)")
         lines.append(f"baseline aiohttp download: {_rate(size, res.aiohttp_plain)}{curl}")
     if res.aiohttp_full:
         lines.append(f"baseline aiohttp download + sha256 + fsync: {_rate(size, res.aiohttp_full)}")
