@@ -256,8 +256,9 @@ class _TempFile:
     the disk works while the stream goes on and the ``fsync`` at the end only waits for the last
     batch. The call is ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the batch's range: on Linux it
     starts the write-back of the range's dirty pages without waiting for it (and drops only pages
-    already clean), the same fallback PostgreSQL's ``pg_flush_data`` uses where Python has no
-    ``sync_file_range``. Where there is no ``posix_fadvise`` nothing is started early.
+    already clean). Python's ``os`` has no ``sync_file_range``; PostgreSQL's ``pg_flush_data``
+    falls back to the same call where that is missing. Where there is no ``posix_fadvise``
+    nothing is started early.
     """
 
     def __init__(self, fh: BinaryIO, key: str, writeback: bool):
