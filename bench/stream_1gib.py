@@ -13,7 +13,9 @@ What is measured, all on 127.0.0.1 in one run:
    telemetry off, data in the temp directory) runs as a child process.
 3. Baselines: the same URL downloaded to disk by a *separate* Python process with aiohttp
    (``iter_chunked`` + ``write``), once plain and once also hashing (SHA-256) and fsyncing, which
-   is the minimum work the gateway must do with local storage; and by ``curl`` when it is on PATH.
+   is the minimum work the gateway must do with local storage; and by ``curl -o`` when it is on
+   PATH (``scripts/system-deps --bench`` installs it). With local storage every baseline writes
+   into the gateway's storage root, so all of them write to the same disk and directory.
    A separate process is used so that, like the daemon, the client does not share this process's
    event loop (and CPU) with the emulator. With ``--storage s3`` also: boto3's own ``upload_file``
    of the generated file to the same SeaweedFS (default ``TransferConfig``: 8 MiB parts, 10
@@ -28,7 +30,10 @@ What is measured, all on 127.0.0.1 in one run:
    the file. Throughput is size / elapsed. The catalog is read afterwards to split the time into
    phases, and the stored object is checked: its size on disk, or with S3 a HeadObject by plain
    boto3 (``ContentLength``, ``x-amz-meta-media-id``, S3's multipart CRC32) and, for the last run,
-   a GetObject whose SHA-256 must be the file's. ``--repeat`` (default 3) webhooks with
+   a GetObject whose SHA-256 must be the file's. With local storage the summary's ``B6`` line is
+   the gateway's median rate divided by ``curl -o``'s (issue 12 asks for at least 0.8); each run
+   also gives the daemon's CPU seconds and those of its main thread, the event loop (the SHA-256
+   and the writes run in worker threads). ``--repeat`` (default 3) webhooks with
    distinct message ids are sent one after the other (each stores a new object, deleted after it
    is checked, except the last one on local storage), and each baseline runs as many times; the
    summary gives medians.
@@ -87,6 +92,7 @@ DELIVERY_TIMEOUT = 600.0
 API_KEY = "bench-waha-key"
 # An MP4 "ftyp" box: libmagic sniffs video/mp4, so the declared type is not a mismatch.
 MP4_HEAD = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+CURL_TARGET = 0.8  # issue 12, B6: the gateway's rate at least this times curl -o's, local storage
 RSS_LIMIT_MB = {"local": 150.0, "s3": 200.0}  # the default --rss-limit-mb of each --storage
 S3_BUCKET = "bench"
 S3_READ_TIMEOUT = 300  # seconds
@@ -144,12 +150,15 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system, seconds) ``pid`` has used so far (``/proc/<pid>/stat``); 0 if gone."""
+def cpu_seconds(pid: int | None, thread: int | None = None) -> float:
+    """CPU time (user + system, seconds) ``pid`` has used so far (``/proc/<pid>/stat``), or only
+    its thread ``thread`` (``/proc/<pid>/task/<thread>/stat``; the main thread's id is ``pid``,
+    and the daemon's event loop runs there); 0 if gone."""
     if pid is None:
         return 0.0
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+        with open(path, encoding="ascii", errors="replace") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
@@ -490,6 +499,7 @@ class GatewayRun:
     phases: dict[str, float]
     daemon_cpu: float = 0.0  # CPU seconds the daemon used in this run
     server_cpu: float = 0.0  # CPU seconds the S3 server used in this run (s3 only)
+    loop_cpu: float = 0.0  # CPU seconds of the daemon's main thread (its event loop) in this run
 
 
 @dataclass
@@ -524,7 +534,9 @@ async def run_baselines(res: Result, url: str, src: Path, workdir: Path, repeat:
                         storage: Storage, say: Callable[[str], None]) -> None:
     """Download ``url`` ``repeat`` times with each client, and run the storage's own baseline as
     often; record the seconds in ``res``."""
-    out = workdir / "baseline.bin"
+    # With local storage the downloads go to the gateway's storage root: the same disk and directory
+    out = (storage.root if isinstance(storage, LocalStorage) else workdir) / "baseline.bin"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for i in range(repeat):
         say(f"baseline {i + 1}/{repeat}: aiohttp (separate process), plain ...")
         r = await baseline_aiohttp(url, out)
@@ -574,6 +586,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                                               "filename": "big.bin"}}}
                 say(f"gateway {i + 1}/{repeat}: posting the webhook ...")
                 cpu_before = cpu_seconds(daemon.pid), cpu_seconds(storage.server_pid())
+                loop_before = cpu_seconds(daemon.pid, daemon.pid)
                 t_post = time.perf_counter()
                 async with http.post(f"{daemon.url}/webhooks/waha", json=body) as r:
                     answer = await r.json()
@@ -587,6 +600,7 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                                      f"{daemon.log_tail()}") from None
                 seconds = time.perf_counter() - t_start
                 cpu = cpu_seconds(daemon.pid) - cpu_before[0], cpu_seconds(storage.server_pid()) - cpu_before[1]
+                loop_cpu = cpu_seconds(daemon.pid, daemon.pid) - loop_before
                 event_id = answer["event_ids"][0]
                 payload = (deliveries[i].json or {}).get("payload") or {}
                 gw = (payload.get("media") or {}).get("gateway") or {}
@@ -600,7 +614,8 @@ async def run_gateway(res: Result, waha_url: str, url: str, sink: BotSink, sink_
                 except sqlite3.Error as exc:
                     phases, location = {}, None
                     res.problems.append(f"run {i + 1}: could not read the catalog: {exc}")
-                res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases, *cpu))
+                res.gateway.append(GatewayRun(seconds, (t_start - t_post) * 1000, phases, *cpu,
+                                              loop_cpu=loop_cpu))
                 await storage.check(res, i + 1, location, last=i == repeat - 1)
         await sampler.stop()
         res.samples = len(sampler.samples)
@@ -722,7 +737,8 @@ def summary(res: Result, limit_mb: float, s3_settings: dict[str, int] | None = N
                      f"({origin})")
     base = statistics.median(res.aiohttp_plain) if res.aiohttp_plain else None
     if res.aiohttp_plain:
-        curl = f"; curl: {_rate(size, res.curl)}" if res.curl else "; curl: not on PATH"
+        curl = (f"; curl -o: {_rate(size, res.curl)}" if res.curl
+                else "; curl: not on PATH (scripts/system-deps --bench installs it)")
         lines.append(f"baseline aiohttp download: {_rate(size, res.aiohttp_plain)}{curl}")
     if res.aiohttp_full:
         lines.append(f"baseline aiohttp download + sha256 + fsync: {_rate(size, res.aiohttp_full)}")
@@ -737,11 +753,15 @@ def summary(res: Result, limit_mb: float, s3_settings: dict[str, int] | None = N
             full += f", vs boto3 upload_file: {statistics.median(res.boto3_upload) / g:.2f}"
         lines.append(f"gateway webhook->stored->forwarded: {_rate(size, [r.seconds for r in res.gateway])}"
                      f"  ratio vs aiohttp baseline: {ratio}{full}")
+        if res.curl and not s3:
+            lines.append(f"B6: gateway / curl -o to the same directory (medians): "
+                         f"{statistics.median(res.curl) / g:.2f} (target >= {CURL_TARGET})")
         stored_phase = S3Storage.stored_phase if s3 else LocalStorage.stored_phase
         for i, r in enumerate(res.gateway, 1):
             p = r.phases
             parts = [f"run {i}: {r.seconds:.2f} s, webhook answered in {r.webhook_ms:.0f} ms, CPU: daemon "
-                     f"{r.daemon_cpu:.1f} s" + (f", SeaweedFS {r.server_cpu:.1f} s" if s3 else "")]
+                     f"{r.daemon_cpu:.1f} s (event loop {r.loop_cpu:.1f} s)"
+                     + (f", SeaweedFS {r.server_cpu:.1f} s" if s3 else "")]
             if {"received", "stored"} <= p.keys():
                 parts.append(f"received->stored ({stored_phase}) {p['stored'] - p['received']:.2f} s")
             if {"stored", "ingest_done"} <= p.keys():

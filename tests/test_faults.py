@@ -5,6 +5,7 @@ storage root on a filesystem that fills up."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -18,12 +19,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway import hookimpl
 from gateway.app import create_app
 from gateway.keys import CATALOG
 from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
+from gateway.sdk.download import RECV_BYTES, DownloadPolicy, resumable_body
 from gateway.sdk.provider import MediaRef, MediaSource
 from gateway.sdk.storage import StorageError
 from plugins.storage_local import LocalSettings, LocalStorage
@@ -156,6 +159,87 @@ async def test_a_resumed_meta_download_is_checked_against_the_declared_digest(
     assert "sha256" in note["error"]
     assert len(_objects(tmp_path / "var" / "media")) == 1
     assert _db_rows(tmp_path / "var" / "gateway.db", "SELECT COUNT(*) FROM jobs WHERE state='dead'") == [(0,)]
+
+
+def _large_mp4(path: Path, size: int) -> tuple[str, str]:
+    """Write ``size`` random bytes behind an MP4 ``ftyp`` box (libmagic: video/mp4) to ``path``;
+    return their SHA-256 as hex and as base64 (Meta's form)."""
+    data = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + os.urandom(size - 24)
+    path.write_bytes(data)
+    digest = hashlib.sha256(data)
+    return digest.hexdigest(), base64.b64encode(digest.digest()).decode()
+
+
+async def test_a_large_meta_download_broken_mid_way_resumes_and_is_checked_against_its_digest(
+        tmp_path, graph: GraphEmulator, sink, unused_tcp_port):
+    """A body several MiB long (hashed in a worker thread past its first bytes) breaks after 3 MiB:
+    the resumed download is stored whole with the declared digest; declared with another digest,
+    the same resumed download is refused (forwarded with a note, nothing stored)."""
+    path = tmp_path / "large.mp4"
+    sha_hex, sha_b64 = _large_mp4(path, 6 * MiB + 4321)
+    at = 3 * MiB + 17
+    data = deep_merge(base_config(tmp_path, unused_tcp_port, None, sink),
+                      {"providers": {"meta": meta_settings(graph)}})
+    daemon = GatewayProcess(write_toml(tmp_path / "gateway.toml", data), unused_tcp_port, tmp_path / "daemon.log")
+
+    def video(media_id: str, wamid: str, sha256: str) -> dict:
+        return {"from": "16505551234", "id": wamid, "timestamp": "1744344496", "type": "video",
+                "video": {"id": media_id, "mime_type": "video/mp4", "sha256": sha256}}
+
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for n, declared in enumerate((sha_b64, MANIFEST["photo.jpg"]["sha256_base64"]), 1):
+                media_id = graph.add_media(path, "video/mp4")
+                if n == 2:
+                    graph.media[media_id].sha256 = MANIFEST["photo.jpg"]["sha256_hex"]
+                graph.body_fault = BodyFault(mode="drop", at=at, times=1 if n == 1 else 10)
+                body = json.dumps(webhook([video(media_id, f"wamid.large-{n}", declared)])).encode()
+                async with http.post(f"{daemon.url}/webhooks/meta", data=body,
+                                     headers={"X-Hub-Signature-256": sign(body)}) as r:
+                    assert r.status == 200
+                await sink.wait_for(n, timeout=60)
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+    good, bad = sink.deliveries
+    ranges = [h.get("Range") for m, p, h in graph.requests if p == "/whatsapp_business/attachments/"]
+    assert ranges[0] is None and 0 < _range_start(ranges[1]) <= at
+    assert good.json["gateway"]["notes"] == []
+    assert (media_of(good)["gateway"]["sha256"], media_of(good)["gateway"]["size"]) == (sha_hex, 6 * MiB + 4321)
+    [obj] = _objects(tmp_path / "var" / "media")
+    assert obj.read_bytes() == path.read_bytes()
+    [note] = bad.json["gateway"]["notes"]
+    assert "sha256" in note["error"]
+    assert _db_rows(tmp_path / "var" / "gateway.db", "SELECT COUNT(*) FROM jobs WHERE state='dead'") == [(0,)]
+
+
+async def test_a_download_reads_in_large_pieces_and_gives_its_pooled_connection_back_as_it_was(
+        aiohttp_server, tmp_path):
+    """``resumable_body`` lets the socket transport take RECV_BYTES per read while it reads a body,
+    and puts asyncio's own read size back before the kept-alive connection serves another request."""
+    data = os.urandom(3 * MiB + 5)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data)
+
+    app = web.Application()
+    app.router.add_get("/f", serve)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        url = server.make_url("/f")
+        async with http.get(url) as resp:
+            transport = resp.connection.transport
+            default = transport.max_size
+            chunks, sizes = [], set()
+            async for chunk in resumable_body(http, resp, url, {}, DownloadPolicy()):
+                chunks.append(chunk)
+                sizes.add(transport.max_size)
+        assert b"".join(chunks) == data and sizes == {RECV_BYTES} and default < RECV_BYTES
+        async with http.get(url) as again:  # the same kept-alive connection
+            assert again.connection.transport is transport and transport.max_size == default
+            assert await again.read() == data
 
 
 # -- item 7: a full disk ----------------------------------------------------------------------------

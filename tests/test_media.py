@@ -4,6 +4,7 @@ filenames, Content-Disposition, object keys and the MediaStream wrapper."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,9 @@ from urllib.parse import unquote
 import pytest
 
 from gateway.media import (
+    HASH_BATCH_BYTES,
+    HASH_INLINE_BYTES,
+    HASH_MAX_PENDING_BYTES,
     SNIFF_BYTES,
     DigestMismatch,
     MediaStream,
@@ -409,3 +413,55 @@ async def test_media_stream_read_head_then_iteration_yields_every_byte_once(chun
     assert b"".join(out) == data
     assert ms.size == len(data)
     assert ms.sha256 == MANIFEST["photo.jpg"]["sha256_hex"]
+
+
+# Past HASH_INLINE_BYTES the digest is computed in a worker thread, in batches, while the stream goes on.
+BIG = os.urandom(HASH_INLINE_BYTES + 2 * HASH_MAX_PENDING_BYTES + 3 * HASH_BATCH_BYTES + 12345)
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 64 * 1024, 1024 * 1024 + 1, 3 * 1024 * 1024])
+async def test_a_large_stream_hashed_in_a_thread_has_the_digest_of_its_bytes_in_order(chunk_size):
+    ms = MediaStream(_chunks(BIG, chunk_size), max_bytes=len(BIG),
+                     expected_sha256=hashlib.sha256(BIG).hexdigest())
+    assert await ms.read_head() == BIG[:SNIFF_BYTES]
+    out: list[bytes] = []
+    await _drain(ms, out)
+    assert b"".join(out) == BIG
+    assert ms.size == len(BIG) and ms.sha256 == hashlib.sha256(BIG).hexdigest()
+
+
+async def test_a_large_stream_with_another_digest_is_refused_at_its_end():
+    ms = MediaStream(_chunks(BIG, 256 * 1024), max_bytes=len(BIG),
+                     expected_sha256=hashlib.sha256(BIG[:-1]).hexdigest())
+    out: list[bytes] = []
+    with pytest.raises(DigestMismatch):
+        await _drain(ms, out)
+    assert b"".join(out) == BIG  # every byte passed on before the check
+    assert ms.sha256 == hashlib.sha256(BIG).hexdigest()
+
+
+async def test_a_large_stream_too_large_stops_with_a_batch_being_hashed():
+    limit = len(BIG) - HASH_BATCH_BYTES
+    ms = MediaStream(_chunks(BIG, 256 * 1024), max_bytes=limit)
+    out: list[bytes] = []
+    with pytest.raises(MediaTooLarge):
+        await _drain(ms, out)
+    assert b"".join(out) == BIG[:len(b"".join(out))] and ms.size <= limit
+    assert ms.sha256 is None  # no digest of a partial stream
+
+
+async def test_a_stream_resumed_by_its_source_keeps_one_digest_over_both_parts():
+    """What ``resumable_body`` does after a broken body: the bytes of the ``206`` answer follow the
+    bytes already yielded, and the one MediaStream hash goes on over them."""
+    cut = HASH_INLINE_BYTES + HASH_BATCH_BYTES + 777  # in the thread's part of the stream
+
+    async def resumed() -> AsyncIterator[bytes]:
+        async for chunk in _chunks(BIG[:cut], 64 * 1024):  # the first answer, broken at ``cut``
+            yield chunk
+        async for chunk in _chunks(BIG[cut:], 100_000):  # Range: bytes=cut-
+            yield chunk
+
+    ms = MediaStream(resumed(), max_bytes=len(BIG), expected_sha256=hashlib.sha256(BIG).hexdigest())
+    out: list[bytes] = []
+    await _drain(ms, out)
+    assert b"".join(out) == BIG and ms.sha256 == hashlib.sha256(BIG).hexdigest()

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.sdk.storage import InvalidKey, ObjectNotFound, StorageBackend, StorageError
 from plugins.storage_local import LocalStorage
+from plugins.storage_local.backend import WRITE_BATCH
 from tests.conftest import MANIFEST, MEDIA
 
 
@@ -182,7 +183,7 @@ class Boom(Exception):
     pass
 
 
-@pytest.mark.parametrize("fail_after", [0, 3, 40])  # 40 chunks of 64 KiB: past one write batch
+@pytest.mark.parametrize("fail_after", [0, 3, 40, 150])  # 150 chunks of 64 KiB: two write batches and a part
 async def test_a_stream_that_raises_leaves_nothing_behind(storage, fail_after):
     async def failing() -> AsyncIterator[bytes]:
         for _ in range(fail_after):
@@ -213,21 +214,34 @@ async def test_a_failed_overwrite_keeps_the_old_object(storage):
     assert list((storage.root / ".tmp").iterdir()) == []
 
 
-async def test_a_cancelled_put_leaves_nothing_behind(storage):
+@pytest.mark.parametrize("chunks", [1, WRITE_BATCH // 65536 + 3])  # the latter: a batch handed to the writing thread
+async def test_a_cancelled_put_leaves_nothing_behind(storage, chunks):
     started = asyncio.Event()
 
     async def stalled() -> AsyncIterator[bytes]:
-        yield b"a" * 1000
+        for _ in range(chunks):
+            yield os.urandom(65536)
         started.set()
         await asyncio.Event().wait()
         yield b"never"
 
-    task = asyncio.create_task(storage.put("c/x", stalled(), "text/plain", {}))
+    task = asyncio.create_task(storage.put("c/x", stalled(), "application/octet-stream", {}))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert _files(storage.root) == []
+
+
+@pytest.mark.parametrize("chunk_size", [65536, 1024 * 1024 + 7])
+async def test_a_put_of_many_write_batches_stores_every_byte_in_order(storage, chunk_size):
+    data = os.urandom(3 * WRITE_BATCH + 12345)
+    metadata = {"sha256": ""}
+    await storage.put("big/obj.bin", _gen(data, chunk_size), "video/mp4", metadata)
+    assert hashlib.sha256((storage.root / "big" / "obj.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert await _read(storage, "big/obj.bin", 2 * WRITE_BATCH - 5, 2 * WRITE_BATCH + 5) == \
+        data[2 * WRITE_BATCH - 5:2 * WRITE_BATCH + 6]
+    assert list((storage.root / ".tmp").iterdir()) == []
 
 
 async def test_metadata_is_read_after_the_stream_ends(storage):
