@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import aiohttp
 import pytest
 
 from gateway.config import QueueSettings
+from gateway.delivery import Deliverer, Forwards
+from gateway.keys import QUEUE
 from gateway.jobs import Backlogged, Job, JobQueue
 from gateway.metrics import Metrics
 from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
@@ -63,6 +66,45 @@ async def test_claims_waiting_together_share_a_commit_and_never_hand_a_job_twice
     ids = [c["id"] for c in claimed if c is not None]
     assert len(ids) == len(set(ids)) == 40
     assert catalog.commits - before < 50 / 4
+
+
+async def test_reads_do_not_wait_behind_a_commit(catalog):
+    [event_id], _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")])
+    started, release = threading.Event(), threading.Event()
+
+    def slow_write(db):  # holds the catalog thread (and its transaction) until released
+        started.set()
+        release.wait(10)
+
+    write = asyncio.create_task(catalog.write(slow_write))
+    assert await asyncio.to_thread(started.wait, 10)
+    try:
+        row = await asyncio.wait_for(catalog.get_event(event_id), 5)
+        assert row is not None and row["message_id"] == "read-me" and not write.done()
+    finally:
+        release.set()
+        await write
+
+
+async def test_a_delivery_missing_from_the_cache_reads_its_body_from_the_catalog(start_gateway, sink):
+    gw = await start_gateway()
+    deliverer = gw.app[QUEUE].handlers["deliver"]
+    assert isinstance(deliverer, Deliverer)
+    deliverer.forwards.size = 0  # as when another replica rewrote the event: nothing remembered here
+    await gw.post_waha(_text_payload("cache-miss"))
+    [delivery] = await sink.wait_for(1)
+    assert delivery.json["payload"]["body"] == "text cache-miss"
+    assert delivery.json["gateway"]["event_id"] == delivery.headers["Idempotency-Key"]
+    assert deliverer.forwards.get(delivery.headers["Idempotency-Key"]) is None
+
+
+def test_forwards_keep_the_latest_bodies_up_to_their_size():
+    forwards = Forwards(size=2)
+    for n in range(3):
+        forwards.remember(f"ev_{n}", "message", {"n": n})
+    forwards.remember("ev_1", "message.any", {"n": 11})  # a rewrite again replaces the body
+    assert forwards.get("ev_0") is None
+    assert forwards.get("ev_1") == ("message.any", b'{"n":11}') and forwards.get("ev_2") == ("message", b'{"n":2}')
 
 
 def _text_payload(message_id: str) -> dict[str, object]:

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, SQLiteCatalog
+from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, ReadyEvent, SQLiteCatalog
 from gateway.catalog.postgres import PostgresCatalog
 from gateway.config import RetentionSettings
 from gateway.media import CATEGORIES
@@ -118,6 +118,22 @@ async def test_concurrent_redeliveries_store_one_event(catalog):
     assert sum(len(a) for a, _ in results) == 1
     assert sum(len(d) for _, d in results) == 9
     assert await catalog.count("events") == 1 and await catalog.count("jobs") == 1
+
+
+async def test_a_ready_event_is_recorded_ingested_with_its_followups_and_no_ingest_job(catalog):
+    ids = ["ev_" + "a" * 32, "ev_" + "b" * 32, "ev_" + "c" * 32]
+    events = [_event("with-media"), _event("text", media=0), _event("old-text", media=0)]
+    await catalog.record_webhook("waha", b"0", [events[2]], now=T0, event_ids=["ev_" + "0" * 32])
+    forward = {"event": "message", "payload": {"body": "hi"}, "gateway": {"event_id": ids[1], "notes": []}}
+    ready = {1: ReadyEvent(forward, [("deliver", f"deliver:{ids[1]}:bot", {"event_id": ids[1], "target": "bot"})]),
+             2: ReadyEvent(forward, [("deliver", f"deliver:{ids[2]}:bot", {"event_id": ids[2], "target": "bot"})])}
+    accepted, dups = await catalog.record_webhook("waha", b"1", events, now=T0 + 1, event_ids=ids, ready=ready)
+    assert accepted == ids[:2] and dups == ["old-text"]  # a duplicate gets nothing, ready or not
+    text = await catalog.get_event(ids[1])
+    assert text["state"] == "ingested" and text["forward"] == forward
+    assert (await catalog.get_event(ids[0]))["state"] == "queued"
+    jobs = {(j["kind"], j["payload"]["event_id"]) for j in await catalog.list_jobs(state="queued")}
+    assert jobs == {("ingest", ids[0]), ("ingest", "ev_" + "0" * 32), ("deliver", ids[1])}
 
 
 async def test_get_event_unknown(catalog):
