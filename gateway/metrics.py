@@ -45,6 +45,7 @@ from gateway.catalog import JOB_STATES, CatalogContract
 from gateway.media import CATEGORIES
 from gateway.sdk.storage import (
     InvalidKey,
+    LocalFiles,
     ObjectNotFound,
     ObjectStat,
     OpenedObject,
@@ -300,6 +301,7 @@ class MeteredStorage:
         self.backend = backend
         self.name = backend.name
         self._metrics = metrics
+        self._local_path = backend.local_path if isinstance(backend, LocalFiles) else None
 
     def __getattr__(self, name: str) -> Any:  # only for names this class does not define
         if name == "backend":  # not set yet (copying, unpickling): no recursion
@@ -382,3 +384,8 @@ class MeteredStorage:
         """See :meth:`gateway.sdk.storage.StorageBackend.check`."""
         with self._observe("check"):
             await self.backend.check()
+
+    def local_path(self, key: str, bucket: str | None = None) -> str | None:
+        """See :meth:`gateway.sdk.storage.LocalFiles.local_path`; ``None`` for a backend without
+        local files. Not counted: it does no I/O (the web layer's sendfile reads the file)."""
+        return self._local_path(key, bucket) if self._local_path is not None else None

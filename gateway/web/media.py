@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Mapping
 from stat import S_ISREG
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
@@ -22,6 +22,9 @@ from gateway.thumbnails import thumbnail as make_thumbnail
 from gateway.web.errors import ApiError
 
 log = logging.getLogger("gateway.http")
+
+SMALL_OBJECT = 128 * 1024
+"""Ranges up to this many bytes are sent with one read and one write instead of sendfile."""
 
 
 async def media(request: web.Request) -> web.StreamResponse:
@@ -129,7 +132,7 @@ async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.S
                                    bucket=record["bucket"], content_type=record["mimetype"])
         if direct is not None:
             return web.Response(status=302, headers={"Location": direct, "Cache-Control": "no-store"})
-    local_path = getattr(storage, "local_path", None)  # LocalFiles, optional
+    local_path = getattr(storage, "local_path", None)  # LocalFiles, optional (no isinstance: it is slow)
     path = local_path(record["key"], bucket=record["bucket"]) if local_path is not None else None
     if path is not None:
         return await _send_file(request, record, path, start, end, status, headers)
@@ -161,8 +164,10 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
     """Send bytes ``start``..``end`` (inclusive) of the file at ``path`` with ``loop.sendfile``
     (the kernel's sendfile(2) on a plain socket; asyncio falls back to reads in a thread where it
     cannot). The headers are ours (aiohttp's ``FileResponse`` would answer with its own ETag and
-    conditionals). The file is opened on the loop: an open and fstat read no data, and a hot
-    object's inode is cached; the bytes never pass through Python."""
+    conditionals). Up to :data:`SMALL_OBJECT` bytes are read with one ``pread`` instead and go out
+    with the headers in one write: sendfile's own round trips through the loop cost more than
+    the copy. The file is opened and read on the loop, as sendfile reads it there: a hot
+    object is in the page cache, and a cold one blocks no longer either way."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
@@ -170,26 +175,45 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
     except OSError as exc:  # ELOOP (a symlink: never followed), EACCES, EIO
         log.error("cannot open %s for %s: %s", record["key"], record["id"], exc, extra={"media_id": record["id"]})
         raise ApiError(503, f"storage unavailable: {exc.strerror}")
-    with open(fd, "rb", buffering=0) as file:
+    try:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode):
             raise _missing(record)
         length = max(0, min(end, st.st_size - 1) - start + 1)  # a short file: what it has, as open() sends
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_type = record["mimetype"]
-        response.content_length = length
-        try:
-            await response.prepare(request)
-            if request.method != "HEAD" and length:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("connection lost")
-                await asyncio.get_running_loop().sendfile(transport, file, start, length)
-            await response.write_eof()
-        except ConnectionError:
-            # asyncio's sendfile leaves the file position after the last byte it sent
-            _hung_up(request, record, max(0, file.tell() - start), response)
-            raise
+        if request.method == "HEAD" or not 0 < length <= SMALL_OBJECT:
+            with open(fd, "rb", buffering=0, closefd=False) as file:
+                return await _sendfile(request, record, file, start, length, status, headers)
+        response = web.Response(status=status, headers=headers, body=os.pread(fd, length, start))
+    finally:
+        os.close(fd)
+    response.content_type = record["mimetype"]
+    try:  # headers and body in one write
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        _hung_up(request, record, 0, response)
+        raise
+    return response
+
+
+async def _sendfile(request: web.Request, record: Mapping[str, Any], file: BinaryIO, start: int, length: int,
+                    status: int, headers: dict[str, str]) -> web.StreamResponse:
+    """Headers, then ``length`` bytes of ``file`` from ``start`` by ``loop.sendfile`` (none for HEAD)."""
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    response.content_type = record["mimetype"]
+    try:
+        await response.prepare(request)
+        if request.method != "HEAD" and length:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("connection lost")
+            await asyncio.get_running_loop().sendfile(transport, file, start, length)
+        await response.write_eof()
+    except ConnectionError:
+        # asyncio's sendfile leaves the file position after the last byte it sent
+        _hung_up(request, record, max(0, file.tell() - start), response)
+        raise
     return response
 
 

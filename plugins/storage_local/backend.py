@@ -22,7 +22,7 @@ READ_CHUNK = 256 * 1024
 
 
 TMP_DIR, META_DIR = ".tmp", ".meta"
-CHECKED_DIRS = 4096  # directories local_path remembers as resolved inside the root
+CHECKED_PATHS = 4096  # object paths local_path remembers, their directories resolved inside the root
 
 
 def _key_parts(key: str) -> list[str]:
@@ -50,7 +50,7 @@ class LocalStorage:
         self._publish = threading.Lock()
         self._root_str = os.path.abspath(self.root)
         self._real_root = os.path.realpath(self.root)
-        self._checked_dirs: set[str] = set()  # directories of local_path found inside the root
+        self._paths: dict[str, str] = {}  # local_path's answers, their directories checked
 
     # -- paths ----------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
@@ -63,19 +63,20 @@ class LocalStorage:
 
     def local_path(self, key: str, bucket: str | None = None) -> str | None:
         """The file of ``key`` for sendfile (:class:`gateway.sdk.storage.LocalFiles`): no sidecar
-        read. Like :meth:`path_for`, but the directory is resolved once and then remembered (at
-        most :data:`CHECKED_DIRS`), and the file itself is left to the caller, who opens it
-        without following a symlink. Raises :class:`InvalidKey`."""
-        parts = _key_parts(key)
-        directory = os.path.join(self._root_str, *parts[:-1])
-        if directory not in self._checked_dirs:
+        read. Like :meth:`path_for`, but its directory is resolved once and the path then
+        remembered (at most :data:`CHECKED_PATHS`), and the file itself is left to the caller,
+        who opens it without following a symlink. Raises :class:`InvalidKey`."""
+        path = self._paths.get(key)
+        if path is None:
+            parts = _key_parts(key)
+            directory = os.path.join(self._root_str, *parts[:-1])
             real = os.path.realpath(directory)
             if real != self._real_root and not real.startswith(self._real_root + os.sep):
                 raise InvalidKey(f"object key {key!r} resolves outside the storage root")
-            if len(self._checked_dirs) >= CHECKED_DIRS:
-                self._checked_dirs.clear()
-            self._checked_dirs.add(directory)
-        return os.path.join(directory, parts[-1])
+            if len(self._paths) >= CHECKED_PATHS:
+                self._paths.clear()
+            path = self._paths[key] = os.path.join(directory, parts[-1])
+        return path
 
     def _meta_path(self, key: str) -> Path:
         return self.root / META_DIR / (key + ".json")
@@ -88,6 +89,8 @@ class LocalStorage:
             (self.root / META_DIR).mkdir(parents=True, exist_ok=True)
             for leftover in (self.root / TMP_DIR).iterdir():
                 leftover.unlink(missing_ok=True)
+            self._real_root = os.path.realpath(self.root)  # the root exists now
+            self._paths.clear()
         await asyncio.to_thread(_start)
 
     async def close(self) -> None:
