@@ -183,10 +183,10 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
         if request.method == "HEAD" or not 0 < length <= SMALL_OBJECT:
             with open(fd, "rb", buffering=0, closefd=False) as file:
                 return await _sendfile(request, record, file, start, length, status, headers)
-        response = web.Response(status=status, headers=headers, body=os.pread(fd, length, start))
+        response = web.Response(status=status, headers={**headers, "Content-Type": record["mimetype"]},
+                                body=os.pread(fd, length, start))
     finally:
         os.close(fd)
-    response.content_type = record["mimetype"]
     try:  # headers and body in one write
         await response.prepare(request)
         await response.write_eof()
@@ -199,9 +199,8 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
 async def _sendfile(request: web.Request, record: Mapping[str, Any], file: BinaryIO, start: int, length: int,
                     status: int, headers: dict[str, str]) -> web.StreamResponse:
     """Headers, then ``length`` bytes of ``file`` from ``start`` by ``loop.sendfile`` (none for HEAD)."""
-    response = web.StreamResponse(status=status, headers=headers)
+    response = web.StreamResponse(status=status, headers={**headers, "Content-Type": record["mimetype"]})
     response.content_length = length
-    response.content_type = record["mimetype"]
     try:
         await response.prepare(request)
         if request.method != "HEAD" and length:
