@@ -149,6 +149,7 @@ async def run(tmp: Path, code: Path, seconds: int, connections: int) -> int:
     storage_root = work / "var" / "media"
     await gw.start()
     nginx: Nginx | None = None
+    bare: subprocess.Popen[str] | None = None
     failed = False
     try:
         objects = {}
@@ -160,9 +161,15 @@ async def run(tmp: Path, code: Path, seconds: int, connections: int) -> int:
                               path.relative_to(storage_root).as_posix(), size, target, info["sha256"])
         nginx = Nginx(tmp / "nginx", storage_root)
         nginx.start()
+        bare = subprocess.Popen([sys.executable, "-m", "bench.bare_file_server", "--root", str(storage_root)],
+                                cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert bare.stdout is not None
+        bare_port = int(bare.stdout.readline().split()[1])
         for label, (link, key, size, target, sha256) in objects.items():
             nginx_url = f"http://127.0.0.1:{nginx.port}/{key}"
-            for url in (link, nginx_url):  # both serve the very same bytes
+            bare_url = f"http://127.0.0.1:{bare_port}/file/{key}"
+            memory_url = f"http://127.0.0.1:{bare_port}/memory/{key}"
+            for url in (link, nginx_url, bare_url, memory_url):  # all serve the very same bytes
                 got = hashlib.sha256(await _wait_ok(url)).hexdigest()
                 if got != sha256:
                     raise RuntimeError(f"{url} served sha256 {got}, stored {sha256}")
@@ -170,18 +177,26 @@ async def run(tmp: Path, code: Path, seconds: int, connections: int) -> int:
             first = wrk(nginx_url, seconds, connections)  # nginx before and after the gateway: the
             res = wrk(link, seconds, connections)  # baseline is their mean, on a machine whose load moves
             second = wrk(nginx_url, seconds, connections)
+            aio = wrk(bare_url, seconds, connections)
+            mem = wrk(memory_url, seconds, connections)
             base = {"rate": (first["rate"] + second["rate"]) / 2, "bytes": (first["bytes"] + second["bytes"]) / 2,
                     "non2xx": first["non2xx"] + second["non2xx"], "errors": first["errors"] + second["errors"]}
             ratio = res["rate"] / base["rate"]
             failed |= bool(res["non2xx"] or base["non2xx"])
             print(f"\n== B5 {label} ({size} bytes), wrk {connections} connections, {seconds} s each")
-            for name, r in (("nginx", base), ("gateway", res)):
-                print(f"{name:8} {r['rate']:9.0f} requests/s {r['bytes'] / 1e6:9.1f} MB/s"
+            for name, r in (("nginx", base), ("gateway", res), ("bare aiohttp FileResponse", aio),
+                            ("bare aiohttp, bytes in memory", mem)):
+                print(f"{name:30} {r['rate']:9.0f} requests/s {r['bytes'] / 1e6:9.1f} MB/s"
                       f"  non-2xx {r['non2xx']:.0f} {r['errors']}")
             print(f"(nginx before / after the gateway: {first['rate']:.0f} / {second['rate']:.0f} requests/s)")
+            print(f"(/ nginx: bare aiohttp FileResponse {aio['rate'] / base['rate']:.2f}, bare aiohttp from memory "
+                  f"{mem['rate'] / base['rate']:.2f}; gateway / bare aiohttp from memory {res['rate'] / mem['rate']:.2f})")
             print(f"B5 {label} gateway / nginx: {ratio:.2f} (target >= {target}); "
                   f"load before {before}, after {loadavg()}", flush=True)
     finally:
+        if bare is not None:
+            bare.terminate()
+            bare.wait()
         if nginx is not None:
             nginx.stop()
         status = await gw.terminate()

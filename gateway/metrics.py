@@ -94,6 +94,7 @@ class Metrics:
         self.http_duration = Histogram(
             "gateway_http_request_duration_seconds", "Time to answer an HTTP request, by route template.",
             ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
+        self._http_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}  # see observe_http
         self.webhooks = Counter(
             "gateway_webhooks_received_total",
             "Webhook events received, by provider and outcome "
@@ -229,6 +230,18 @@ class Metrics:
             self.media_ingest_duration.labels(provider, category, outcome).observe(seconds)
         if size is not None:
             self.media_ingested_bytes.labels(provider, category).inc(size)
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request (``gateway_http_requests_total``) and its duration in
+        seconds (``gateway_http_request_duration_seconds``). The labelled series are looked up once
+        per route, method and status (their number is bounded: route templates, known methods)."""
+        key = (route, method, status)
+        series = self._http_series.get(key)
+        if series is None:
+            series = self._http_series[key] = (self.http_requests.labels(route, method, str(status)),
+                                               self.http_duration.labels(route, method))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_commit(self, writes: int) -> None:
         """Count one group commit carrying ``writes`` writes (called on the catalog thread)."""
