@@ -11,10 +11,11 @@ listening.
 from __future__ import annotations
 
 import argparse
-import socket
 from pathlib import Path
 
 from aiohttp import web
+
+from bench.bare_sqlite_server import run_on_a_free_port
 
 
 def main() -> None:
@@ -43,10 +44,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/file/{path:.+}", serve_file)
     app.router.add_get("/memory/{path:.+}", serve_memory)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    print(f"port {sock.getsockname()[1]}", flush=True)
-    web.run_app(app, sock=sock, print=None, access_log=None)
+    run_on_a_free_port(app)
 
 
 if __name__ == "__main__":
