@@ -25,6 +25,7 @@ import os
 import pwd
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,7 +139,7 @@ def _stored_path(storage_root: Path, size: int, sha256: str) -> Path:
     raise FileNotFoundError(f"no stored file of {size} bytes with sha256 {sha256}")
 
 
-async def run(tmp: Path, code: Path, seconds: int, connections: int) -> int:
+async def run(tmp: Path, code: Path, seconds: int, connections: int, repeat: int) -> int:
     port = _free_port()
     work = tmp / "gateway"
     work.mkdir()
@@ -173,26 +174,30 @@ async def run(tmp: Path, code: Path, seconds: int, connections: int) -> int:
                 got = hashlib.sha256(await _wait_ok(url)).hexdigest()
                 if got != sha256:
                     raise RuntimeError(f"{url} served sha256 {got}, stored {sha256}")
-            before = loadavg()
-            first = wrk(nginx_url, seconds, connections)  # nginx before and after the gateway: the
-            res = wrk(link, seconds, connections)  # baseline is their mean, on a machine whose load moves
-            second = wrk(nginx_url, seconds, connections)
+            print(f"\n== B5 {label} ({size} bytes), wrk {connections} connections, {seconds} s each, "
+                  f"{repeat} rounds; load {loadavg()}", flush=True)
+            ratios, runs = [], []
+            for n in range(repeat):  # nginx and the gateway back to back, in turns: the machine's load moves
+                urls = [("nginx", nginx_url), ("gateway", link)]
+                pair = dict((name, wrk(url, seconds, connections)) for name, url in urls[::1 if n % 2 == 0 else -1])
+                ratios.append(pair["gateway"]["rate"] / pair["nginx"]["rate"])
+                runs.append(pair)
+                failed |= bool(pair["gateway"]["non2xx"] or pair["nginx"]["non2xx"])
+                for name, r in pair.items():
+                    print(f"  round {n + 1} {name:8} {r['rate']:9.0f} requests/s {r['bytes'] / 1e6:8.1f} MB/s"
+                          f"  non-2xx {r['non2xx']:.0f} {r['errors']}")
+                print(f"  round {n + 1} gateway / nginx {ratios[-1]:.2f}; load {loadavg()}", flush=True)
             aio = wrk(bare_url, seconds, connections)
             mem = wrk(memory_url, seconds, connections)
-            base = {"rate": (first["rate"] + second["rate"]) / 2, "bytes": (first["bytes"] + second["bytes"]) / 2,
-                    "non2xx": first["non2xx"] + second["non2xx"], "errors": first["errors"] + second["errors"]}
-            ratio = res["rate"] / base["rate"]
-            failed |= bool(res["non2xx"] or base["non2xx"])
-            print(f"\n== B5 {label} ({size} bytes), wrk {connections} connections, {seconds} s each")
-            for name, r in (("nginx", base), ("gateway", res), ("bare aiohttp FileResponse", aio),
-                            ("bare aiohttp, bytes in memory", mem)):
-                print(f"{name:30} {r['rate']:9.0f} requests/s {r['bytes'] / 1e6:9.1f} MB/s"
-                      f"  non-2xx {r['non2xx']:.0f} {r['errors']}")
-            print(f"(nginx before / after the gateway: {first['rate']:.0f} / {second['rate']:.0f} requests/s)")
-            print(f"(/ nginx: bare aiohttp FileResponse {aio['rate'] / base['rate']:.2f}, bare aiohttp from memory "
-                  f"{mem['rate'] / base['rate']:.2f}; gateway / bare aiohttp from memory {res['rate'] / mem['rate']:.2f})")
-            print(f"B5 {label} gateway / nginx: {ratio:.2f} (target >= {target}); "
-                  f"load before {before}, after {loadavg()}", flush=True)
+            nginx_rate = statistics.median(r["nginx"]["rate"] for r in runs)
+            print(f"  bare aiohttp FileResponse {aio['rate']:.0f} requests/s ({aio['rate'] / nginx_rate:.2f} x nginx's "
+                  f"median); bare aiohttp, bytes from memory {mem['rate']:.0f} requests/s "
+                  f"({mem['rate'] / nginx_rate:.2f}); load {loadavg()}")
+            median = statistics.median(ratios)
+            print(f"B5 {label} gateway / nginx: median {median:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
+                  f"(target >= {target}); gateway {statistics.median(r['gateway']['rate'] for r in runs):.0f}/s "
+                  f"{statistics.median(r['gateway']['bytes'] for r in runs) / 1e6:.0f} MB/s, nginx {nginx_rate:.0f}/s "
+                  f"{statistics.median(r['nginx']['bytes'] for r in runs) / 1e6:.0f} MB/s (medians)", flush=True)
     finally:
         if bare is not None:
             bare.terminate()
@@ -210,6 +215,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of nginx and the gateway per size (median)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--code", type=Path, default=REPO,
                         help="run the daemon of this source tree (e.g. an earlier commit from git archive)")
@@ -220,7 +226,7 @@ async def main() -> int:
     print(f"daemon from {args.code.resolve()}; {nproc} cores; load average {loadavg()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-serve-"))
     try:
-        return await run(tmp, args.code.resolve(), args.seconds, args.connections)
+        return await run(tmp, args.code.resolve(), args.seconds, args.connections, args.repeat)
     finally:
         if args.keep:
             print(f"kept {tmp}")
