@@ -6,13 +6,16 @@ The gateway daemon (``python -m gateway serve``, local storage, log level WARNIN
 2 threads) then fetches each object's signed ``/media/{id}/{filename}`` link for ``--seconds``,
 and the same file from Debian's nginx (one worker, ``sendfile on``, no access log, serving the
 gateway's storage directory), started from a config in the temp directory as the current user
-(pid file, error log and temp paths there too, no daemon mode). Requests/s, MB/s and the ratio
-gateway ÷ nginx per size are printed, with the load average before and after each size.
+(pid file, error log and temp paths there too, no daemon mode). nginx and the gateway run in
+turns for ``--repeat`` rounds; requests/s, MB/s and the ratio gateway ÷ nginx of each round are
+printed with the load average, then the median ratio per size, and once per size two bare aiohttp
+baselines on the same file (:mod:`bench.bare_file_server`: ``FileResponse``, and the bytes from
+memory).
 
 Installs ``wrk`` and ``nginx-light`` with ``scripts/system-deps --bench`` (Debian, as root) if they
 are missing. From the repository root::
 
-    .venv/bin/python -m bench.serve                 # 10 s per size and server
+    .venv/bin/python -m bench.serve                 # 10 s per run, 3 rounds per size
     .venv/bin/python -m bench.serve --seconds 20 --code DIR   # the daemon of another source tree
 """
 
