@@ -33,6 +33,11 @@ def main() -> None:
 
     app = web.Application()
     app.router.add_post("/webhooks/{provider}", receive)
+    run_on_a_free_port(app)
+
+
+def run_on_a_free_port(app: web.Application) -> None:
+    """Run ``app`` on 127.0.0.1 at a free port, without an access log; print ``port <n>`` first."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(f"port {sock.getsockname()[1]}", flush=True)

@@ -10,6 +10,7 @@ a link a bot received can be sent on without fetching it over HTTP.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import time
@@ -29,9 +30,7 @@ class LinkSigner:
         self.ttl = ttl
 
     def _sig(self, media_id: str, filename: str, exp: int) -> str:
-        msg = f"{media_id}/{filename}\n{exp}".encode()
-        digest = hmac.new(self._secret, msg, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        return _signature(self._secret, media_id, filename, exp)
 
     def link(self, media_id: str, filename: str, ttl: int | None = None, now: float | None = None) -> str:
         """The full URL, valid for ``ttl`` seconds (default: the configured TTL)."""
@@ -87,3 +86,11 @@ class LinkSigner:
         query = parse_qs(parts.query)
         self.verify(media_id, filename, (query.get("exp") or [""])[0], (query.get("sig") or [""])[0], now)
         return media_id, filename, True
+
+
+@functools.lru_cache(maxsize=4096)  # a hot link is checked on every request: one HMAC per link
+def _signature(secret: bytes, media_id: str, filename: str, exp: int) -> str:
+    """HMAC-SHA256 of ``{id}/{filename}\n{exp}`` under ``secret``, base64url without padding."""
+    msg = f"{media_id}/{filename}\n{exp}".encode()
+    digest = hmac.new(secret, msg, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -5,6 +5,7 @@ streaming wrapper that hashes, counts and limits bytes on their way to storage.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import mimetypes
 import re
@@ -331,6 +332,7 @@ class MediaStream:
         return chunk
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function, on every served object
 def content_disposition(filename: str, mimetype: str) -> str:
     """A ``Content-Disposition`` header value (RFC 6266, RFC 8187 ``filename*``).
 

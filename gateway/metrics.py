@@ -45,6 +45,7 @@ from gateway.catalog import JOB_STATES, CatalogContract
 from gateway.media import CATEGORIES
 from gateway.sdk.storage import (
     InvalidKey,
+    LocalFiles,
     ObjectNotFound,
     ObjectStat,
     OpenedObject,
@@ -93,6 +94,7 @@ class Metrics:
         self.http_duration = Histogram(
             "gateway_http_request_duration_seconds", "Time to answer an HTTP request, by route template.",
             ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
+        self._http_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}  # see observe_http
         self.webhooks = Counter(
             "gateway_webhooks_received_total",
             "Webhook events received, by provider and outcome "
@@ -229,6 +231,18 @@ class Metrics:
         if size is not None:
             self.media_ingested_bytes.labels(provider, category).inc(size)
 
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request (``gateway_http_requests_total``) and its duration in
+        seconds (``gateway_http_request_duration_seconds``). The labelled series are looked up once
+        per route, method and status (their number is bounded: route templates, known methods)."""
+        key = (route, method, status)
+        series = self._http_series.get(key)
+        if series is None:
+            series = self._http_series[key] = (self.http_requests.labels(route, method, str(status)),
+                                               self.http_duration.labels(route, method))
+        series[0].inc()
+        series[1].observe(seconds)
+
     def observe_commit(self, writes: int) -> None:
         """Count one group commit carrying ``writes`` writes (called on the catalog thread)."""
         self.catalog_commits.inc()
@@ -300,6 +314,7 @@ class MeteredStorage:
         self.backend = backend
         self.name = backend.name
         self._metrics = metrics
+        self._local_path = backend.local_path if isinstance(backend, LocalFiles) else None
 
     def __getattr__(self, name: str) -> Any:  # only for names this class does not define
         if name == "backend":  # not set yet (copying, unpickling): no recursion
@@ -382,3 +397,8 @@ class MeteredStorage:
         """See :meth:`gateway.sdk.storage.StorageBackend.check`."""
         with self._observe("check"):
             await self.backend.check()
+
+    def local_path(self, key: str, bucket: str | None = None) -> str | None:
+        """See :meth:`gateway.sdk.storage.LocalFiles.local_path`; ``None`` for a backend without
+        local files. Not counted: it does no I/O (the web layer's sendfile reads the file)."""
+        return self._local_path(key, bucket) if self._local_path is not None else None

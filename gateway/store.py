@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pluggy
@@ -41,9 +42,58 @@ class MediaRefused(Exception):
     """Policy refused the attachment (type mismatch under ``reject``, or a ``check_media`` hook)."""
 
 
+SERVED_ROWS = 4096
+"""Media rows :class:`MediaRows` keeps at most."""
+SERVED_ROW_TTL = 5.0
+"""Seconds :class:`MediaRows` keeps a row: how long another replica sharing the catalog may still
+serve an object this one changed or deleted."""
+
+
+class MediaRows:
+    """The catalog rows of recently served media, so that serving a hot object (``/media``,
+    ``/public``) costs no catalog round-trip: at most ``size`` rows, each for ``ttl`` seconds
+    (``clock``: monotonic seconds), the least recently used dropped first. Unknown ids are not
+    kept. This process forgets a row as it changes or deletes it (:meth:`MediaStore.update`,
+    :meth:`MediaStore.delete`, the retention cleanup); another replica sharing the catalog sees
+    the change at most ``ttl`` seconds later. The rows returned are shared: never change them."""
+
+    def __init__(self, catalog: CatalogContract, size: int = SERVED_ROWS, ttl: float = SERVED_ROW_TTL,
+                 clock: Callable[[], float] = time.monotonic):
+        self.catalog = catalog
+        self.size = size
+        self.ttl = ttl
+        self.clock = clock
+        self._rows: OrderedDict[str, tuple[float, MediaRow]] = OrderedDict()
+        self._forgotten = 0  # bumped by forget(): a lookup that overlapped one keeps nothing
+
+    async def get(self, media_id: str) -> MediaRow | None:
+        """The row of ``media_id`` (``None``: no such row), from memory while it is fresh."""
+        hit = self._rows.get(media_id)
+        if hit is not None:
+            if hit[0] > self.clock():
+                self._rows.move_to_end(media_id)
+                return hit[1]
+            del self._rows[media_id]
+        forgotten = self._forgotten
+        record = await self.catalog.get_media(media_id)
+        if record is not None and forgotten == self._forgotten:
+            self._rows[media_id] = (self.clock() + self.ttl, record)
+            if len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+        return record
+
+    def forget(self, media_ids: Iterable[str]) -> None:
+        """Drop these rows: call it right after changing them in the catalog (or claiming them
+        for deletion), so that no lookup that overlapped the change keeps the old row."""
+        self._forgotten += 1
+        for media_id in media_ids:
+            self._rows.pop(media_id, None)
+
+
 class MediaStore:
-    """Streams media into the storage backend and the catalog. Counting is the caller's (ingest
-    counts ingested media, outbound counts sends)."""
+    """Streams media into the storage backend and the catalog, and changes and deletes its rows
+    (keeping :attr:`rows`, the rows the serving path reads, current). Counting is the caller's
+    (ingest counts ingested media, outbound counts sends)."""
 
     def __init__(self, settings: Settings, catalog: CatalogContract, storage: StorageBackend,
                  pm: pluggy.PluginManager):
@@ -51,6 +101,7 @@ class MediaStore:
         self.catalog = catalog
         self.storage = storage
         self.pm = pm
+        self.rows = MediaRows(catalog)
 
     async def store(self, chunks: AsyncIterator[bytes], origin: Origin) -> tuple[MediaRow, bool]:
         """Store ``chunks``; return ``(catalog row, created)``. ``created`` is False when
@@ -116,12 +167,21 @@ class MediaStore:
         await notify(self.pm, "media_stored", record=record)
         return record, True
 
+    async def update(self, media_id: str, values: dict[str, Any]) -> MediaRow | None:
+        """Change columns ``values`` of a media row (none: just read it); return the row as it is
+        now, or ``None`` if there is none. The caller notifies ``media_updated``."""
+        if values:
+            await self.catalog.update_media(media_id, values)
+            self.rows.forget([media_id])  # after the change: a lookup overlapping it keeps nothing
+        return await self.catalog.get_media(media_id)
+
     async def delete(self, media_id: str) -> MediaRow | None:
         """Delete a stored object and its thumbnails, then its catalog row (``media_deleted`` hooks run); return the
         row, or ``None`` when there is no such row or another deletion has it.
 
         Raises storage errors: the row then stays marked ``deleting`` for the next cleanup."""
         claimed = await self.catalog.claim_media_for_delete(media_id, time.time())
+        self.rows.forget([media_id])  # after the claim: a lookup overlapping it keeps nothing
         if claimed is None:
             return None
         await self.storage.delete(claimed["key"], bucket=claimed["bucket"])

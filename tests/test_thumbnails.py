@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from yarl import URL
 
-from gateway.keys import CATALOG, LINKS, RETENTION, STORAGE
+from gateway.keys import CATALOG, LINKS, MEDIA_STORE, RETENTION, STORAGE
 from gateway.sdk.storage import ObjectNotFound
 from gateway import thumbnails
 from gateway.thumbnails import SIZES, thumbnail_key
@@ -123,7 +123,7 @@ async def test_a_non_image_declared_as_an_image_is_refused(gw):
     status, body, _ = await get(gw, gw.app[LINKS].thumbnail_link(info["id"], 256))
     assert status == 422 and "has no thumbnail" in json.loads(body)["error"]
     # ... and a row that says "image" over bytes that are not one is refused by the decoder
-    await gw.app[CATALOG].update_media(info["id"], {"category": "image", "mimetype": "image/jpeg"})
+    await gw.app[MEDIA_STORE].update(info["id"], {"category": "image", "mimetype": "image/jpeg"})  # as the API does
     status, body, _ = await get(gw, gw.app[LINKS].thumbnail_link(info["id"], 256))
     assert status == 422 and "not a decodable image" in json.loads(body)["error"]
 

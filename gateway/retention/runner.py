@@ -54,7 +54,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import pluggy
@@ -75,6 +75,9 @@ from gateway.retention.report import (
 )
 from gateway.sdk.storage import IncompleteUploads, StorageBackend, StorageError
 from gateway.thumbnails import delete_thumbnails, original_key
+
+if TYPE_CHECKING:
+    from gateway.store import MediaRows
 
 log = logging.getLogger("gateway.retention")
 
@@ -125,8 +128,9 @@ class Retention:
     """
 
     def __init__(self, settings: Settings, catalog: CatalogContract, storage: StorageBackend, metrics: Metrics,
-                 clock: Clock = time.time, pm: pluggy.PluginManager | None = None):
+                 clock: Clock = time.time, pm: pluggy.PluginManager | None = None, rows: MediaRows | None = None):
         self.pm = pm  # fires media_deleted for each deleted object when given
+        self.rows = rows  # the daemon's served rows: forgets the rows it deletes
         self.settings = settings.retention
         self.catalog = catalog
         self.storage = storage
@@ -305,6 +309,8 @@ class Retention:
                 progress.item(CleanupItem("delete", row["reason"], row["key"], row["size"], row["bucket"],
                                           row["id"], row["provider"]))
             return
+        if self.rows is not None:  # claimed already: forgotten before their objects go
+            self.rows.forget(row["id"] for row in rows)
         slots = asyncio.Semaphore(DELETE_CONCURRENCY)
         done: list[tuple[DoomedMedia, bool]] = []
 

@@ -58,6 +58,7 @@ from gateway.sdk.provider import (
 from gateway.sdk.storage import (
     IncompleteUpload,
     IncompleteUploads,
+    LocalFiles,
     InvalidKey,
     ObjectNotFound,
     ObjectStat,
@@ -76,7 +77,7 @@ __all__ = [
     "SignatureError", "PayloadError", "FetchError", "SendError", "SendRefused",
     "MAX_JSON_DEPTH", "load_json", "storable", "signature_matches", "copy_path",
     # storage contract
-    "StorageBackend", "IncompleteUploads", "IncompleteUpload", "PutResult", "ObjectStat", "OpenedObject",
+    "StorageBackend", "IncompleteUploads", "IncompleteUpload", "LocalFiles", "PutResult", "ObjectStat", "OpenedObject",
     "StorageError", "ObjectNotFound", "InvalidKey",
     # outbound interface
     "OutboundService", "Origin", "MediaUnavailable", "relay",

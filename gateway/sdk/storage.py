@@ -182,3 +182,20 @@ class IncompleteUploads(Protocol):
 
     async def abort_upload(self, upload: IncompleteUpload) -> None:
         """Abort ``upload`` and free what it holds (already gone is fine). Raises :class:`StorageError`."""
+
+
+@runtime_checkable
+class LocalFiles(Protocol):
+    """Optional part of a storage backend whose objects are plain files on a local filesystem
+    (DESIGN §5: ``open`` streams, "or gives a file path the web layer can sendfile"). The host
+    then serves an object with the kernel's ``sendfile`` from that file, sending its own headers
+    (ETag, Range, Content-Type from the catalog row) instead of calling :meth:`StorageBackend.open`."""
+
+    def local_path(self, key: str, bucket: str | None = None) -> str | None:
+        """The absolute path of the file holding exactly the bytes of ``key`` (no sidecar, no
+        encoding), or ``None`` when this object is not a local file (the host then uses
+        :meth:`StorageBackend.open`). Called once per request on the event loop, so it does no
+        slow I/O (no sidecar read, no path resolution per call) and does not check that the
+        file exists: the host opens it without following a symlink at its last component, and
+        a missing file is a missing object (404). Raises :class:`InvalidKey` for a key that
+        could leave the backend's root."""

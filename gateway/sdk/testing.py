@@ -56,12 +56,12 @@ from gateway.sdk.provider import (
     SignatureError,
     WebhookEvent,
 )
-from gateway.sdk.storage import IncompleteUploads, ObjectNotFound, StorageBackend
+from gateway.sdk.storage import IncompleteUploads, InvalidKey, LocalFiles, ObjectNotFound, StorageBackend
 
 __all__ = [
     "test_storage_put_open_stat", "test_storage_ranges", "test_storage_delete", "test_storage_list_by_prefix",
     "test_storage_url", "test_storage_size_limit_abort_leaves_nothing", "test_storage_concurrent_puts",
-    "test_storage_check", "test_provider_keys_are_prefixed_and_stable", "test_provider_refuses_a_bad_signature",
+    "test_storage_local_files", "test_storage_check", "test_provider_keys_are_prefixed_and_stable", "test_provider_refuses_a_bad_signature",
     "test_provider_refuses_hostile_bodies", "test_provider_rewrite_without_outcomes", "test_provider_routes",
 ]
 
@@ -288,6 +288,31 @@ async def test_storage_concurrent_puts(contract_storage: StorageBackend) -> None
     assert await read_all(backend, "c/same") in same
     for key, data in different.items():
         assert await read_all(backend, key) == data
+
+
+async def test_storage_local_files(contract_storage: StorageBackend) -> None:
+    """A backend with local files (:class:`LocalFiles`, optional; others have nothing to check):
+    ``local_path`` names a file holding exactly the object's bytes (or ``None``), with no
+    symlink at its last component; after delete no file is there; a key that could leave the
+    root raises :class:`InvalidKey`."""
+    backend = contract_storage
+    if not isinstance(backend, LocalFiles):
+        return
+    data = os.urandom(70_000)
+    result = await backend.put("l/a/obj.bin", chunks(data), "application/octet-stream", {})
+    path = backend.local_path("l/a/obj.bin", bucket=result.bucket)
+    if path is None:
+        return
+    assert os.path.isabs(path) and not os.path.islink(path)
+    assert Path(path).read_bytes() == data
+    assert backend.local_path("l/a/obj.bin", bucket=result.bucket) == path  # stable
+    await backend.put("l/a/obj.bin", chunks(data[:10]), "application/octet-stream", {})
+    assert Path(path).read_bytes() == data[:10]  # the same path holds the new object
+    assert await backend.delete("l/a/obj.bin", bucket=result.bucket)
+    assert not os.path.exists(path)
+    for bad in ("../escape", "/etc/passwd", "l/../../x", "l/.hidden", ""):
+        with pytest.raises(InvalidKey):
+            backend.local_path(bad)
 
 
 async def test_storage_check(contract_storage: StorageBackend) -> None:

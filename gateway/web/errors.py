@@ -75,7 +75,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error in %s %s", request.method, route)
         return ApiError(500, "internal error").response()
     finally:
-        metrics = request.app[METRICS]
-        method = http_method(request.method)
-        metrics.http_requests.labels(route, method, str(status)).inc()
-        metrics.http_duration.labels(route, method).observe(time.monotonic() - started)
+        request.app[METRICS].observe_http(route, http_method(request.method), status, time.monotonic() - started)

@@ -244,9 +244,7 @@ async def patch_file(request: web.Request) -> web.Response:
         extra = json.loads(extra) if isinstance(extra, str) else (extra or {})
         extra["metadata"] = body.metadata or {}
         changes["extra"] = extra
-    if changes:
-        await request.app[CATALOG].update_media(record["id"], changes)
-    updated = await request.app[CATALOG].get_media(record["id"])
+    updated = await request.app[MEDIA_STORE].update(record["id"], changes)
     if updated is None:
         raise ApiError(404, "no such file")
     await notify(request.app[PLUGINS], "media_updated", record=updated)

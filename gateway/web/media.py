@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Mapping
-from typing import Any
+from stat import S_ISREG
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
 from gateway.catalog.rows import MediaRow
-from gateway.keys import CATALOG, LINKS, SETTINGS, STORAGE
+from gateway.keys import LINKS, MEDIA_STORE, SETTINGS, STORAGE
 from gateway.links import LinkError
 from gateway.media import content_disposition
 from gateway.sdk.storage import ObjectNotFound, StorageError
@@ -19,6 +22,9 @@ from gateway.thumbnails import thumbnail as make_thumbnail
 from gateway.web.errors import ApiError
 
 log = logging.getLogger("gateway.http")
+
+SMALL_OBJECT = 128 * 1024
+"""Ranges up to this many bytes are sent with one read and one write instead of sendfile."""
 
 
 async def media(request: web.Request) -> web.StreamResponse:
@@ -38,7 +44,7 @@ async def _signed_record(request: web.Request, signed_name: str) -> MediaRow:
         request.app[LINKS].verify(media_id, signed_name, request.query.get("exp"), request.query.get("sig"))
     except LinkError as exc:
         raise ApiError(403, str(exc))
-    record = await request.app[CATALOG].get_media(media_id)
+    record = await request.app[MEDIA_STORE].rows.get(media_id)
     if record is None or record.get("state") == "deleting":
         raise ApiError(404, "no such media")
     return record
@@ -83,7 +89,9 @@ async def thumbnail(request: web.Request) -> web.StreamResponse:
 
 
 async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.StreamResponse:
-    """Stream the object of catalog ``record`` with ETag, Range and conditional support, or, with
+    """Send the object of catalog ``record`` with ETag, Range and conditional support: with the
+    kernel's sendfile from a backend whose objects are local files
+    (:class:`gateway.sdk.storage.LocalFiles`), else streamed from ``storage.open``; or, with
     ``storage.serving = "redirect"`` and a backend that has direct URLs, answer 302 to a fresh
     presigned URL (valid for the link TTL, at most an hour)."""
     size = record["size"]
@@ -124,12 +132,14 @@ async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.S
                                    bucket=record["bucket"], content_type=record["mimetype"])
         if direct is not None:
             return web.Response(status=302, headers={"Location": direct, "Cache-Control": "no-store"})
+    local_path = getattr(storage, "local_path", None)  # LocalFiles, optional (no isinstance: it is slow)
+    path = local_path(record["key"], bucket=record["bucket"]) if local_path is not None else None
+    if path is not None:
+        return await _send_file(request, record, path, start, end, status, headers)
     try:
         obj = await storage.open(record["key"], start, end if size else None, bucket=record["bucket"])
     except ObjectNotFound:
-        log.error("catalog row %s points at a missing object %s", record["id"], record["key"],
-                  extra={"media_id": record["id"]})
-        raise ApiError(404, "object missing from storage")
+        raise _missing(record)
     response = web.StreamResponse(status=status, headers=headers)
     response.content_type = record["mimetype"]
     response.content_length = obj.length if size else 0
@@ -142,18 +152,87 @@ async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.S
                 sent += len(chunk)
         await response.write_eof()
     except ConnectionError:
-        log.info("client hung up after %d of %d bytes of %s (%s %s)", sent, response.content_length,
-                 record["id"], request.method, request.path, extra={"media_id": record["id"]})
+        _hung_up(request, record, sent, response)
         raise
     finally:
         await obj.close()
     return response
 
 
+async def _send_file(request: web.Request, record: Mapping[str, Any], path: str, start: int, end: int,
+                     status: int, headers: dict[str, str]) -> web.StreamResponse:
+    """Send bytes ``start``..``end`` (inclusive) of the file at ``path`` with ``loop.sendfile``
+    (the kernel's sendfile(2) on a plain socket; asyncio falls back to reads in a thread where it
+    cannot). The headers are ours (aiohttp's ``FileResponse`` would answer with its own ETag and
+    conditionals). Up to :data:`SMALL_OBJECT` bytes are read with one ``pread`` instead and go out
+    with the headers in one write: sendfile's own round trips through the loop cost more than
+    the copy. The file is opened and read on the loop, as sendfile reads it there: a hot
+    object is in the page cache, and a cold one blocks no longer either way."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _missing(record)
+    except OSError as exc:  # ELOOP (a symlink: never followed), EACCES, EIO
+        log.error("cannot open %s for %s: %s", record["key"], record["id"], exc, extra={"media_id": record["id"]})
+        raise ApiError(503, f"storage unavailable: {exc.strerror}")
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            raise _missing(record)
+        length = max(0, min(end, st.st_size - 1) - start + 1)  # a short file: what it has, as open() sends
+        if request.method == "HEAD" or not 0 < length <= SMALL_OBJECT:
+            with open(fd, "rb", buffering=0, closefd=False) as file:
+                return await _sendfile(request, record, file, start, length, status, headers)
+        response = web.Response(status=status, headers={**headers, "Content-Type": record["mimetype"]},
+                                body=os.pread(fd, length, start))
+    finally:
+        os.close(fd)
+    try:  # headers and body in one write
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        _hung_up(request, record, 0, response)
+        raise
+    return response
+
+
+async def _sendfile(request: web.Request, record: Mapping[str, Any], file: BinaryIO, start: int, length: int,
+                    status: int, headers: dict[str, str]) -> web.StreamResponse:
+    """Headers, then ``length`` bytes of ``file`` from ``start`` by ``loop.sendfile`` (none for HEAD)."""
+    response = web.StreamResponse(status=status, headers={**headers, "Content-Type": record["mimetype"]})
+    response.content_length = length
+    try:
+        await response.prepare(request)
+        if request.method != "HEAD" and length:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("connection lost")
+            await asyncio.get_running_loop().sendfile(transport, file, start, length)
+        await response.write_eof()
+    except ConnectionError:
+        # asyncio's sendfile leaves the file position after the last byte it sent
+        _hung_up(request, record, max(0, file.tell() - start), response)
+        raise
+    return response
+
+
+def _missing(record: Mapping[str, Any]) -> ApiError:
+    """Log a catalog row whose object is gone; the 404 to raise."""
+    log.error("catalog row %s points at a missing object %s", record["id"], record["key"],
+              extra={"media_id": record["id"]})
+    return ApiError(404, "object missing from storage")
+
+
+def _hung_up(request: web.Request, record: Mapping[str, Any], sent: int, response: web.StreamResponse) -> None:
+    """The one INFO line of a client that hung up mid-download (players and Range probes do)."""
+    log.info("client hung up after %d of %d bytes of %s (%s %s)", sent, response.content_length,
+             record["id"], request.method, request.path, extra={"media_id": record["id"]})
+
+
 async def public_media(request: web.Request) -> web.StreamResponse:
     """``GET|HEAD /public/{id}/{filename}``: a stable, unsigned link to an object marked public
     (``is_public``); 404 for any other object."""
-    record = await request.app[CATALOG].get_media(request.match_info["id"])
+    record = await request.app[MEDIA_STORE].rows.get(request.match_info["id"])
     if record is None or not record.get("is_public") or record.get("state", "stored") != "stored":
         raise ApiError(404, "no such public file")
     return await serve_object(request, record)

@@ -22,6 +22,18 @@ READ_CHUNK = 256 * 1024
 
 
 TMP_DIR, META_DIR = ".tmp", ".meta"
+CHECKED_PATHS = 4096  # object paths local_path remembers, their directories resolved inside the root
+
+
+def _key_parts(key: str) -> list[str]:
+    """The ``/``-separated segments of ``key``. Raises :class:`InvalidKey` for a key that could
+    name something outside the root or a hidden file (absolute, ``..``, ``.x``, NUL, ``\\``)."""
+    if not key or "\x00" in key or "\\" in key or key.startswith("/"):
+        raise InvalidKey(f"invalid object key {key!r}")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise InvalidKey(f"invalid object key {key!r}")
+    return parts
 
 
 class LocalStorage:
@@ -36,19 +48,34 @@ class LocalStorage:
         # Held only for the renames that publish an object, so that concurrent puts of one key
         # end with one writer's data and metadata together (the data fsync happens before it).
         self._publish = threading.Lock()
+        self._root_str = os.path.abspath(self.root)
+        self._real_root = os.path.realpath(self.root)
+        self._paths: dict[str, str] = {}  # local_path's answers, their directories checked
 
     # -- paths ----------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
         """The file for ``key``. Raises :class:`InvalidKey` if the key could leave the root."""
-        if not key or "\x00" in key or "\\" in key or key.startswith("/"):
-            raise InvalidKey(f"invalid object key {key!r}")
-        parts = key.split("/")
-        if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-            raise InvalidKey(f"invalid object key {key!r}")
-        path = self.root.joinpath(*parts)
+        path = self.root.joinpath(*_key_parts(key))
         resolved = path.resolve()
         if not resolved.is_relative_to(self.root.resolve()):
             raise InvalidKey(f"object key {key!r} resolves outside the storage root")
+        return path
+
+    def local_path(self, key: str, bucket: str | None = None) -> str | None:
+        """The file of ``key`` for sendfile (:class:`gateway.sdk.storage.LocalFiles`): no sidecar
+        read. Like :meth:`path_for`, but its directory is resolved once and the path then
+        remembered (at most :data:`CHECKED_PATHS`), and the file itself is left to the caller,
+        who opens it without following a symlink. Raises :class:`InvalidKey`."""
+        path = self._paths.get(key)
+        if path is None:
+            parts = _key_parts(key)
+            directory = os.path.join(self._root_str, *parts[:-1])
+            real = os.path.realpath(directory)
+            if real != self._real_root and not real.startswith(self._real_root + os.sep):
+                raise InvalidKey(f"object key {key!r} resolves outside the storage root")
+            if len(self._paths) >= CHECKED_PATHS:
+                self._paths.clear()
+            path = self._paths[key] = os.path.join(directory, parts[-1])
         return path
 
     def _meta_path(self, key: str) -> Path:
@@ -62,6 +89,8 @@ class LocalStorage:
             (self.root / META_DIR).mkdir(parents=True, exist_ok=True)
             for leftover in (self.root / TMP_DIR).iterdir():
                 leftover.unlink(missing_ok=True)
+            self._real_root = os.path.realpath(self.root)  # the root exists now
+            self._paths.clear()
         await asyncio.to_thread(_start)
 
     async def close(self) -> None:

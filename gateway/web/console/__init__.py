@@ -342,8 +342,7 @@ async def visibility(request: web.Request) -> web.Response:
     """``POST /console/files/{id}/visibility`` (``public`` = ``1``|``0``): make public or private."""
     principal, form = await _form(request, "write")
     record = await _visible(request, principal)
-    await request.app[CATALOG].update_media(record["id"], {"is_public": int(form.get("public") == "1")})
-    updated = await request.app[CATALOG].get_media(record["id"])
+    updated = await request.app[MEDIA_STORE].update(record["id"], {"is_public": int(form.get("public") == "1")})
     if updated is not None:
         await notify(request.app[PLUGINS], "media_updated", record=updated)
     raise web.HTTPSeeOther(f"/console/files/{record['id']}")
