@@ -30,25 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-from aiohttp import web
-
-from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
-from tests.daemon import REPO, GatewayProcess, write_toml
+from bench.harness import CountingSink, free_port, gateway_daemon, loadavg, metric, open_loop, percentile
+from tests.conftest import MEDIA, waha_payload
+from tests.daemon import REPO, GatewayProcess
 
 PLACEHOLDER = "__MSGID__"
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages (``/proc/loadavg``)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _body(url: str | None) -> str:
@@ -94,73 +80,10 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, flo
 
 async def fixed_rate(url: str, body: str, rate: float, seconds: float) -> dict[str, float]:
     """Open loop: ``rate`` webhooks/s for ``seconds``, each on its own task; latency percentiles."""
-    latencies: list[float] = []
-    failures = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
-        async def one(i: int) -> None:
-            nonlocal failures
-            started = time.perf_counter()
-            try:
-                async with http.post(url, data=body.replace(PLACEHOLDER, f"fixed-{i}"),
-                                     headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        failures += 1
-                        return
-            except aiohttp.ClientError:
-                failures += 1
-                return
-            latencies.append(time.perf_counter() - started)
-
-        tasks = []
-        t0 = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
-
-    return {"sent": rate * seconds, "failures": failures, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
-
-
-class CountingSink:
-    """A minimal bot target: answers 200 and counts."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.app = web.Application()
-        self.app.router.add_post("/{tail:.*}", self._receive)
-        self.url = ""
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.count += 1
-        return web.Response(text="ok")
-
-    async def start(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app, access_log=None)
-        await runner.setup()
-        port = _free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}/hook"
-        return runner
-
-
-async def _metric(url: str, name: str, labels: str = "") -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
-        text = await r.text()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            rest = line[len(name):]
-            if rest[:1] in (" ", "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    sent = await open_loop(url, lambda i: body.replace(PLACEHOLDER, f"fixed-{i}"), rate, seconds)
+    latencies = [(s.answered - s.sent) * 1000 for s in sent if s.status == 200]
+    return {"sent": rate * seconds, "failures": len(sent) - len(latencies),
+            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99)}
 
 
 CODE = REPO
@@ -168,17 +91,7 @@ CODE = REPO
 
 
 def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[dict[str, object]]) -> GatewayProcess:
-    port = _free_port()
-    work = tmp / name
-    work.mkdir()
-    queue: dict[str, object] = {"workers": 4, "max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
-                                "poll_interval": 1.0}
-    if CODE == REPO:
-        queue["fetch_workers"] = 8
-    data = deep_merge(base_config(work, port, None, None),
-                      {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
-    data["targets"] = targets
-    return GatewayProcess(write_toml(work / "gateway.toml", data), port, work / "daemon.log", cwd=CODE)
+    return gateway_daemon(tmp, name, providers, targets, code=CODE)
 
 
 async def b1(tmp: Path, seconds: int, connections: int) -> None:
@@ -200,15 +113,15 @@ async def b1(tmp: Path, seconds: int, connections: int) -> None:
     await gw.start()
     try:
         res = wrk(f"{gw.url}/webhooks/waha", _lua(tmp, body, "gw"), seconds, connections)
-        commits = await _metric(gw.url, "gateway_catalog_commits_total")
-        accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+        commits = await metric(gw.url, "gateway_catalog_commits_total")
+        accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
         print(f"gateway: {res['rate']:.0f}/s, p99 {res['p99_ms']:.1f} ms, non-2xx {res['non2xx']} "
               f"{res['errors']}; {accepted:.0f} accepted in {commits:.0f} commits "
               f"({accepted / max(commits, 1):.1f} webhooks/commit, job claims and completions included)")
         print(f"B1 ratio gateway / bare: {res['rate'] / base['rate']:.2f} (target >= 1.5); load {loadavg()}",
               flush=True)
         drain_t0 = time.monotonic()
-        while await _metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
+        while await metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
             await asyncio.sleep(0.5)
         print(f"(the flood's jobs ran in {time.monotonic() - drain_t0:.1f} s more; the fixed rate starts "
               f"on an empty queue)", flush=True)
@@ -233,17 +146,17 @@ async def _end_to_end(tmp: Path, name: str, seconds: int, connections: int, url:
         samples = []
         while not run.done():
             await asyncio.sleep(min(4.0, seconds / 5))
-            accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+            accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
             samples.append((time.monotonic() - t0, accepted, sink.count))
         res = await run
         window = time.monotonic() - t0
-        accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+        accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
         forwarded_in_window = sink.count
         drain_t0 = time.monotonic()
         while sink.count < accepted and time.monotonic() - drain_t0 < 600:
             await asyncio.sleep(0.2)
         drain = time.monotonic() - drain_t0
-        dead = await _metric(gw.url, "gateway_jobs", 'state="dead"')
+        dead = await metric(gw.url, "gateway_jobs", 'state="dead"')
         series = ", ".join(f"{t:.0f}s: {a - f:.0f}" for t, a, f in samples)
         print(f"acknowledged {res['rate']:.0f}/s (wrk, p99 {res['p99_ms']:.1f} ms, non-2xx {res['non2xx']}); "
               f"forwarded {forwarded_in_window / window:.0f}/s during the {window:.0f} s window; "
@@ -269,7 +182,7 @@ async def b3(tmp: Path, seconds: int, connections: int) -> None:
     files = tmp / "waha-files"
     files.mkdir()
     shutil.copy(MEDIA / "photo.jpg", files / "photo.jpg")
-    port = _free_port()
+    port = free_port()
     emu = subprocess.Popen([sys.executable, "-m", "tests.emulators.waha", "--port", str(port), "--dir", str(files)],
                            cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

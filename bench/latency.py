@@ -1,0 +1,347 @@
+"""End-to-end latency of an image message (issue 12, B7): webhook sent -> bot received, for the
+gateway daemon and for :mod:`bench.min_relay` (a minimal durable relay: commit, ack, fetch, hash,
+fsync, forward; no job table), under the same open-loop load in the same run.
+
+- The WAHA emulator runs in its own process (:class:`bench.harness.WahaProcess`) and serves a
+  100 KiB JPEG (``tests/fixtures/media/photo.jpg`` padded with a JPEG comment segment) under a
+  distinct URL per message, stamping when each download request arrives.
+- A bot sink in this process stamps when each forward arrives (keyed by ``payload.id``).
+- An open-loop sender posts WAHA ``message`` webhooks at ``--rate`` per second (default 50) for
+  ``--seconds`` (default 30), stamping each send; first to the relay, then to the gateway daemon
+  (local storage with fsync, SQLite catalog, log level WARNING; ``--code DIR`` runs another
+  source tree's daemon). Every message must arrive (exit status 1 otherwise).
+- It prints p50, p90, p99 and max of (bot received - webhook sent) for both, the gateway/relay
+  ratios (target: p99 <= 1.25x), the CPU seconds each used, and the load average before and after.
+- Where the gateway's time goes: from the catalog (``events.received_at``, ``media.created_at``,
+  the jobs' times) and a trigger this bench adds to the daemon's catalog once it runs (one row in
+  ``bench_job_marks`` per job state change, in the same transaction: the time the worker asked,
+  and the time the catalog thread ran the statement), plus the emulator's and the sink's stamps,
+  the median and p99 of each phase, and their mean over the slowest 1% of messages.
+
+From the repository root::
+
+    .venv/bin/python -m bench.latency                  # 50 msg/s, 30 s each
+    .venv/bin/python -m bench.latency --seconds 10 --code /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    CountingSink,
+    Sent,
+    WahaProcess,
+    gateway_daemon,
+    loadavg,
+    open_loop,
+    metric,
+    percentile,
+)
+from bench.stream_1gib import cpu_seconds
+from tests.conftest import MEDIA, deep_merge, waha_payload
+from tests.daemon import REPO
+
+IMAGE_BYTES = 100 * 1024
+API_KEY = "waha-key"
+DRAIN_TIMEOUT = 60.0  # seconds to wait after the last webhook for the rest to arrive
+TARGET_P99_RATIO = 1.25
+
+# Records each job state change with the worker's time (updated_at) and the statement's.
+MARKS_SQL = """
+CREATE TABLE IF NOT EXISTS bench_job_marks (job_id INTEGER, kind TEXT, state TEXT, asked REAL, at REAL);
+CREATE TRIGGER IF NOT EXISTS bench_job_marks AFTER UPDATE OF state ON jobs BEGIN
+  INSERT INTO bench_job_marks VALUES (NEW.id, NEW.kind, NEW.state, NEW.updated_at,
+                                      (julianday('now') - 2440587.5) * 86400.0);
+END;
+"""
+
+
+def setting(text: str) -> dict[str, Any]:
+    """``"storage.local.fsync=false"`` (a dotted settings path, a TOML value) as nested dicts.
+    Raises ``argparse.ArgumentTypeError`` for anything else."""
+    path, sep, value = text.partition("=")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not TOML ({exc})") from None
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected section.key=value")
+    out: dict[str, Any] = {}
+    node = out
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = parsed
+    return out
+
+
+def make_image(dest: Path, size: int = IMAGE_BYTES) -> Path:
+    """``photo.jpg`` with a comment segment (``FF FE``) after its SOI padding it to ``size`` bytes:
+    a valid JPEG, ``image/jpeg`` to libmagic."""
+    photo = (MEDIA / "photo.jpg").read_bytes()
+    pad = size - len(photo) - 4
+    if not 0 <= pad <= 65533:
+        raise ValueError(f"cannot pad {len(photo)} bytes to {size} with one comment segment")
+    dest.write_bytes(photo[:2] + b"\xff\xfe" + struct.pack(">H", pad + 2) + b"\x00" * pad + photo[2:])
+    return dest
+
+
+def message_id(body: bytes) -> str:
+    """The WAHA message id (``payload.id``) of a forwarded message."""
+    return str(json.loads(body)["payload"]["id"])
+
+
+@dataclass
+class Trip:
+    """One message's epoch times: sent, answered (HTTP status), download request at WAHA, bot
+    received (NaN when missing); ``marks``: the gateway's catalog times by phase name."""
+
+    sent: float
+    answered: float
+    status: int
+    fetch: float
+    bot: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """Seconds from webhook sent to bot received."""
+        return self.bot - self.sent
+
+
+async def drive(name: str, webhook_url: str, waha: WahaProcess, offset: int, sink: CountingSink,
+                rate: float, seconds: float) -> dict[str, Trip]:
+    """The open-loop load on ``webhook_url`` (message ids ``<name>-<i>``, media alias ``offset + i``);
+    waits up to :data:`DRAIN_TIMEOUT` after the last for every message to reach the sink.
+    Returns ``{message id: Trip}``."""
+    def body(i: int) -> str:
+        return json.dumps(waha_payload(waha.url(offset + i), message_id=f"{name}-{i}"))
+
+    sent: list[Sent] = await open_loop(webhook_url, body, rate, seconds)
+    ids = [f"{name}-{s.index}" for s in sent]
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while any(i not in sink.arrivals for i in ids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    fetches = await waha.arrivals()
+    nan = float("nan")
+    return {i: Trip(s.sent, s.answered, s.status, fetches.get(offset + s.index, nan), sink.arrivals.get(i, nan))
+            for i, s in zip(ids, sent)}
+
+
+def gateway_marks(db: Path, trips: dict[str, Trip]) -> None:
+    """Fill each trip's ``marks`` from the daemon's catalog: ``received`` (the webhook's
+    ``received_at``), ``ingest_asked``/``ingest_claimed`` (the worker asked for a job / the claim
+    ran), ``stored`` (the media row's ``created_at``, after fsync and rename), ``ingest_done``
+    (the completion asked), ``ingest_done_sql``, ``deliver_asked``/``deliver_claimed``,
+    ``deliver_done``."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        events = {ev: (mid, received) for ev, mid, received in
+                  conn.execute("SELECT id, message_id, received_at FROM events")}
+        for ev, (mid, received) in events.items():
+            if mid in trips:
+                trips[mid].marks["received"] = received
+        stored = dict(conn.execute("SELECT event_id, created_at FROM media"))
+        jobs: dict[int, tuple[str, str]] = {}
+        for job_id, kind, payload, updated, state in conn.execute(
+                "SELECT id, kind, payload, updated_at, state FROM jobs"):
+            ev = json.loads(payload)["event_id"]
+            jobs[job_id] = (kind, ev)
+            if ev in events and events[ev][0] in trips and state == "done":
+                trips[events[ev][0]].marks[f"{kind}_done"] = updated
+        for ev, at in stored.items():
+            if ev in events and events[ev][0] in trips:
+                trips[events[ev][0]].marks["stored"] = at
+        for job_id, state, asked, at in conn.execute(
+                "SELECT job_id, state, asked, at FROM bench_job_marks ORDER BY rowid"):
+            kind, ev = jobs.get(job_id, ("?", ""))
+            marks = trips[events[ev][0]].marks if ev in events and events[ev][0] in trips else None
+            if marks is None:
+                continue
+            if state == "running" and f"{kind}_claimed" not in marks:
+                marks[f"{kind}_asked"], marks[f"{kind}_claimed"] = asked, at
+            elif state == "done":
+                marks[f"{kind}_done_sql"] = at
+    finally:
+        conn.close()
+
+
+# (label, from, to): the gateway's phases, in pipeline order; "sent", "answered", "fetch" and "bot"
+# are the bench's stamps, the others catalog marks.
+GATEWAY_PHASES = [
+    ("webhook sent -> received by the daemon", "sent", "received"),
+    ("received -> acknowledged (group commit, answer)", "received", "answered"),
+    ("received -> ingest claimed", "received", "ingest_claimed"),
+    ("  of which: webhook commit, fetch worker wake-up", "received", "ingest_asked"),
+    ("  of which: claim waiting for the catalog thread", "ingest_asked", "ingest_claimed"),
+    ("ingest claimed -> download asked at WAHA", "ingest_claimed", "fetch"),
+    ("download asked -> media stored (fetch, sniff, hash, write, fsync, rename)", "fetch", "stored"),
+    ("media stored -> ingest done (media row commit, rewrite)", "stored", "ingest_done"),
+    ("ingest done -> deliver claimed", "ingest_done", "deliver_claimed"),
+    ("  of which: done + followup commit ran", "ingest_done", "ingest_done_sql"),
+    ("  of which: deliver claim waiting for the catalog thread", "deliver_asked", "deliver_claimed"),
+    ("deliver claimed -> bot received (claim commit, event read, POST)", "deliver_claimed", "bot"),
+    ("webhook sent -> bot received", "sent", "bot"),
+]
+EXTERNAL_PHASES = [
+    ("webhook sent -> answered 200", "sent", "answered"),
+    ("webhook sent -> download asked at WAHA", "sent", "fetch"),
+    ("download asked -> bot received", "fetch", "bot"),
+    ("webhook sent -> bot received", "sent", "bot"),
+]
+
+
+def stamp(trip: Trip, name: str) -> float:
+    """The time ``name`` of ``trip`` (a bench stamp or a catalog mark); NaN when missing."""
+    if name in trip.marks:
+        return trip.marks[name]
+    return float(getattr(trip, name, float("nan")))
+
+
+def phase_table(trips: Sequence[Trip], phases: Sequence[tuple[str, str, str]]) -> list[str]:
+    """One line per phase: median, p99 and max over the trips that have both stamps, and the mean
+    over the slowest 1% of trips (by total latency), in milliseconds."""
+    complete = [t for t in trips if t.total == t.total]
+    slow = sorted(complete, key=lambda t: t.total)[-max(1, len(complete) // 100):]
+    width = max(len(label) for label, _, _ in phases)
+    lines = [f"  {'phase (ms)':<{width}}  {'p50':>7} {'p99':>7} {'max':>7}  {'slowest 1%':>10}"]
+    for label, start, end in phases:
+        def spans(ts: Sequence[Trip]) -> list[float]:
+            values = [(stamp(t, end) - stamp(t, start)) * 1000 for t in ts]
+            return [v for v in values if v == v]
+        every, worst = spans(complete), spans(slow)
+        mean_slow = statistics.fmean(worst) if worst else float("nan")
+        lines.append(f"  {label:<{width}}  {percentile(every, 0.5):7.1f} {percentile(every, 0.99):7.1f} "
+                     f"{max(every, default=float('nan')):7.1f}  {mean_slow:10.1f}")
+    return lines
+
+
+def summary(name: str, trips: dict[str, Trip]) -> dict[str, float]:
+    """Print and return the latency percentiles (ms) of ``trips`` with their counts."""
+    totals = [t.total * 1000 for t in trips.values() if t.total == t.total]
+    non200 = sum(1 for t in trips.values() if t.status != 200)
+    stats = {"p50": percentile(totals, 0.5), "p90": percentile(totals, 0.9), "p99": percentile(totals, 0.99),
+             "max": max(totals, default=float("nan")), "received": len(totals), "sent": len(trips)}
+    print(f"{name}: webhook sent -> bot received p50 {stats['p50']:.1f} ms, p90 {stats['p90']:.1f}, "
+          f"p99 {stats['p99']:.1f}, max {stats['max']:.1f}; received {len(totals)} of {len(trips)} "
+          f"(non-200 answers {non200}); load {loadavg()}", flush=True)
+    return stats
+
+
+async def run_relay(tmp: Path, waha: WahaProcess, sink: CountingSink, rate: float, seconds: float
+                    ) -> tuple[dict[str, Trip], float]:
+    """The load on :mod:`bench.min_relay`; its trips and CPU seconds."""
+    relay = subprocess.Popen([sys.executable, "-m", "bench.min_relay", "--db", str(tmp / "relay.db"),
+                              "--storage", str(tmp / "relay-media"), "--bot-url", sink.url, "--api-key", API_KEY],
+                             cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert relay.stdout is not None
+        port = int(relay.stdout.readline().split()[1])
+        await asyncio.sleep(0.3)
+        cpu0 = cpu_seconds(relay.pid)
+        trips = await drive("relay", f"http://127.0.0.1:{port}/webhooks/waha", waha, 0, sink, rate, seconds)
+        return trips, cpu_seconds(relay.pid) - cpu0
+    finally:
+        relay.terminate()
+        relay.wait()
+
+
+async def run_gateway(tmp: Path, code: Path, overrides: dict[str, Any], waha: WahaProcess, offset: int,
+                      sink: CountingSink, rate: float, seconds: float) -> tuple[dict[str, Trip], float, float]:
+    """The load on the gateway daemon (its settings with ``overrides``); its trips (with catalog
+    marks), CPU seconds and catalog commits."""
+    gw = gateway_daemon(tmp, "gateway", {"waha": {"base_url": waha.base_url, "api_key": API_KEY}},
+                        [{"name": "bot", "url": sink.url}], code=code, overrides=overrides)
+    db = gw.config.parent / "var" / "gateway.db"
+    await gw.start()
+    try:
+        conn = sqlite3.connect(db, timeout=10, isolation_level=None)
+        conn.executescript(MARKS_SQL)
+        conn.close()
+        await asyncio.sleep(0.3)
+        cpu0 = cpu_seconds(gw.pid)
+        commits0 = await metric(gw.url, "gateway_catalog_commits_total")
+        trips = await drive("gateway", f"{gw.url}/webhooks/waha", waha, offset, sink, rate, seconds)
+        cpu = cpu_seconds(gw.pid) - cpu0
+        commits = await metric(gw.url, "gateway_catalog_commits_total") - commits0
+        deadline = time.monotonic() + 10
+        while True:  # the deliver jobs' done commits come a moment after the bot got the POST
+            await asyncio.to_thread(gateway_marks, db, trips)
+            if all("deliver_done" in t.marks for t in trips.values() if t.bot == t.bot) \
+                    or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await gw.terminate()
+    return trips, cpu, commits
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=50.0, help="webhooks per second (default 50)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="seconds of load on each (default 30)")
+    parser.add_argument("--set", type=setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a daemon setting (TOML value), e.g. storage.local.fsync=false; repeatable")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory (daemon.log, catalog)")
+    parser.add_argument("--code", type=Path, default=REPO,
+                        help="run the daemon of this source tree (e.g. an earlier commit from git archive)")
+    args = parser.parse_args()
+    code = args.code.resolve()
+    overrides: dict[str, Any] = {}
+    for one in args.set:
+        overrides = deep_merge(overrides, one)
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-latency-"))
+    per_run = int(args.rate * args.seconds)
+    print(f"daemon from {code}{' with ' + json.dumps(overrides) if overrides else ''}; {len(__import__('os').sched_getaffinity(0))} cores; "
+          f"{IMAGE_BYTES // 1024} KiB JPEG at {args.rate:g} msg/s for {args.seconds:g} s each; "
+          f"load average before {loadavg()}", flush=True)
+    sink = CountingSink(key=message_id)
+    runner = await sink.start()
+    try:
+        with WahaProcess(make_image(tmp / "image.jpg"), 2 * per_run, API_KEY) as waha:
+            relay, relay_cpu = await run_relay(tmp, waha, sink, args.rate, args.seconds)
+            r = summary("minimal relay", relay)
+            gateway, gw_cpu, commits = await run_gateway(tmp, code, overrides, waha, per_run, sink, args.rate,
+                                                         args.seconds)
+            g = summary("gateway", gateway)
+    finally:
+        await runner.cleanup()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nCPU seconds per 1,000 messages: relay {relay_cpu / per_run * 1000:.1f}, "
+          f"gateway {gw_cpu / per_run * 1000:.1f}; gateway catalog commits per message "
+          f"{commits / per_run:.2f} (the relay: 1)")
+    print("\nboth, seen from outside (bench, emulator and sink stamps):")
+    for name, trips in (("relay", relay), ("gateway", gateway)):
+        print(f" {name}")
+        print("\n".join(phase_table(list(trips.values()), EXTERNAL_PHASES)))
+    print("\nthe gateway's phases (catalog times; each percentile on its own, so they do not add up):")
+    print("\n".join(phase_table(list(gateway.values()), GATEWAY_PHASES)))
+    ratio50, ratio99 = g["p50"] / r["p50"], g["p99"] / r["p99"]
+    verdict = "PASS" if ratio99 <= TARGET_P99_RATIO else "FAIL"
+    print(f"\nB7 gateway / relay: p50 {ratio50:.2f}x, p99 {ratio99:.2f}x (target p99 <= {TARGET_P99_RATIO}x: "
+          f"{verdict}); received relay {r['received']:.0f}/{r['sent']:.0f}, gateway "
+          f"{g['received']:.0f}/{g['sent']:.0f}; load average after {loadavg()}", flush=True)
+    return 0 if r["received"] == r["sent"] and g["received"] == g["sent"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
