@@ -188,7 +188,7 @@ GATEWAY_PHASES = [
     ("webhook sent -> received by the daemon", "sent", "received"),
     ("received -> acknowledged (group commit, answer)", "received", "answered"),
     ("received -> ingest claimed", "received", "ingest_claimed"),
-    ("  of which: webhook commit, fetch worker wake-up", "received", "ingest_asked"),
+    ("  of which: webhook commit, waiting for a fetch worker", "received", "ingest_asked"),
     ("  of which: claim waiting for the catalog thread", "ingest_asked", "ingest_claimed"),
     ("ingest claimed -> download asked at WAHA", "ingest_claimed", "fetch"),
     ("download asked -> media stored (fetch, sniff, hash, write, fsync, rename)", "fetch", "stored"),
@@ -230,6 +230,44 @@ def phase_table(trips: Sequence[Trip], phases: Sequence[tuple[str, str, str]]) -
         lines.append(f"  {label:<{width}}  {percentile(every, 0.5):7.1f} {percentile(every, 0.99):7.1f} "
                      f"{max(every, default=float('nan')):7.1f}  {mean_slow:10.1f}")
     return lines
+
+
+def busy_fetch_lane(trips: Sequence[Trip], workers: int) -> str:
+    """Whether the slowest 1% of trips waited for their ingest claim because every fetch worker
+    was busy: for each, the fewest ingest jobs running (claimed, completion not yet run) at any
+    moment between its ``received`` and the claim its worker asked for. Fewer than ``workers``
+    means a worker was free (or between jobs) while the job waited."""
+    def mark(t: Trip, name: str) -> float:
+        return t.marks.get(name, float("nan"))
+
+    running = [(mark(t, "ingest_claimed"), mark(t, "ingest_done_sql")) for t in trips]
+    complete = sorted((t for t in trips if t.total == t.total), key=lambda t: t.total)
+    fewest: list[int] = []
+    for t in complete[-max(1, len(complete) // 100):]:
+        start, end = mark(t, "received"), mark(t, "ingest_asked")
+        if not start <= end:
+            continue
+        moments = [start] + [e for _, e in running if start <= e <= end]
+        fewest.append(min(sum(1 for c, e in running if c <= m < e) for m in moments))
+    if not fewest:
+        return "no trip with its ingest claim recorded"
+    free = sum(1 for n in fewest if n < workers)
+    return (f"while the slowest 1% waited for a fetch worker, the fewest ingest jobs running were "
+            f"{statistics.fmean(fewest):.1f} on average of {workers} workers (min {min(fewest)}); "
+            f"{free} of {len(fewest)} had a worker not running a job at some moment")
+
+
+def timeline(trips: Sequence[Trip], window: float = 5.0) -> str:
+    """The p99 of (bot received - webhook sent) of the trips sent in each ``window`` seconds, in
+    ms (e.g. ``0s: 21, 5s: 480, ...``): whether a tail is one stall or spread over the run."""
+    complete = [t for t in trips if t.total == t.total]
+    if not complete:
+        return ""
+    t0 = min(t.sent for t in complete)
+    buckets: dict[int, list[float]] = {}
+    for t in complete:
+        buckets.setdefault(int((t.sent - t0) // window), []).append(t.total * 1000)
+    return ", ".join(f"{b * window:g}s: {percentile(v, 0.99):.0f}" for b, v in sorted(buckets.items()))
 
 
 def summary(name: str, trips: dict[str, Trip]) -> dict[str, float]:
@@ -333,8 +371,11 @@ async def main() -> int:
     for name, trips in (("relay", relay), ("gateway", gateway)):
         print(f" {name}")
         print("\n".join(phase_table(list(trips.values()), EXTERNAL_PHASES)))
+    for name, trips in (("relay", relay), ("gateway", gateway)):
+        print(f"p99 (ms) of the messages sent in each 5 s, {name}: {timeline(list(trips.values()))}")
     print("\nthe gateway's phases (catalog times; each percentile on its own, so they do not add up):")
     print("\n".join(phase_table(list(gateway.values()), GATEWAY_PHASES)))
+    print(busy_fetch_lane(list(gateway.values()), int(overrides.get("queue", {}).get("fetch_workers", 8))))
     ratio50, ratio99 = g["p50"] / r["p50"], g["p99"] / r["p99"]
     verdict = "PASS" if ratio99 <= TARGET_P99_RATIO else "FAIL"
     print(f"\nB7 gateway / relay: p50 {ratio50:.2f}x, p99 {ratio99:.2f}x (target p99 <= {TARGET_P99_RATIO}x: "
