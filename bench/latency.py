@@ -7,9 +7,11 @@ fsync, forward; no job table), under the same open-loop load in the same run.
   distinct URL per message, stamping when each download request arrives.
 - A bot sink in this process stamps when each forward arrives (keyed by ``payload.id``).
 - An open-loop sender posts WAHA ``message`` webhooks at ``--rate`` per second (default 50) for
-  ``--seconds`` (default 30), stamping each send; first to the relay, then to the gateway daemon
+  ``--seconds`` (default 30) to each, stamping each send: to the relay, then to the gateway daemon
   (local storage with fsync, SQLite catalog, log level WARNING; ``--code DIR`` runs another
-  source tree's daemon). Every message must arrive (exit status 1 otherwise).
+  source tree's daemon, ``--set`` changes its settings), alternating in ``--slices`` (default 3)
+  so that both meet the same moments of a shared machine; both run throughout. Every message must
+  arrive (exit status 1 otherwise).
 - It prints p50, p90, p99 and max of (bot received - webhook sent) for both, the gateway/relay
   ratios (target: p99 <= 1.25x), the CPU seconds each used, and the load average before and after.
 - Where the gateway's time goes: from the catalog (``events.received_at``, ``media.created_at``,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import statistics
@@ -282,58 +285,83 @@ def summary(name: str, trips: dict[str, Trip]) -> dict[str, float]:
     return stats
 
 
-async def run_relay(tmp: Path, waha: WahaProcess, sink: CountingSink, rate: float, seconds: float
-                    ) -> tuple[dict[str, Trip], float]:
-    """The load on :mod:`bench.min_relay`; its trips and CPU seconds."""
-    relay = subprocess.Popen([sys.executable, "-m", "bench.min_relay", "--db", str(tmp / "relay.db"),
-                              "--storage", str(tmp / "relay-media"), "--bot-url", sink.url, "--api-key", API_KEY],
-                             cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert relay.stdout is not None
-        port = int(relay.stdout.readline().split()[1])
-        await asyncio.sleep(0.3)
-        cpu0 = cpu_seconds(relay.pid)
-        trips = await drive("relay", f"http://127.0.0.1:{port}/webhooks/waha", waha, 0, sink, rate, seconds)
-        return trips, cpu_seconds(relay.pid) - cpu0
-    finally:
-        relay.terminate()
-        relay.wait()
+class Relay:
+    """:mod:`bench.min_relay` as a subprocess, forwarding to ``sink``."""
+
+    name = "relay"
+
+    def __init__(self, tmp: Path, sink: CountingSink):
+        self.args = [sys.executable, "-m", "bench.min_relay", "--db", str(tmp / "relay.db"),
+                     "--storage", str(tmp / "relay-media"), "--bot-url", sink.url, "--api-key", API_KEY]
+        self.proc: subprocess.Popen[str] | None = None
+        self.webhook_url = ""
+
+    async def start(self) -> None:
+        """Start it; :attr:`webhook_url` once it listens."""
+        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.webhook_url = f"http://127.0.0.1:{int(self.proc.stdout.readline().split()[1])}/webhooks/waha"
+
+    async def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    async def counters(self) -> tuple[float, float]:
+        """CPU seconds used so far, and catalog commits (one per webhook: not counted, 0)."""
+        return cpu_seconds(self.proc.pid if self.proc else None), 0.0
 
 
-async def run_gateway(tmp: Path, code: Path, overrides: dict[str, Any], waha: WahaProcess, offset: int,
-                      sink: CountingSink, rate: float, seconds: float) -> tuple[dict[str, Trip], float, float]:
-    """The load on the gateway daemon (its settings with ``overrides``); its trips (with catalog
-    marks), CPU seconds and catalog commits."""
-    gw = gateway_daemon(tmp, "gateway", {"waha": {"base_url": waha.base_url, "api_key": API_KEY}},
-                        [{"name": "bot", "url": sink.url}], code=code, overrides=overrides)
-    db = gw.config.parent / "var" / "gateway.db"
-    await gw.start()
-    try:
-        conn = sqlite3.connect(db, timeout=10, isolation_level=None)
-        conn.executescript(MARKS_SQL)
-        conn.close()
-        await asyncio.sleep(0.3)
-        cpu0 = cpu_seconds(gw.pid)
-        commits0 = await metric(gw.url, "gateway_catalog_commits_total")
-        trips = await drive("gateway", f"{gw.url}/webhooks/waha", waha, offset, sink, rate, seconds)
-        cpu = cpu_seconds(gw.pid) - cpu0
-        commits = await metric(gw.url, "gateway_catalog_commits_total") - commits0
+class Gateway:
+    """The gateway daemon of source tree ``code`` with ``overrides``, forwarding to ``sink``, with
+    :data:`MARKS_SQL` added to its catalog once it runs."""
+
+    name = "gateway"
+
+    def __init__(self, tmp: Path, code: Path, overrides: dict[str, Any], waha: WahaProcess, sink: CountingSink):
+        self.daemon = gateway_daemon(tmp, "gateway", {"waha": {"base_url": waha.base_url, "api_key": API_KEY}},
+                                     [{"name": "bot", "url": sink.url}], code=code, overrides=overrides)
+        self.db = self.daemon.config.parent / "var" / "gateway.db"
+        self.webhook_url = f"{self.daemon.url}/webhooks/waha"
+
+    async def start(self) -> None:
+        """Start the daemon (``/healthz`` answers), then add the trigger."""
+        await self.daemon.start()
+        conn = sqlite3.connect(self.db, timeout=10, isolation_level=None)
+        try:
+            conn.executescript(MARKS_SQL)
+        finally:
+            conn.close()
+
+    async def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.daemon.proc is not None:
+            await self.daemon.terminate()
+
+    async def counters(self) -> tuple[float, float]:
+        """CPU seconds used so far, and catalog commits (``gateway_catalog_commits_total``)."""
+        return cpu_seconds(self.daemon.pid), await metric(self.daemon.url, "gateway_catalog_commits_total")
+
+    async def marks(self, trips: dict[str, Trip]) -> None:
+        """:func:`gateway_marks` once every delivered message's ``deliver`` job is done (its
+        commit comes a moment after the bot got the POST), or after 10 s."""
         deadline = time.monotonic() + 10
-        while True:  # the deliver jobs' done commits come a moment after the bot got the POST
-            await asyncio.to_thread(gateway_marks, db, trips)
+        while True:
+            await asyncio.to_thread(gateway_marks, self.db, trips)
             if all("deliver_done" in t.marks for t in trips.values() if t.bot == t.bot) \
                     or time.monotonic() > deadline:
-                break
+                return
             await asyncio.sleep(0.2)
-    finally:
-        await gw.terminate()
-    return trips, cpu, commits
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=50.0, help="webhooks per second (default 50)")
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds of load on each (default 30)")
+    parser.add_argument("--slices", type=int, default=3,
+                        help="the load alternates between relay and gateway in this many slices each, so "
+                             "that both meet the same moments of a shared machine (default 3)")
     parser.add_argument("--set", type=setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a daemon setting (TOML value), e.g. storage.local.fsync=false; repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (daemon.log, catalog)")
@@ -345,34 +373,57 @@ async def main() -> int:
     for one in args.set:
         overrides = deep_merge(overrides, one)
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-latency-"))
-    per_run = int(args.rate * args.seconds)
-    print(f"daemon from {code}{' with ' + json.dumps(overrides) if overrides else ''}; {len(__import__('os').sched_getaffinity(0))} cores; "
-          f"{IMAGE_BYTES // 1024} KiB JPEG at {args.rate:g} msg/s for {args.seconds:g} s each; "
+    settings = f" with {json.dumps(overrides)}" if overrides else ""
+    print(f"daemon from {code}{settings}; {len(os.sched_getaffinity(0))} cores; {IMAGE_BYTES // 1024} KiB JPEG "
+          f"at {args.rate:g} msg/s for {args.seconds:g} s each, alternating in {args.slices} slices; "
           f"load average before {loadavg()}", flush=True)
     sink = CountingSink(key=message_id)
     runner = await sink.start()
+    trips: dict[str, dict[str, Trip]] = {"relay": {}, "gateway": {}}
+    used = {"relay": [0.0, 0.0], "gateway": [0.0, 0.0]}  # CPU seconds, catalog commits
+    slice_seconds = args.seconds / args.slices
+    per_slice = int(args.rate * slice_seconds)
     try:
-        with WahaProcess(make_image(tmp / "image.jpg"), 2 * per_run, API_KEY) as waha:
-            relay, relay_cpu = await run_relay(tmp, waha, sink, args.rate, args.seconds)
-            r = summary("minimal relay", relay)
-            gateway, gw_cpu, commits = await run_gateway(tmp, code, overrides, waha, per_run, sink, args.rate,
-                                                         args.seconds)
-            g = summary("gateway", gateway)
+        with WahaProcess(make_image(tmp / "image.jpg"), 2 * per_slice * args.slices, API_KEY) as waha:
+            systems: list[Relay | Gateway] = [Relay(tmp, sink), Gateway(tmp, code, overrides, waha, sink)]
+            try:
+                for system in systems:
+                    await system.start()
+                await asyncio.sleep(0.3)
+                offset = 0
+                for k in range(args.slices):
+                    for system in systems:
+                        before = await system.counters()
+                        trips[system.name].update(await drive(f"{system.name}-{k}", system.webhook_url, waha,
+                                                              offset, sink, args.rate, slice_seconds))
+                        after = await system.counters()
+                        used[system.name] = [u + a - b for u, a, b in zip(used[system.name], after, before)]
+                        offset += per_slice
+                        print(f"  {system.name} slice {k + 1}/{args.slices} done; load {loadavg()}", flush=True)
+                assert isinstance(systems[1], Gateway)
+                await systems[1].marks(trips["gateway"])
+            finally:
+                for system in systems:
+                    await system.stop()
     finally:
         await runner.cleanup()
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nCPU seconds per 1,000 messages: relay {relay_cpu / per_run * 1000:.1f}, "
-          f"gateway {gw_cpu / per_run * 1000:.1f}; gateway catalog commits per message "
-          f"{commits / per_run:.2f} (the relay: 1)")
+    relay, gateway = trips["relay"], trips["gateway"]
+    r = summary("minimal relay", relay)
+    g = summary("gateway", gateway)
+    sent = per_slice * args.slices
+    print(f"\nCPU seconds per 1,000 messages: relay {used['relay'][0] / sent * 1000:.1f}, "
+          f"gateway {used['gateway'][0] / sent * 1000:.1f}; gateway catalog commits per message "
+          f"{used['gateway'][1] / sent:.2f} (the relay: 1)")
     print("\nboth, seen from outside (bench, emulator and sink stamps):")
-    for name, trips in (("relay", relay), ("gateway", gateway)):
+    for name in ("relay", "gateway"):
         print(f" {name}")
-        print("\n".join(phase_table(list(trips.values()), EXTERNAL_PHASES)))
-    for name, trips in (("relay", relay), ("gateway", gateway)):
-        print(f"p99 (ms) of the messages sent in each 5 s, {name}: {timeline(list(trips.values()))}")
+        print("\n".join(phase_table(list(trips[name].values()), EXTERNAL_PHASES)))
+    for name in ("relay", "gateway"):
+        print(f"p99 (ms) of the messages sent in each 5 s, {name}: {timeline(list(trips[name].values()))}")
     print("\nthe gateway's phases (catalog times; each percentile on its own, so they do not add up):")
     print("\n".join(phase_table(list(gateway.values()), GATEWAY_PHASES)))
     print(busy_fetch_lane(list(gateway.values()), int(overrides.get("queue", {}).get("fetch_workers", 8))))
