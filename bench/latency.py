@@ -105,6 +105,26 @@ def make_image(dest: Path, size: int = IMAGE_BYTES) -> Path:
     return dest
 
 
+def fsync_latency(directory: Path, count: int = 50) -> str:
+    """p50, p90 and max (ms) of ``count`` fsyncs of a 4 KiB append in ``directory``: the price of
+    each durable step on this disk at this moment (the gateway takes several in a row per message,
+    the relay three)."""
+    path = directory / "fsync-probe"
+    times: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"\0" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return (f"fsync p50 {percentile(times, 0.5):.1f} ms, p90 {percentile(times, 0.9):.1f}, "
+            f"max {max(times):.1f}")
+
+
 def message_id(body: bytes) -> str:
     """The WAHA message id (``payload.id``) of a forwarded message."""
     return str(json.loads(body)["payload"]["id"])
@@ -376,7 +396,7 @@ async def main() -> int:
     settings = f" with {json.dumps(overrides)}" if overrides else ""
     print(f"daemon from {code}{settings}; {len(os.sched_getaffinity(0))} cores; {IMAGE_BYTES // 1024} KiB JPEG "
           f"at {args.rate:g} msg/s for {args.seconds:g} s each, alternating in {args.slices} slices; "
-          f"load average before {loadavg()}", flush=True)
+          f"load average before {loadavg()}; {fsync_latency(tmp)}", flush=True)
     sink = CountingSink(key=message_id)
     runner = await sink.start()
     trips: dict[str, dict[str, Trip]] = {"relay": {}, "gateway": {}}
@@ -402,6 +422,7 @@ async def main() -> int:
                         print(f"  {system.name} slice {k + 1}/{args.slices} done; load {loadavg()}", flush=True)
                 assert isinstance(systems[1], Gateway)
                 await systems[1].marks(trips["gateway"])
+                fsync_after = fsync_latency(tmp)
             finally:
                 for system in systems:
                     await system.stop()
@@ -412,6 +433,7 @@ async def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     relay, gateway = trips["relay"], trips["gateway"]
+    print(f"after the load: {fsync_after}")
     r = summary("minimal relay", relay)
     g = summary("gateway", gateway)
     sent = per_slice * args.slices
