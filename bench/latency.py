@@ -256,28 +256,30 @@ def phase_table(trips: Sequence[Trip], phases: Sequence[tuple[str, str, str]]) -
 
 
 def busy_fetch_lane(trips: Sequence[Trip], workers: int) -> str:
-    """Whether the slowest 1% of trips waited for their ingest claim because every fetch worker
-    was busy: for each, the fewest ingest jobs running (claimed, completion not yet run) at any
-    moment between its ``received`` and the claim its worker asked for. Fewer than ``workers``
-    means a worker was free (or between jobs) while the job waited."""
+    """Whether the slowest 1% of trips waited for their ingest claim because the fetch lane was
+    full: for each, the ingest jobs running (claimed, completion not yet run), averaged over the
+    time between its ``received`` and the claim its worker asked for (sampled at 50 moments), and
+    the fewest at any of those moments. An average near ``workers`` means a full lane (a queue);
+    well below means workers were between jobs (waiting for the catalog) or idle."""
     def mark(t: Trip, name: str) -> float:
         return t.marks.get(name, float("nan"))
 
     running = [(mark(t, "ingest_claimed"), mark(t, "ingest_done_sql")) for t in trips]
     complete = sorted((t for t in trips if t.total == t.total), key=lambda t: t.total)
+    means: list[float] = []
     fewest: list[int] = []
     for t in complete[-max(1, len(complete) // 100):]:
         start, end = mark(t, "received"), mark(t, "ingest_asked")
         if not start <= end:
             continue
-        moments = [start] + [e for _, e in running if start <= e <= end]
-        fewest.append(min(sum(1 for c, e in running if c <= m < e) for m in moments))
-    if not fewest:
+        counts = [sum(1 for c, e in running if c <= m < e)
+                  for m in (start + (end - start) * k / 49 for k in range(50))]
+        means.append(statistics.fmean(counts))
+        fewest.append(min(counts))
+    if not means:
         return "no trip with its ingest claim recorded"
-    free = sum(1 for n in fewest if n < workers)
-    return (f"while the slowest 1% waited for a fetch worker, the fewest ingest jobs running were "
-            f"{statistics.fmean(fewest):.1f} on average of {workers} workers (min {min(fewest)}); "
-            f"{free} of {len(fewest)} had a worker not running a job at some moment")
+    return (f"while the slowest 1% waited for a fetch worker, {statistics.fmean(means):.1f} of {workers} fetch "
+            f"workers were running an ingest job on average (fewest at a moment: {min(fewest)})")
 
 
 def timeline(trips: Sequence[Trip], window: float = 5.0) -> str:
