@@ -51,16 +51,14 @@ def percentile(values: Sequence[float], p: float) -> float:
 def gateway_daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[dict[str, object]],
                    code: Path = REPO, overrides: dict[str, Any] | None = None) -> GatewayProcess:
     """A daemon (not started) in ``tmp/name`` with local storage (fsync), the SQLite catalog, log
-    level WARNING, ``[queue] workers = 4`` (``fetch_workers = 8`` when ``code`` is this tree; an
-    earlier tree may not know the setting), running the source tree ``code``; ``overrides``:
-    settings merged over these (``{"storage": {"local": {"fsync": False}}}``)."""
+    level WARNING, the tests' ``[queue] workers = 4`` and the code's default ``fetch_workers``,
+    running the source tree ``code``; ``overrides``: settings merged over these
+    (``{"storage": {"local": {"fsync": False}}}``)."""
     port = free_port()
     work = tmp / name
     work.mkdir()
-    queue: dict[str, object] = {"workers": 4, "max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
+    queue: dict[str, object] = {"max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
                                 "poll_interval": 1.0}
-    if code == REPO:
-        queue["fetch_workers"] = 8
     data = deep_merge(base_config(work, port, None, None),
                       {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
     data = deep_merge(data, overrides or {})

@@ -128,6 +128,16 @@ def fsync_latency(directory: Path, count: int = 50) -> str:
             f"max {max(times):.1f}")
 
 
+def fetch_workers(code: Path, overrides: dict[str, Any]) -> int:
+    """The daemon's ``[queue] fetch_workers``: from ``overrides``, else the default of the source
+    tree ``code`` (asked of its ``gateway.config``)."""
+    if "fetch_workers" in overrides.get("queue", {}):
+        return int(overrides["queue"]["fetch_workers"])
+    out = subprocess.run([sys.executable, "-c", "from gateway.config import QueueSettings as Q; "
+                          "print(Q().fetch_workers)"], cwd=code, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
 def message_id(body: bytes) -> str:
     """The WAHA message id (``payload.id``) of a forwarded message."""
     return str(json.loads(body)["payload"]["id"])
@@ -453,7 +463,7 @@ async def main() -> int:
         print(f"p99 (ms) of the messages sent in each 5 s, {name}: {timeline(list(trips[name].values()))}")
     print("\nthe gateway's phases (catalog times; each percentile on its own, so they do not add up):")
     print("\n".join(phase_table(list(gateway.values()), GATEWAY_PHASES)))
-    print(busy_fetch_lane(list(gateway.values()), int(overrides.get("queue", {}).get("fetch_workers", 8))))
+    print(busy_fetch_lane(list(gateway.values()), fetch_workers(code, overrides)))
     ratio50, ratio99 = g["p50"] / r["p50"], g["p99"] / r["p99"]
     verdict = "PASS" if ratio99 <= TARGET_P99_RATIO else "FAIL"
     print(f"\nB7 gateway / relay: p50 {ratio50:.2f}x, p99 {ratio99:.2f}x (target p99 <= {TARGET_P99_RATIO}x: "
