@@ -30,25 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-from aiohttp import web
-
-from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
-from tests.daemon import REPO, GatewayProcess, write_toml
+from bench.harness import (
+    CountingSink,
+    WahaProcess,
+    gateway_daemon,
+    loadavg,
+    metric,
+    open_loop,
+    percentile,
+)
+from tests.conftest import MEDIA, waha_payload
+from tests.daemon import REPO, GatewayProcess
 
 PLACEHOLDER = "__MSGID__"
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages (``/proc/loadavg``)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+NUMBER = "__N__"
+"""In a media URL: the webhook's number, so that each webhook has an attachment of its own."""
 
 
 def _body(url: str | None) -> str:
@@ -94,39 +90,12 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, flo
 
 async def fixed_rate(url: str, body: str, rate: float, seconds: float, tag: str = "fixed") -> dict[str, float]:
     """Open loop: ``rate`` webhooks/s for ``seconds``, each on its own task; latency percentiles."""
-    latencies: list[float] = []
-    failures = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
-        async def one(i: int) -> None:
-            nonlocal failures
-            started = time.perf_counter()
-            try:
-                async with http.post(url, data=body.replace(PLACEHOLDER, f"{tag}-{i}"),
-                                     headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        failures += 1
-                        return
-            except aiohttp.ClientError:
-                failures += 1
-                return
-            latencies.append(time.perf_counter() - started)
-
-        tasks = []
-        t0 = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
-
-    return {"sent": rate * seconds, "failures": failures, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "seconds": time.perf_counter() - t0}
+    sent = await open_loop(url, lambda i: body.replace(PLACEHOLDER, f"{tag}-{i}").replace(NUMBER, str(i)),
+                           rate, seconds)
+    latencies = [(s.answered - s.sent) * 1000 for s in sent if s.status == 200]
+    return {"sent": rate * seconds, "failures": len(sent) - len(latencies),
+            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "seconds": max((s.answered for s in sent), default=0.0) - min((s.sent for s in sent), default=0.0)}
 
 
 def fixed_rate_process(url: str, body: str, rate: float, seconds: float, tag: str) -> subprocess.Popen[str]:
@@ -137,55 +106,12 @@ def fixed_rate_process(url: str, body: str, rate: float, seconds: float, tag: st
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
 
 
-class CountingSink:
-    """A minimal bot target: answers 200 and counts."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.app = web.Application()
-        self.app.router.add_post("/{tail:.*}", self._receive)
-        self.url = ""
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.count += 1
-        return web.Response(text="ok")
-
-    async def start(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app, access_log=None)
-        await runner.setup()
-        port = _free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}/hook"
-        return runner
-
-
-async def _metric(url: str, name: str, labels: str = "") -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
-        text = await r.text()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            rest = line[len(name):]
-            if rest[:1] in (" ", "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 CODE = REPO
 """The source tree whose daemon runs (``--code``)."""
 
 
 def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[dict[str, object]]) -> GatewayProcess:
-    port = _free_port()
-    work = tmp / name
-    work.mkdir()
-    queue: dict[str, object] = {"max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
-                                "poll_interval": 1.0}  # the lanes' workers: the defaults
-    data = deep_merge(base_config(work, port, None, None),
-                      {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
-    data["targets"] = targets
-    return GatewayProcess(write_toml(work / "gateway.toml", data), port, work / "daemon.log", cwd=CODE)
+    return gateway_daemon(tmp, name, providers, targets, code=CODE)
 
 
 async def b1(tmp: Path, seconds: int, connections: int) -> None:
@@ -207,15 +133,15 @@ async def b1(tmp: Path, seconds: int, connections: int) -> None:
     await gw.start()
     try:
         res = wrk(f"{gw.url}/webhooks/waha", _lua(tmp, body, "gw"), seconds, connections)
-        commits = await _metric(gw.url, "gateway_catalog_commits_total")
-        accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+        commits = await metric(gw.url, "gateway_catalog_commits_total")
+        accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
         print(f"gateway: {res['rate']:.0f}/s, p99 {res['p99_ms']:.1f} ms, non-2xx {res['non2xx']} "
               f"{res['errors']}; {accepted:.0f} accepted in {commits:.0f} commits "
               f"({accepted / max(commits, 1):.1f} webhooks/commit, job claims and completions included)")
         print(f"B1 ratio gateway / bare: {res['rate'] / base['rate']:.2f} (target >= 1.5); load {loadavg()}",
               flush=True)
         drain_t0 = time.monotonic()
-        while await _metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
+        while await metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
             await asyncio.sleep(0.5)
         print(f"(the flood's jobs ran in {time.monotonic() - drain_t0:.1f} s more; the fixed rate starts "
               f"on an empty queue)", flush=True)
@@ -241,18 +167,18 @@ async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
         samples = []
         while sender.poll() is None:
             await asyncio.sleep(min(3.0, seconds / 6))
-            accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+            accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
             samples.append((time.monotonic() - t0, accepted, sink.count))
         assert sender.stdout is not None
         res = json.loads(sender.stdout.read().strip().splitlines()[-1])
         window = time.monotonic() - t0
-        accepted = await _metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+        accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
         forwarded_in_window = sink.count
         drain_t0 = time.monotonic()
         while sink.count < accepted and time.monotonic() - drain_t0 < 600:
             await asyncio.sleep(0.1)
         drain = time.monotonic() - drain_t0
-        dead = await _metric(gw.url, "gateway_jobs", 'state="dead"')
+        dead = await metric(gw.url, "gateway_jobs", 'state="dead"')
         series = ", ".join(f"{t:.0f}s: {a - f:.0f}" for t, a, f in samples)
         backlogs = [a - f for _, a, f in samples[len(samples) // 2:]]
         flat = not backlogs or max(backlogs) <= max(rate, 2 * backlogs[0])
@@ -277,21 +203,11 @@ async def b3(tmp: Path, seconds: int, connections: int, rate: float = 300) -> No
     print(f"\n== B3 55 KiB image webhooks stored (local, fsync) and forwarded, {rate:.0f}/s for {seconds} s; "
           f"load {loadavg()}",
           flush=True)
-    files = tmp / "waha-files"
-    files.mkdir()
-    shutil.copy(MEDIA / "photo.jpg", files / "photo.jpg")
-    port = _free_port()
-    emu = subprocess.Popen([sys.executable, "-m", "tests.emulators.waha", "--port", str(port), "--dir", str(files)],
-                           cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert emu.stdout is not None
-        emu.stdout.readline()
-        base_url = f"http://127.0.0.1:{port}"
-        await _end_to_end(tmp, "b3", seconds, f"{base_url}/api/files/default/photo.jpg",
-                          {"waha": {"base_url": base_url, "api_key": "waha-key"}}, rate)
-    finally:
-        emu.terminate()
-        emu.wait()
+    # one URL per webhook (the gateway stores an attachment once per URL: one URL for all would be
+    # one download and then duplicates)
+    with WahaProcess(MEDIA / "photo.jpg", aliases=int(rate * seconds) + 1) as waha:
+        await _end_to_end(tmp, "b3", seconds, waha.url(0).replace("m0.jpg", f"m{NUMBER}.jpg"),
+                          {"waha": {"base_url": waha.base_url, "api_key": waha.api_key}}, rate)
 
 
 async def main() -> int:
