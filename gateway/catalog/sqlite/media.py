@@ -46,7 +46,7 @@ class MediaMixin(SQLiteConnection):
                                                    [record["source_key"]]))
             return cast(MediaRow, existing), False
 
-        return await self.run(_insert)
+        return await self.write(_insert)  # shares a group commit with the writes waiting
 
     async def update_media(self, media_id: str, values: dict[str, Any]) -> bool:
         """Set columns of a media row; ``True`` if the row exists."""
@@ -57,7 +57,7 @@ class MediaMixin(SQLiteConnection):
                                    [*(to_sql(v) for v in values.values()), media_id])
                 return cur.rowcount > 0
 
-        return await self.run(_update)
+        return await self.write(_update)
 
     async def list_media(self, where: list[str], args: list[Any], sort: str, descending: bool,
                          after: tuple[Any, str] | None, limit: int) -> list[MediaRow]:
