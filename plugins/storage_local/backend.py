@@ -131,13 +131,10 @@ class LocalStorage:
         """
         final = self.path_for(key)
         await self._require_space()
-        tmp = self.root / TMP_DIR / uuid.uuid4().hex
-        try:
-            fh: BinaryIO = await asyncio.to_thread(open, tmp, "xb")
-        except OSError as exc:
-            raise StorageError(f"cannot create {tmp}: {exc}") from exc
+        # the temp file is opened by the thread of its first write: a small object is opened,
+        # written, fsynced and published in one hop to a thread
+        out = _TempFile(self.root / TMP_DIR / uuid.uuid4().hex, key, writeback=self.fsync)
         size = 0
-        out = _TempFile(fh, key, writeback=self.fsync)
         loop = asyncio.get_running_loop()
         writing: asyncio.Future[None] | None = None  # the batch a worker thread is writing
         try:
@@ -155,18 +152,20 @@ class LocalStorage:
             if writing is not None:
                 await writing
                 writing = None
-            if batch:
-                await asyncio.to_thread(out.write, batch)
             meta = {"content_type": content_type, "metadata": dict(metadata)}
-            await asyncio.to_thread(self._commit, fh, tmp, final, key, meta)
+            await asyncio.to_thread(self._commit, out, batch, final, key, meta)
         except BaseException:
             if writing is not None:
                 await asyncio.wait([writing])  # the thread must be done with the file first
-            await asyncio.to_thread(_discard, fh, tmp)
+            await asyncio.to_thread(out.discard)
             raise
         return PutResult(key=key, size=size)
 
-    def _commit(self, fh: BinaryIO, tmp: Path, final: Path, key: str, meta: dict[str, Any]) -> None:
+    def _commit(self, out: _TempFile, batch: list[bytes], final: Path, key: str, meta: dict[str, Any]) -> None:
+        """In a thread: write the last ``batch``, fsync, publish the file and its sidecar by rename,
+        fsync their directories. Raises :class:`StorageError`."""
+        out.write(batch)
+        fh, tmp = out.opened(), out.path
         try:
             fh.flush()
             if self.fsync:
@@ -290,34 +289,47 @@ class _TempFile:
     nothing is started early.
     """
 
-    def __init__(self, fh: BinaryIO, key: str, writeback: bool):
-        self.fh = fh
+    def __init__(self, path: Path, key: str, writeback: bool):
+        self.path = path
+        self.fh: BinaryIO | None = None  # opened by the first write
         self.key = key
         self.writeback = writeback and hasattr(os, "posix_fadvise")
         self.written = 0  # bytes handed to the kernel so far
 
+    def opened(self) -> BinaryIO:
+        """The temp file, created (exclusively) on the first call. Raises :class:`StorageError`."""
+        if self.fh is None:
+            try:
+                self.fh = open(self.path, "xb")
+            except OSError as exc:
+                raise StorageError(f"cannot create {self.path}: {exc}") from exc
+        return self.fh
+
     def write(self, batch: list[bytes]) -> None:
         """Write ``batch``; an ``OSError`` (``ENOSPC``, ``EIO``) becomes a :class:`StorageError`."""
+        fh = self.opened()
+        if not batch:
+            return
         try:
-            self.fh.writelines(batch)
+            fh.writelines(batch)
             if self.writeback:
-                self.fh.flush()
-                start, self.written = self.written, self.fh.tell()
-                os.posix_fadvise(self.fh.fileno(), start, self.written - start, os.POSIX_FADV_DONTNEED)
+                fh.flush()
+                start, self.written = self.written, fh.tell()
+                os.posix_fadvise(fh.fileno(), start, self.written - start, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise StorageError(f"cannot store {self.key}: {exc}") from exc
 
-
-def _discard(fh: BinaryIO, tmp: Path) -> None:
-    """Drop a failed put's temp files. Closing flushes what is buffered, which fails again on a
-    full disk: that error is dropped so the put's own error is the one that propagates."""
-    try:
-        fh.close()
-    except OSError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".meta").unlink(missing_ok=True)
+    def discard(self) -> None:
+        """Drop a failed put's temp files. Closing flushes what is buffered, which fails again on
+        a full disk: that error is dropped so the put's own error is the one that propagates."""
+        try:
+            if self.fh is not None:
+                self.fh.close()
+        except OSError:
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)
+            self.path.with_suffix(".meta").unlink(missing_ok=True)
 
 
 async def _read_range(fh: BinaryIO, first: int, last: int) -> AsyncIterator[bytes]:
