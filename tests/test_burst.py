@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.admission import Admission
 from gateway.config import QueueSettings
 from gateway.jobs import Backlogged, Job, JobQueue
 from gateway.metrics import Metrics
@@ -225,3 +226,105 @@ async def test_readyz_says_when_the_gateway_cannot_keep_up(tmp_path, waha, sink,
             daemon.kill()
     log = (tmp_path / "daemon.log").read_text()
     assert log.count("the gateway cannot keep up") == 1 and "caught up" in log
+
+
+# -- holding back media webhooks the fetch lane could not store in time ------------------------------
+
+def _admission(**settings) -> tuple[Admission, Metrics]:
+    metrics = Metrics()
+    return Admission(QueueSettings(fetch_workers=2, **settings), metrics, lambda provider: 100.0), metrics
+
+
+async def test_admission_measures_the_store_rate_only_while_the_lane_is_saturated():
+    adm, metrics = _admission(admission_fraction=0.5, admission_hold=0)
+    adm.observe(1, now=0.0)  # below fetch_workers: completions follow arrivals
+    for _ in range(5):
+        adm.finished()
+    adm.observe(1, now=5.0)
+    assert adm.rate is None and adm.estimate() == 0
+    assert await adm.admit("waha", 3000) is None  # no rate known: admitted, and counted as waiting
+    adm.observe(3000, now=6.0)
+    for _ in range(20):
+        adm.finished()
+    adm.observe(2980, now=8.0)
+    assert adm.rate == pytest.approx(10.0)  # 20 stored in 2 s
+    assert adm.estimate() == pytest.approx(298.0)
+    assert metrics.registry.get_sample_value("gateway_media_store_estimate_seconds") == pytest.approx(298.0)
+    # 298 s > 0.5 × 100 s: held back, Retry-After bounded
+    assert await adm.admit("waha") == 10
+    adm.observe(2980, now=20.0)  # nothing stored for 12 s: a stalled lane is slow, not unknown
+    assert adm.rate == pytest.approx(1 / 12) and adm.estimate() > 10_000
+
+
+async def test_admission_holds_a_webhook_until_there_is_room():
+    adm, _ = _admission(admission_fraction=0.5, admission_hold=5.0)
+    adm.observe(100, now=0.0)
+    for _ in range(10):
+        adm.finished()
+    adm.observe(502, now=1.0)  # 10/s, 502 waiting: 50.2 s > 0.5 × 100 s
+    assert adm.estimate() == pytest.approx(50.2)
+    held = asyncio.create_task(adm.admit("waha"))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    adm.finished()
+    adm.finished()  # 500 waiting: 50 s, room for one
+    assert await asyncio.wait_for(held, 1) is None
+    assert adm.waiting == 501
+
+
+async def test_behind_media_webhooks_get_503_and_retry_after_caught_up_200(tmp_path, waha, sink, unused_tcp_port):
+    """A daemon whose one fetch worker stores about 4 media/s, with a 4 s media deadline (room: 2 s
+    of work): once the lane is measured, a media webhook is answered 503 with Retry-After and is not
+    stored; a text webhook is still accepted; once the backlog is stored, the same webhook gets 200."""
+    waha.delay = 0.25
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, log={"level": "INFO"},
+                     queue={"fetch_workers": 1, "media_deadline": 4.0, "admission_fraction": 0.5,
+                            "admission_hold": 0.2})
+    await daemon.start()
+    photo = waha.add_file(MEDIA / "photo.jpg")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def post(payload: dict) -> aiohttp.ClientResponse:
+                async with http.post(f"{daemon.url}/webhooks/waha", data=json.dumps(payload)) as r:
+                    await r.read()
+                    return r
+
+            admitted = 0
+            for i in range(200):
+                r = await post(waha_payload(photo, message_id=f"early-{i}"))
+                if r.status == 503:
+                    break
+                assert r.status == 200
+                admitted += 1
+                await asyncio.sleep(0.05)
+            assert r.status == 503 and 1 <= int(r.headers["Retry-After"]) <= 10, admitted
+            refused = waha_payload(photo, message_id="refused")
+            r = await post(refused)
+            assert r.status == 503 and "behind" in (await r.json())["error"]
+            r = await post(_text_payload("text-while-behind"))
+            assert r.status == 200  # without media: nothing to lose
+            async with http.get(f"{daemon.url}/metrics") as m:
+                text = await m.text()
+            assert 'gateway_webhooks_received_total{outcome="held_back",provider="waha"} 2.0' in text
+            assert 'gateway_media_admission_holding{provider="waha"} 1.0' in text
+
+            delivered = await sink.wait_for(admitted + 1, timeout=60)
+            assert "refused" not in {d.json["payload"]["id"] for d in delivered}
+            conn = sqlite3.connect(tmp_path / "var" / "gateway.db")
+            try:
+                assert conn.execute("SELECT COUNT(*) FROM events WHERE message_id='refused'").fetchone()[0] == 0
+            finally:
+                conn.close()
+            for _ in range(100):  # caught up: the same webhook is accepted
+                r = await post(refused)
+                if r.status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status == 200
+            await sink.wait_for(admitted + 2, timeout=30)
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    assert log.count("media webhooks of waha held back") == 1 and log.count("caught up (storing") == 1, log
