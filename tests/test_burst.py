@@ -19,6 +19,7 @@ from gateway.jobs import Backlogged, Job, JobQueue
 from gateway.metrics import Metrics
 from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
+from tests.emulators.waha import WahaEmulator
 from tests.test_catalog_contract import _event
 from tests.test_catalog_jobs import catalog  # noqa: F401  (the fixture: a real SQLite catalog)
 
@@ -328,3 +329,22 @@ async def test_behind_media_webhooks_get_503_and_retry_after_caught_up_200(tmp_p
             daemon.kill()
     log = (tmp_path / "daemon.log").read_text()
     assert log.count("media webhooks of waha held back") == 1 and log.count("caught up (storing") == 1, log
+
+
+async def test_the_waha_emulator_deletes_each_message_file_after_its_own_webhook(waha):
+    """The B4 emulator mode: per-message URLs of one registered file, each answering 404 from
+    ``delete_after`` seconds after its webhook was first sent (the time in the URL)."""
+    waha.delete_after = 60.0
+    waha.add_file(MEDIA / "photo.jpg")
+    now = time.time()
+    fresh = WahaEmulator.message_file_url(waha.base_url, "m-1", now - 59, "photo.jpg")
+    stale = WahaEmulator.message_file_url(waha.base_url, "m-2", now - 61, "photo.jpg")
+    async with aiohttp.ClientSession(headers={"X-Api-Key": waha.api_key}) as http:
+        async with http.get(fresh) as r:
+            assert r.status == 200 and await r.read() == (MEDIA / "photo.jpg").read_bytes()
+        async with http.get(stale) as r:
+            assert r.status == 404 and "deleted 60 s after the webhook" in (await r.json())["message"]
+        async with http.get(WahaEmulator.message_file_url(waha.base_url, "m-3", now, "other.jpg")) as r:
+            assert r.status == 404  # not a registered file
+        async with http.get(f"{waha.base_url}/_emulator/stats") as r:
+            assert await r.json() == {"deleted_hits": 1, "message_files_served": 1}
