@@ -31,24 +31,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
-from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
-from tests.daemon import REPO, GatewayProcess, write_toml
+from bench.common import CountingSink, gateway_daemon, loadavg, waha_process
+from bench.common import metric as _metric
+from tests.conftest import MEDIA, waha_payload
+from tests.daemon import REPO, GatewayProcess
 
 PLACEHOLDER = "__MSGID__"
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages (``/proc/loadavg``)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _body(url: str | None) -> str:
@@ -128,57 +117,16 @@ async def fixed_rate(url: str, body: str, rate: float, seconds: float) -> dict[s
     return {"sent": rate * seconds, "failures": failures, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
 
 
-class CountingSink:
-    """A minimal bot target: answers 200 and counts."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.app = web.Application()
-        self.app.router.add_post("/{tail:.*}", self._receive)
-        self.url = ""
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.count += 1
-        return web.Response(text="ok")
-
-    async def start(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app, access_log=None)
-        await runner.setup()
-        port = _free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}/hook"
-        return runner
-
-
-async def _metric(url: str, name: str, labels: str = "") -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
-        text = await r.text()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            rest = line[len(name):]
-            if rest[:1] in (" ", "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 CODE = REPO
 """The source tree whose daemon runs (``--code``)."""
 
 
 def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[dict[str, object]]) -> GatewayProcess:
-    port = _free_port()
-    work = tmp / name
-    work.mkdir()
     queue: dict[str, object] = {"workers": 4, "max_attempts": 8, "backoff_base": 2.0, "backoff_max": 600.0,
                                 "poll_interval": 1.0}
     if CODE == REPO:
         queue["fetch_workers"] = 8
-    data = deep_merge(base_config(work, port, None, None),
-                      {"queue": queue, "log": {"level": "WARNING"}, "providers": providers})
-    data["targets"] = targets
-    return GatewayProcess(write_toml(work / "gateway.toml", data), port, work / "daemon.log", cwd=CODE)
+    return gateway_daemon(tmp, name, providers, targets, queue, code=CODE)
 
 
 async def b1(tmp: Path, seconds: int, connections: int) -> None:
@@ -269,18 +217,9 @@ async def b3(tmp: Path, seconds: int, connections: int) -> None:
     files = tmp / "waha-files"
     files.mkdir()
     shutil.copy(MEDIA / "photo.jpg", files / "photo.jpg")
-    port = _free_port()
-    emu = subprocess.Popen([sys.executable, "-m", "tests.emulators.waha", "--port", str(port), "--dir", str(files)],
-                           cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert emu.stdout is not None
-        emu.stdout.readline()
-        base_url = f"http://127.0.0.1:{port}"
+    async with waha_process(files) as base_url:
         await _end_to_end(tmp, "b3", seconds, connections, f"{base_url}/api/files/default/photo.jpg",
                           {"waha": {"base_url": base_url, "api_key": "waha-key"}}, 300)
-    finally:
-        emu.terminate()
-        emu.wait()
 
 
 async def main() -> int:

@@ -15,7 +15,8 @@ loses media. The estimate of the time to store what was acknowledged::
   :data:`RATE_WINDOW` seconds *while the fetch lane was saturated* (at least ``fetch_workers``
   jobs waiting), so it measures what the lane can do rather than what arrived. At least one job
   per window is assumed, so a stalled lane estimates a long time rather than none. Until the lane
-  has been saturated for a second there is no rate, and media webhooks are admitted.
+  has been saturated for :data:`MIN_SPAN` seconds the last measured rate stands; before any, there
+  is none, and media webhooks are admitted.
 
 A media webhook of provider P is admitted while ``estimate <= admission_fraction ×
 media_deadline(P)``. The rest of the deadline is the margin for the time a provider's retries
@@ -47,6 +48,9 @@ log = logging.getLogger("gateway.admission")
 RATE_WINDOW = 10.0
 """Seconds of saturated fetch lane over which the store rate is measured."""
 
+MIN_SPAN = 0.5
+"""Seconds the fetch lane must have been saturated before its rate is measured."""
+
 CAUGHT_UP = 0.5
 """A provider held back is caught up (one INFO line, gauge 0) once the estimate is below this
 share of its threshold; in between, webhooks are admitted whenever there is room, without a log
@@ -60,7 +64,7 @@ class Admission:
     """Decides whether a media webhook may be acknowledged now (see the module docstring).
 
     ``lifetime(provider)``: seconds after a webhook that the provider may delete its media.
-    ``clock``: monotonic seconds (tests pass their own ``now`` instead).
+    ``clock``: monotonic seconds.
     """
 
     def __init__(self, settings: QueueSettings, metrics: Metrics, lifetime: Callable[[str], float],
@@ -69,13 +73,12 @@ class Admission:
         self.metrics = metrics
         self.lifetime = lifetime
         self.clock = clock
-        #: ingest jobs finished by this process (ever)
-        self.finished_total = 0
         #: the catalog's waiting ingest jobs at the last :meth:`observe`, plus admitted, minus finished since
         self.waiting = 0
-        #: ingest jobs stored per second by the saturated fetch lane, or None before it was measured
+        #: ingest jobs stored per second by the saturated fetch lane (the last measured), or None
         self.rate: float | None = None
-        self._samples: deque[tuple[float, int]] = deque()  # (clock, finished_total) while saturated
+        self._busy_since: float | None = None  # when the lane became saturated; None: it is not
+        self._done: deque[float] = deque()  # clock of each finished job since then, the last RATE_WINDOW s
         self._holding: set[str] = set()  # providers whose media webhooks are answered 503
         self._waiters: list[tuple[float, asyncio.Future[None]]] = []  # (threshold seconds, wake-up)
 
@@ -89,28 +92,36 @@ class Admission:
         """The largest :meth:`estimate` (seconds) at which ``provider``'s media webhooks are admitted."""
         return self.settings.admission_fraction * self.lifetime(provider)
 
+    def _measure(self, now: float) -> None:
+        """Track whether the lane is saturated and, after :data:`MIN_SPAN` seconds of it, its rate."""
+        if self.waiting < self.settings.fetch_workers:  # completions follow arrivals, not capacity
+            self._busy_since = None
+            self._done.clear()
+            return
+        if self._busy_since is None:
+            self._busy_since = now
+        while self._done and now - self._done[0] > RATE_WINDOW:
+            self._done.popleft()
+        span = min(RATE_WINDOW, now - self._busy_since)
+        if span >= MIN_SPAN:
+            self.rate = max(len(self._done), 1) / span
+
     def finished(self) -> None:
         """An ingest job of this process is done: one waiting media less."""
-        self.finished_total += 1
+        now = self.clock()
+        if self._busy_since is not None:
+            self._done.append(now)
         self.waiting = max(0, self.waiting - 1)
+        self._measure(now)
         if self._waiters:
             self._wake()
 
-    def observe(self, waiting: int, now: float | None = None) -> None:
+    def observe(self, waiting: int) -> None:
         """The backlog monitor's look (once a second): the catalog counts ``waiting`` queued or
         running ingest jobs. Updates the store rate, the gauges, and logs when a provider's media
-        webhooks are admitted again."""
-        now = self.clock() if now is None else now
+        webhooks are no longer held back."""
         self.waiting = waiting
-        if waiting < self.settings.fetch_workers:
-            self._samples.clear()  # not saturated: completions follow arrivals, not capacity
-        else:
-            self._samples.append((now, self.finished_total))
-            while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
-                self._samples.popleft()
-            (first_t, first_n), (last_t, last_n) = self._samples[0], self._samples[-1]
-            if last_t - first_t >= 1.0:
-                self.rate = max(last_n - first_n, 1) / (last_t - first_t)
+        self._measure(self.clock())
         estimate = self.estimate()
         self.metrics.media_store_estimate.set(estimate)
         for provider in list(self._holding):
@@ -151,6 +162,7 @@ class Admission:
                             extra={"provider": provider})
             return max(1, min(MAX_RETRY_AFTER, math.ceil(estimate - threshold)))
         self.waiting += jobs
+        self._measure(self.clock())
         return None
 
     def _wake(self) -> None:
