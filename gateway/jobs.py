@@ -15,8 +15,8 @@ Two lanes, each with its own workers (DESIGN §6): the fetch lane runs ``ingest`
 downloads, I/O-bound; the earliest provider deadline first), the deliver lane every other kind.
 Neither waits behind the other's backlog. A monitor watches the oldest waiting media: when it has
 used ``backlog_ready_fraction`` of its deadline, :meth:`JobQueue.check` raises (``/readyz``) and
-one WARNING says so. The monitor and the fetch lane also feed :attr:`JobQueue.admission`, which holds back media
-webhooks the fetch lane could not store in time (:mod:`gateway.admission`).
+one WARNING says so. The monitor and the fetch lane also feed :attr:`JobQueue.admission`, which
+holds back media webhooks the fetch lane could not store in time (:mod:`gateway.admission`).
 
 On start, jobs left ``running`` by a crash are queued again (a shared catalog: only those whose
 lease ran out, see below). While jobs run, their leases are renewed every third of

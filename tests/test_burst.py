@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from gateway.admission import Admission
 from gateway.config import QueueSettings
@@ -361,3 +362,10 @@ async def test_the_waha_emulator_deletes_each_message_file_after_its_own_webhook
             assert r.status == 404  # not a registered file
         async with http.get(f"{waha.base_url}/_emulator/stats") as r:
             assert await r.json() == {"deleted_hits": 1, "message_files_served": 1}
+
+
+@pytest.mark.parametrize("values", [{"admission_fraction": 0}, {"admission_fraction": 1.5},
+                                    {"admission_hold": -1}, {"admission_hold": 31}])
+def test_admission_settings_are_validated(values):
+    with pytest.raises(ValidationError, match=next(iter(values))):
+        QueueSettings(**values)
