@@ -1,4 +1,4 @@
-"""What the burst benchmarks (``bench/webhooks.py``, ``bench/latency.py``) share: the load
+"""What the burst benchmarks (``bench/webhooks.py``, ``bench/latency.py``, ``bench/burst.py``) share: the load
 average, free ports, the gateway daemon as a subprocess, the WAHA emulator in its own process, a
 bot sink in the bench process, an open-loop webhook sender and percentiles.
 
@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,14 @@ async def metric(url: str, name: str, labels: str = "") -> float:
 
 class CountingSink:
     """A minimal bot target in the bench process: answers 200 and counts. ``key``: when given,
-    ``arrivals[key(body)]`` is set to the epoch time each POST arrived (headers and body read)."""
+    ``arrivals[key(body)]`` is set to the epoch time each POST arrived (headers and body read);
+    ``inspect``: when given, gets each body."""
 
-    def __init__(self, key: Callable[[bytes], str] | None = None) -> None:
+    def __init__(self, key: Callable[[bytes], str] | None = None,
+                 inspect: Callable[[bytes], None] | None = None) -> None:
         self.count = 0
         self.key = key
+        self.inspect = inspect
         self.arrivals: dict[str, float] = {}
         self.app = web.Application(client_max_size=16 * 1024 * 1024)
         self.app.router.add_post("/{tail:.*}", self._receive)
@@ -98,6 +102,8 @@ class CountingSink:
         if self.key is not None:
             self.arrivals[self.key(body)] = time.time()
         self.count += 1
+        if self.inspect is not None:
+            self.inspect(body)
         return web.Response(text="ok")
 
     async def start(self) -> web.AppRunner:
@@ -148,6 +154,23 @@ async def open_loop(url: str, body: Callable[[int], str], rate: float, seconds: 
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
     return sorted(results, key=lambda s: s.index)
+
+
+@asynccontextmanager
+async def waha_process(files: Path, *args: str) -> AsyncIterator[str]:
+    """The WAHA emulator (``python -m tests.emulators.waha``) in its own process serving the files
+    of ``files``, with more command-line ``args``; yields its base URL (API key ``waha-key``)."""
+    port = free_port()
+    emu = subprocess.Popen([sys.executable, "-m", "tests.emulators.waha", "--port", str(port), "--dir", str(files),
+                            *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert emu.stdout is not None
+        emu.stdout.readline()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        emu.terminate()
+        emu.wait()
+
 
 
 class WahaProcess:

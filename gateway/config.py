@@ -218,6 +218,13 @@ class QueueSettings(_Section):
     backlog_ready_fraction: float = Field(
         0.5, gt=0, le=1, description="/readyz is 503 when the oldest waiting media has used this "
                                      "fraction of its deadline")
+    admission_fraction: float = Field(
+        0.5, gt=0, le=1, description="media webhooks are answered 503 + Retry-After while storing the waiting "
+                                     "media (waiting ÷ recent store rate) would take more than this fraction "
+                                     "of the provider's media_deadline")
+    admission_hold: float = Field(
+        1.0, ge=0, le=30, description="seconds a media webhook over admission_fraction waits for room "
+                                      "before its 503")
     max_attempts: int = Field(8, ge=1, description="attempts before a job goes dead")
     backoff_base: float = Field(2.0, gt=0, description="seconds before the first retry; doubles each attempt")
     backoff_max: float = Field(600.0, gt=0, description="longest wait between attempts, seconds")

@@ -15,7 +15,8 @@ Two lanes, each with its own workers (DESIGN §6): the fetch lane runs ``ingest`
 downloads, I/O-bound; the earliest provider deadline first), the deliver lane every other kind.
 Neither waits behind the other's backlog. A monitor watches the oldest waiting media: when it has
 used ``backlog_ready_fraction`` of its deadline, :meth:`JobQueue.check` raises (``/readyz``) and
-one WARNING says so.
+one WARNING says so. The monitor and the fetch lane also feed :attr:`JobQueue.admission`, which
+holds back media webhooks the fetch lane could not store in time (:mod:`gateway.admission`).
 
 On start, jobs left ``running`` by a crash are queued again (a shared catalog: only those whose
 lease ran out, see below). While jobs run, their leases are renewed every third of
@@ -35,6 +36,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.admission import Admission
 from gateway.catalog import CatalogContract, ClaimedJob
 from gateway.config import QueueSettings
 from gateway.metrics import Metrics
@@ -127,6 +129,8 @@ class JobQueue:
         self._renewer: asyncio.Task[None] | None = None
         #: Why the gateway cannot keep up, or None (set by the backlog monitor).
         self.backlog: str | None = None
+        #: Whether a media webhook may be acknowledged now (fed by the monitor and the fetch lane).
+        self.admission = Admission(settings, metrics, catalog.media_lifetime)
 
     def notify(self, kinds: Collection[str] | None = None) -> None:
         """New jobs (of ``kinds``; None: any) were committed: wake one idle worker of each lane
@@ -156,6 +160,7 @@ class JobQueue:
         WARNING when the gateway falls behind and one INFO when it caught up. Returns
         :attr:`backlog`."""
         now = now if now is not None else time.time()
+        self.admission.observe(await self.catalog.media_waiting())
         oldest = await self.catalog.media_backlog()
         problem = None
         if oldest is not None:
@@ -329,6 +334,8 @@ class JobQueue:
             self.metrics.job_duration.labels(job.kind).observe(time.monotonic() - started)
         await self.catalog.complete_job(job.id, result.followups, result.event_update)
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
+        if job.kind in FETCH_KINDS:
+            self.admission.finished()
         if result.followups:
             self.notify({kind for kind, _, _ in result.followups})
         if result.after is not None:

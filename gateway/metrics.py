@@ -98,7 +98,7 @@ class Metrics:
         self.webhooks = Counter(
             "gateway_webhooks_received_total",
             "Webhook events received, by provider and outcome "
-            "(accepted, duplicate, unauthorized, invalid, too_large, unavailable).",
+            "(accepted, duplicate, unauthorized, invalid, too_large, unavailable, held_back).",
             ["provider", "outcome"], registry=r)
 
         # -- inbound media
@@ -159,6 +159,15 @@ class Metrics:
             "gateway_media_backlog_deadline_ratio",
             "How much of its provider's deadline the waiting media closest to it has used "
             "(0..1; at 1 the provider may have deleted it); 0 when none waits.", registry=r)
+        self.media_store_estimate = Gauge(
+            "gateway_media_store_estimate_seconds",
+            "Estimated seconds to store the waiting media (waiting ingest jobs / recent store rate of the "
+            "saturated fetch lane); 0 while no rate is known. Updated every second.", registry=r)
+        self.media_admission_holding = Gauge(
+            "gateway_media_admission_holding",
+            "1 while a provider's media webhooks are held back (503 + Retry-After) because the estimate "
+            "is over [queue] admission_fraction of its media deadline, until it is back under half of that.",
+            ["provider"], registry=r)
         self.catalog_commits = Counter(
             "gateway_catalog_commits_total",
             "Group commits of the catalog: each is one transaction and one fsync.", registry=r)

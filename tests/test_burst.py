@@ -13,7 +13,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
+from gateway.admission import Admission
 from gateway.config import QueueSettings
 from gateway.delivery import Deliverer, Forwards
 from gateway.keys import QUEUE
@@ -21,6 +23,7 @@ from gateway.jobs import Backlogged, Job, JobQueue
 from gateway.metrics import Metrics
 from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
+from tests.emulators.waha import WahaEmulator
 from tests.test_catalog_contract import _event
 from tests.test_catalog_jobs import catalog  # noqa: F401  (the fixture: a real SQLite catalog)
 
@@ -267,3 +270,144 @@ async def test_readyz_says_when_the_gateway_cannot_keep_up(tmp_path, waha, sink,
             daemon.kill()
     log = (tmp_path / "daemon.log").read_text()
     assert log.count("the gateway cannot keep up") == 1 and "caught up" in log
+
+
+# -- holding back media webhooks the fetch lane could not store in time ------------------------------
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _admission(**settings) -> tuple[Admission, Metrics, _Clock]:
+    metrics, clock = Metrics(), _Clock()
+    return Admission(QueueSettings(fetch_workers=2, **settings), metrics, lambda provider: 100.0, clock), metrics, clock
+
+
+async def test_admission_measures_the_store_rate_only_while_the_lane_is_saturated():
+    adm, metrics, clock = _admission(admission_fraction=0.5, admission_hold=0)
+    adm.observe(1)  # below fetch_workers: completions follow arrivals
+    clock.now = 5.0
+    adm.finished()
+    assert adm.rate is None and adm.estimate() == 0
+    assert await adm.admit("waha", 3000) is None  # no rate known: admitted, and counted as waiting
+    clock.now = 7.0
+    for _ in range(20):
+        adm.finished()
+    adm.observe(2980)
+    assert adm.rate == pytest.approx(10.0)  # 20 stored in the 2 s since the lane filled up
+    assert adm.estimate() == pytest.approx(298.0)
+    assert metrics.registry.get_sample_value("gateway_media_store_estimate_seconds") == pytest.approx(298.0)
+    assert await adm.admit("waha") == 10  # 298 s > 0.5 × 100 s: held back, Retry-After bounded
+    clock.now = 20.0
+    adm.observe(2980)  # nothing stored for 13 s: a stalled lane is slow, not unknown
+    assert adm.rate == pytest.approx(1 / 10) and adm.estimate() > 10_000
+    adm.observe(0)
+    assert adm.estimate() == 0
+
+
+async def test_admission_holds_a_webhook_until_there_is_room():
+    adm, _, clock = _admission(admission_fraction=0.5, admission_hold=5.0)
+    adm.observe(600)
+    clock.now = 1.0
+    for _ in range(10):
+        adm.finished()
+    adm.observe(502)  # 10/s, 502 waiting: 50.2 s > 0.5 × 100 s
+    assert adm.estimate() == pytest.approx(50.2)
+    held = asyncio.create_task(adm.admit("waha"))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    adm.finished()
+    adm.finished()  # 500 waiting at 12/s: room
+    assert await asyncio.wait_for(held, 1) is None
+    assert adm.waiting == 501
+
+
+async def test_behind_media_webhooks_get_503_and_retry_after_caught_up_200(tmp_path, waha, sink, unused_tcp_port):
+    """A daemon whose one fetch worker stores about 6 media/s, with a 4 s media deadline (room: 2 s
+    of work), gets 40 media webhooks at once: once the lane is measured, a media webhook is answered
+    503 with Retry-After and is not stored; a text webhook is still accepted; once the backlog is
+    stored, the same webhook gets 200."""
+    waha.delay = 0.15
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, log={"level": "INFO"},
+                     queue={"fetch_workers": 1, "media_deadline": 4.0, "admission_fraction": 0.5,
+                            "admission_hold": 0.2})
+    await daemon.start()
+    photo = waha.add_file(MEDIA / "photo.jpg")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def post(payload: dict) -> aiohttp.ClientResponse:
+                async with http.post(f"{daemon.url}/webhooks/waha", data=json.dumps(payload)) as r:
+                    await r.read()
+                    return r
+
+            burst = await asyncio.gather(*(post(waha_payload(photo, message_id=f"early-{i}")) for i in range(40)))
+            admitted = sum(r.status == 200 for r in burst)
+            assert admitted >= 10 and all(r.status in (200, 503) for r in burst), [r.status for r in burst]
+            for i in range(50):  # the lane's rate is measured after half a second of backlog
+                refused = waha_payload(photo, message_id=f"refused-{i}")
+                r = await post(refused)
+                if r.status == 503:
+                    break
+                admitted += 1
+                await asyncio.sleep(0.05)
+            assert r.status == 503 and "behind" in (await r.json())["error"]
+            assert 1 <= int(r.headers["Retry-After"]) <= 10
+            r = await post(_text_payload("text-while-behind"))
+            assert r.status == 200  # without media: nothing to lose
+            async with http.get(f"{daemon.url}/metrics") as m:
+                text = await m.text()
+            held = float(text.split('gateway_webhooks_received_total{outcome="held_back",provider="waha"} ')[1].split()[0])
+            assert held >= 1
+            assert 'gateway_media_admission_holding{provider="waha"} 1.0' in text
+
+            delivered = await sink.wait_for(admitted + 1, timeout=60)
+            assert refused["payload"]["id"] not in {d.json["payload"]["id"] for d in delivered}
+            conn = sqlite3.connect(tmp_path / "var" / "gateway.db")
+            try:
+                assert conn.execute("SELECT COUNT(*) FROM events WHERE message_id=?",
+                                    (refused["payload"]["id"],)).fetchone()[0] == 0
+            finally:
+                conn.close()
+            for _ in range(100):  # caught up: the same webhook is accepted
+                r = await post(refused)
+                if r.status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status == 200
+            await sink.wait_for(admitted + 2, timeout=30)
+        assert await daemon.terminate() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    assert log.count("media webhooks of waha held back") == 1 and log.count("caught up (storing") == 1, log
+
+
+async def test_the_waha_emulator_deletes_each_message_file_after_its_own_webhook(waha):
+    """The B4 emulator mode: per-message URLs of one registered file, each answering 404 from
+    ``delete_after`` seconds after its webhook was first sent (the time in the URL)."""
+    waha.delete_after = 60.0
+    waha.add_file(MEDIA / "photo.jpg")
+    now = time.time()
+    fresh = WahaEmulator.message_file_url(waha.base_url, "m-1", now - 59, "photo.jpg")
+    stale = WahaEmulator.message_file_url(waha.base_url, "m-2", now - 61, "photo.jpg")
+    async with aiohttp.ClientSession(headers={"X-Api-Key": waha.api_key}) as http:
+        async with http.get(fresh) as r:
+            assert r.status == 200 and await r.read() == (MEDIA / "photo.jpg").read_bytes()
+        async with http.get(stale) as r:
+            assert r.status == 404 and "deleted 60 s after the webhook" in (await r.json())["message"]
+        async with http.get(WahaEmulator.message_file_url(waha.base_url, "m-3", now, "other.jpg")) as r:
+            assert r.status == 404  # not a registered file
+        async with http.get(f"{waha.base_url}/_emulator/stats") as r:
+            assert await r.json() == {"deleted_hits": 1, "message_files_served": 1}
+
+
+@pytest.mark.parametrize("values", [{"admission_fraction": 0}, {"admission_fraction": 1.5},
+                                    {"admission_hold": -1}, {"admission_hold": 31}])
+def test_admission_settings_are_validated(values):
+    with pytest.raises(ValidationError, match=next(iter(values))):
+        QueueSettings(**values)

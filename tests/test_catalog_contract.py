@@ -315,6 +315,7 @@ async def test_claim_by_lane_and_the_media_backlog(catalog):
     assert await catalog.enqueue("mystery", "mystery:1", {})
     deadline = (await catalog.media_backlog())[1] - T0  # the provider's media lifetime (WAHA: 180 s)
     assert await catalog.media_backlog() == (T0, T0 + deadline) and deadline > 0
+    assert await catalog.media_waiting() == 2  # the ingest jobs only
     now = time.time() + 1
     assert await catalog.next_run_at(["ingest"]) == T0
     assert await catalog.next_run_at(["deliver"]) > T0
@@ -323,8 +324,12 @@ async def test_claim_by_lane_and_the_media_backlog(catalog):
     assert await catalog.claim_job(now=now, exclude_kinds=["ingest"]) is None
     assert (await catalog.claim_job(now=now, kinds=["ingest"]))["payload"] == {"event_id": a[0]}
     assert await catalog.media_backlog() == (T0 + 5, T0 + 5 + deadline)
+    assert await catalog.media_waiting() == 2  # one queued, one running
     assert (await catalog.claim_job(now=now, kinds=["ingest"]))["payload"] == {"event_id": b[0]}
     assert await catalog.media_backlog() is None
+    assert await catalog.media_waiting() == 2
+    await catalog.complete_job((await catalog.list_jobs(kind="ingest"))[0]["id"])
+    assert await catalog.media_waiting() == 1
 
 
 async def test_expired_media_keeps_what_a_queued_job_needs_and_claims_the_rest(catalog):

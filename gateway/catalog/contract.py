@@ -241,6 +241,12 @@ class CatalogContract(CatalogTuning, abc.ABC):
         being deleted by its provider (readiness and the backlog metric)."""
 
     @abc.abstractmethod
+    async def media_waiting(self) -> int:
+        """How many ``ingest`` jobs are queued or running (media not stored yet, due now or
+        later): with the recent store rate, how long the fetch lane needs for what was acknowledged
+        (:class:`gateway.admission.Admission`)."""
+
+    @abc.abstractmethod
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:
         """Mark a job done (``last_error`` cleared), enqueue ``followups`` ``(kind, key, payload)``

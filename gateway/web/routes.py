@@ -90,7 +90,9 @@ ROUTES: tuple[Route, ...] = (
           answers={200: (m.WebhookAccepted, "committed; forwarded later"), 413: "over `server.max_webhook_bytes`",
                    400: "the body is not what the provider sends", 401: "the signature is missing or wrong",
                    404: "unknown provider (`providers` lists the configured ones)",
-                   503: "the catalog is unavailable; the provider should retry"},
+                   503: "the catalog is unavailable, or (a webhook with media, with `Retry-After`) the gateway "
+                        "is too far behind to store it before the provider deletes it; the provider should "
+                        "retry"},
           body={"application/json": m.ProviderPayload},
           description="Authenticated by the provider's own signature (WAHA `X-Webhook-Hmac`, Meta "
                       "`X-Hub-Signature-256`) when configured."),

@@ -19,7 +19,9 @@ async def webhook(request: web.Request) -> web.Response:
     """``POST /webhooks/{provider}``: verify, parse, commit events and jobs, then answer 200.
 
     401 bad signature, 400 bad body, 404 unknown provider, 413 too large, 503 catalog unavailable
-    (the provider retries). Nothing is stored unless the answer is 200.
+    or, for a webhook with media, the fetch lane too far behind to store it before the provider
+    deletes it (``Retry-After``, :mod:`gateway.admission`); the provider retries. Nothing is stored
+    unless the answer is 200.
     """
     name = request.match_info["provider"]
     provider = request.app[PROVIDERS].get(name)
@@ -48,6 +50,12 @@ async def webhook(request: web.Request) -> web.Response:
         metrics.webhooks.labels(name, "invalid").inc()
         log.warning("%s webhook invalid: %s", name, exc, extra={"provider": name})
         raise ApiError(400, str(exc))
+    if any(ev.media for ev in events):
+        retry_after = await request.app[QUEUE].admission.admit(name, sum(1 for ev in events if ev.media))
+        if retry_after is not None:
+            metrics.webhooks.labels(name, "held_back").inc(len(events))
+            raise ApiError(503, "the gateway is behind on storing media; retry later",
+                           headers={"Retry-After": str(retry_after)}, retry_after=retry_after)
     event_ids = [new_event_id() for _ in events]
     ready: dict[int, ReadyEvent] = {}
     ingestor = request.app.get(INGESTOR)

@@ -16,6 +16,13 @@
   answered 201 with the message (``id`` = ``true_<chatId>_<random>``). ``send_error`` =
   ``(status, body)`` makes the next send answer that instead.
 - ``GET /api/sessions`` and ``POST /api/sendText``: for pass-through tests (``texts`` records).
+- ``delete_after`` (seconds; ``--delete-after``): per-message files, each deleted that long after
+  its webhook was first sent, as WAHA deletes a received file 180 s after writing it. Their URLs
+  (:meth:`WahaEmulator.message_file_url`) name a file registered with :meth:`add_file` (or, from
+  the command line, a file of ``--dir``), the message and the time its webhook was first sent, so
+  every message has its own clock and no state is shared with the sender: the file is served
+  until ``sent + delete_after``, then answers 404 (counted in ``deleted_hits``; a file served in
+  time is counted in ``message_files_served``). ``GET /_emulator/stats`` gives both counts as JSON.
 
 Run standalone for a manual walkthrough: ``python -m tests.emulators.waha --port 3000 --dir DIR``
 (every file in DIR is served under session ``default``; they never expire unless ``--lifetime``
@@ -29,6 +36,7 @@ import asyncio
 import base64
 import hashlib
 import mimetypes
+import re
 import secrets
 import shutil
 import time
@@ -41,6 +49,10 @@ from aiohttp import web
 from tests.emulators.faults import BodyFault, serve_media
 
 
+MESSAGE_FILE = re.compile(r"^(?P<message>[A-Za-z0-9_.-]+)~(?P<sent_ms>\d+)~(?P<name>[^/~]+)$")
+"""A per-message file's name: ``{message id}~{first send, epoch milliseconds}~{registered file}``."""
+
+
 @dataclass
 class _File:
     path: Path
@@ -51,9 +63,13 @@ class _File:
 class WahaEmulator:
     """State and app of one emulated WAHA server."""
 
-    def __init__(self, api_key: str = "waha-key", lifetime: float = 180.0, workdir: Path | None = None):
+    def __init__(self, api_key: str = "waha-key", lifetime: float = 180.0, workdir: Path | None = None,
+                 delete_after: float | None = None):
         self.api_key = api_key
         self.lifetime = lifetime
+        self.delete_after = delete_after
+        self.deleted_hits = 0
+        self.message_files_served = 0
         self.workdir = workdir
         self.files: dict[tuple[str, str], _File] = {}
         self.expired: set[tuple[str, str]] = set()
@@ -73,6 +89,7 @@ class WahaEmulator:
             self.app.router.add_post(f"/api/{endpoint}", self._send)
         self.app.router.add_get("/api/sessions", self._sessions)
         self.app.router.add_post("/api/sendText", self._send_text)
+        self.app.router.add_get("/_emulator/stats", self._stats)
 
     def add_file(self, src: Path, session: str = "default", name: str | None = None,
                  copy: bool = True) -> str:
@@ -91,6 +108,33 @@ class WahaEmulator:
         self.files[(session, name)] = _File(path, time.time(), copy)
         return f"{self.base_url}/api/files/{session}/{name}"
 
+    @staticmethod
+    def message_file_url(base_url: str, message_id: str, sent_at: float, name: str,
+                         session: str = "default") -> str:
+        """The URL of message ``message_id``'s own copy of the registered file ``name``, whose
+        webhook was first sent at ``sent_at`` (epoch seconds): with ``delete_after`` set, it
+        answers 404 from ``sent_at + delete_after`` on."""
+        file = f"{message_id}~{int(sent_at * 1000)}~{name}"
+        assert MESSAGE_FILE.match(file), file
+        return f"{base_url}/api/files/{session}/{file}"
+
+    def _message_file(self, session: str, file: str) -> _File | None | bool:
+        """A per-message file's registered file; False once it was deleted; None: not one."""
+        match = MESSAGE_FILE.match(file) if self.delete_after is not None else None
+        if match is None:
+            return None
+        assert self.delete_after is not None
+        if time.time() >= int(match["sent_ms"]) / 1000 + self.delete_after:
+            self.deleted_hits += 1
+            return False
+        entry = self.files.get((session, match["name"]))
+        self.message_files_served += entry is not None
+        return entry
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"deleted_hits": self.deleted_hits,
+                                  "message_files_served": self.message_files_served})
+
     def served(self, name: str) -> int:
         """How many requests asked for a file called ``name``."""
         return sum(1 for p, _ in self.requests if p.endswith("/" + name))
@@ -105,7 +149,11 @@ class WahaEmulator:
             self.fail_next -= 1
             return web.json_response({"statusCode": 500, "message": "Internal"}, status=500)
         key = (request.match_info["session"], request.match_info["file"])
-        entry = self.files.get(key)
+        own = self._message_file(*key)
+        if own is False:
+            return web.json_response({"statusCode": 404, "message": f"Not Found (deleted {self.delete_after:g} s "
+                                      "after the webhook was sent, as WAHA does)"}, status=404)
+        entry = own if own is not None else self.files.get(key)
         if entry is not None and time.time() - entry.registered > self.lifetime:
             del self.files[key]
             self.expired.add(key)
@@ -192,14 +240,19 @@ def main() -> None:
     parser.add_argument("--lifetime", type=float, default=0.0,
                         help="seconds after start when the files answer 404, as WAHA's "
                              "WHATSAPP_FILES_LIFETIME (180 there); default 0: never")
+    parser.add_argument("--delete-after", type=float, default=None,
+                        help="serve per-message files ({message}~{sent ms}~{file of --dir}) until this "
+                             "many seconds after their webhook was first sent, then 404 (WAHA: 180)")
     args = parser.parse_args()
-    emu = WahaEmulator(api_key=args.api_key, lifetime=args.lifetime)
+    emu = WahaEmulator(api_key=args.api_key, lifetime=args.lifetime, delete_after=args.delete_after)
     emu.base_url = f"http://{args.host}:{args.port}"
     for f in sorted(args.dir.iterdir()):
         if f.is_file():
             emu.add_file(f, copy=False)
     emu.lifetime = float("inf") if args.lifetime <= 0 else args.lifetime
     expiry = "never expire" if emu.lifetime == float("inf") else f"answer 404 after {emu.lifetime:g} s"
+    if emu.delete_after is not None:
+        expiry += f"; per-message copies deleted {emu.delete_after:g} s after their webhook"
     print(f"WAHA emulator on {emu.base_url}, X-Api-Key: {args.api_key}, files ({expiry}): "
           f"{', '.join(n for _, n in emu.files)}", flush=True)
     web.run_app(emu.app, host=args.host, port=args.port, print=None)

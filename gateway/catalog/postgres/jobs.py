@@ -104,6 +104,12 @@ class JobsMixin(PostgresConnection):
                                 " AND deadline IS NOT NULL ORDER BY deadline LIMIT 1")
         return (float(rows[0]["created_at"]), float(rows[0]["deadline"])) if rows else None
 
+    async def media_waiting(self) -> int:
+        """Queued or running ``ingest`` jobs, of every replica (the ``jobs_lane`` index)."""
+        rows = await self.fetch("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')"
+                                " AND kind = 'ingest'")
+        return int(rows[0]["n"])
+
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:
         """Mark a job done, enqueue ``followups`` and apply ``event_update``, in one transaction."""

@@ -105,6 +105,11 @@ class JobsMixin(SQLiteConnection):
 
         return await self.read(_backlog)
 
+    async def media_waiting(self) -> int:
+        """Queued or running ``ingest`` jobs (the ``idx_jobs_lane`` index)."""
+        return int(await self.run(lambda db: db.conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running') AND kind='ingest'").fetchone()[0]))
+
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None) -> None:
         """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` and apply
