@@ -29,6 +29,7 @@ their attempt uncounted.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import random
 import time
@@ -126,6 +127,8 @@ class JobQueue:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
+        #: lane -> follow-up jobs claimed with their parent's completion, waiting for a worker here
+        self._handed: dict[str, deque[ClaimedJob]] = {lane: deque() for lane in self.lanes}
         self._renewer: asyncio.Task[None] | None = None
         #: Why the gateway cannot keep up, or None (set by the backlog monitor).
         self.backlog: str | None = None
@@ -224,6 +227,9 @@ class JobQueue:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        for handed in self._handed.values():  # claimed here, never started: back to the queue
+            while handed:
+                await self.catalog.release_job(handed.popleft()["id"])
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
@@ -233,7 +239,7 @@ class JobQueue:
         """Every third of the lease, extend the leases of the jobs running here."""
         while True:
             await asyncio.sleep(self.settings.lease / 3)
-            running = list(self._running)
+            running = [*self._running, *(row["id"] for handed in self._handed.values() for row in handed)]
             if not running:
                 continue
             try:
@@ -249,7 +255,7 @@ class JobQueue:
         kinds = self.lanes[lane][0]
         while not self._stopping:
             try:
-                row = await self.catalog.claim_job(kinds=kinds)
+                row = self._handed[lane].popleft() if self._handed[lane] else await self.catalog.claim_job(kinds=kinds)
             except Exception:
                 log.exception("could not claim a job; retrying")
                 await asyncio.sleep(self.settings.poll_interval)
@@ -270,6 +276,20 @@ class JobQueue:
                 raise
             finally:
                 self._running.pop(job.id, None)
+
+    def _handoff_lane(self, followups: list[tuple[str, str, dict[str, Any]]]) -> str | None:
+        """The lane whose workers here take ``followups`` straight from their parent's completion
+        (claimed in its transaction: no claim, no wake-up through the catalog), or None to queue
+        them: when they are not all of one running lane, or that lane has a worker's worth
+        waiting already (the rest stay in the catalog for any replica)."""
+        lanes = {lane for kind, _, _ in followups for lane, (kinds, _) in self.lanes.items() if kind in kinds}
+        if len(lanes) != 1 or self._stopping:
+            return None
+        lane = lanes.pop()
+        kinds, workers = self.lanes[lane]
+        if not all(kind in kinds for kind, _, _ in followups):
+            return None
+        return lane if len(self._handed[lane]) + len(followups) <= workers else None
 
     def _job(self, row: ClaimedJob) -> Job:
         return Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
@@ -332,11 +352,17 @@ class JobQueue:
             return
         finally:
             self.metrics.job_duration.labels(job.kind).observe(time.monotonic() - started)
-        await self.catalog.complete_job(job.id, result.followups, result.event_update)
+        lane = self._handoff_lane(result.followups)
+        claimed = await self.catalog.complete_job(job.id, result.followups, result.event_update,
+                                                  claim=lane is not None)
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
         if job.kind in FETCH_KINDS:
             self.admission.finished()
-        if result.followups:
+        if lane is not None:
+            self._handed[lane].extend(claimed)
+            for _ in claimed:
+                self._wake_one(lane)
+        elif result.followups:
             self.notify({kind for kind, _, _ in result.followups})
         if result.after is not None:
             try:

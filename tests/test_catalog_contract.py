@@ -136,6 +136,25 @@ async def test_a_ready_event_is_recorded_ingested_with_its_followups_and_no_inge
     assert jobs == {("ingest", ids[0]), ("ingest", "ev_" + "0" * 32), ("deliver", ids[1])}
 
 
+async def test_complete_job_can_claim_its_followups(catalog):
+    [eid], _ = await catalog.record_webhook("waha", b"a", [_event("claim-followups")], now=T0)
+    await catalog.enqueue("deliver", f"deliver:{eid}:old", {"event_id": eid})  # exists: left alone
+    parent = await catalog.claim_job(kinds=["ingest"])
+    followups = [("deliver", f"deliver:{eid}:{t}", {"event_id": eid, "target": t}) for t in ("a", "old")]
+    claimed = await catalog.complete_job(parent["id"], followups, claim=True)
+    assert [(c["key"], c["attempts"], c["payload"]) for c in claimed] == [
+        (f"deliver:{eid}:a", 1, {"event_id": eid, "target": "a"})]
+    assert (await catalog.get_job(claimed[0]["id"]))["state"] == "running"
+    assert (await catalog.get_job(parent["id"]))["state"] == "done"
+    # not handed to a claim; the existing one is still queued; released, it is queued with no attempt
+    assert (await catalog.claim_job(kinds=["deliver"]))["key"] == f"deliver:{eid}:old"
+    assert await catalog.claim_job(kinds=["deliver"]) is None
+    await catalog.release_job(claimed[0]["id"])
+    row = await catalog.get_job(claimed[0]["id"])
+    assert (row["state"], row["attempts"]) == ("queued", 0)
+    assert await catalog.complete_job(claimed[0]["id"], followups) == []  # without claim: nothing claimed
+
+
 async def test_get_event_unknown(catalog):
     assert await catalog.get_event("ev_nope") is None
 

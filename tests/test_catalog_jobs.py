@@ -279,6 +279,60 @@ async def test_queue_runs_followups(catalog, run_queue):
     assert (await catalog.get_event(eid))["state"] == "stored"
 
 
+async def test_queue_hands_followups_to_its_own_workers_without_a_claim(catalog, run_queue):
+    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("handed")])
+    claims_seen: list[int] = []
+    delivered = asyncio.Event()
+
+    async def ingest(job: Job) -> JobResult:
+        return JobResult(followups=[("deliver", f"deliver:{eid}:bot", {"event_id": eid})])
+
+    async def deliver(job: Job) -> None:
+        claims_seen.append(job.attempts)
+        delivered.set()
+
+    def mark_inserts(db) -> None:  # the state each job is created in, as the catalog wrote it
+        db.conn.execute("CREATE TABLE created (job INTEGER, state TEXT)")
+        db.conn.execute("CREATE TRIGGER mark AFTER INSERT ON jobs BEGIN"
+                        " INSERT INTO created VALUES (new.id, new.state); END")
+    await catalog.write(mark_inserts)
+    q, _ = await run_queue({"ingest": ingest, "deliver": deliver})
+    q.notify({"ingest"})
+    await asyncio.wait_for(delivered.wait(), 5)
+    [row] = await catalog.list_jobs(kind="deliver")
+    await _job_in_state(catalog, row["id"], "done")
+    assert claims_seen == [1]
+    created = await catalog.run(lambda db: db.conn.execute("SELECT job, state FROM created").fetchall())
+    assert created == [(row["id"], "running")]  # created claimed by the ingest's completion: no claim of its own
+
+
+async def test_queue_stop_returns_handed_followups_unstarted(catalog):
+    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("handed-stop")])
+    blocker = await catalog.enqueue("deliver", "deliver:blocker", {"event_id": "ev_blocker"})
+    assert blocker
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def ingest(job: Job) -> JobResult:
+        return JobResult(followups=[("deliver", f"deliver:{eid}:bot", {"event_id": eid})])
+
+    async def deliver(job: Job) -> None:
+        entered.set()
+        await release.wait()  # the one deliver worker is busy: the handed job waits here
+
+    q = JobQueue(catalog, QueueSettings(**{**FAST, "workers": 1}), Metrics(), {"ingest": ingest, "deliver": deliver})
+    await q.start()
+    await asyncio.wait_for(entered.wait(), 5)
+
+    async def ingested() -> bool:
+        return [j["state"] for j in await catalog.list_jobs(kind="ingest")] == ["done"]
+    await _wait_for(ingested)
+    [handed] = [j for j in await catalog.list_jobs(kind="deliver") if j["key"] != "deliver:blocker"]
+    assert handed["state"] == "running"  # claimed with its parent's completion, not started
+    await q.stop(grace=0.1)
+    row = await catalog.get_job(handed["id"])
+    assert (row["state"], row["attempts"]) == ("queued", 0)
+
+
 async def test_queue_start_requeues_jobs_left_running(catalog, run_queue):
     job_id = await _one_job(catalog)
     await catalog.claim_job()  # a previous process died with it running

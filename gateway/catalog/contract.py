@@ -248,11 +248,17 @@ class CatalogContract(CatalogTuning, abc.ABC):
 
     @abc.abstractmethod
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
-                           event_update: tuple[str, dict[str, Any]] | None = None) -> None:
+                           event_update: tuple[str, dict[str, Any]] | None = None,
+                           claim: bool = False) -> list[ClaimedJob]:
         """Mark a job done (``last_error`` cleared), enqueue ``followups`` ``(kind, key, payload)``
         (idempotent by key, as :meth:`enqueue`) and apply ``event_update`` ``(event_id, {column:
         value})`` (dicts and lists stored as JSON), all in one transaction. Runs ahead of other
-        waiting catalog work: the job's effect has happened, and a crash before the commit repeats it."""
+        waiting catalog work: the job's effect has happened, and a crash before the commit repeats it.
+
+        ``claim``: the follow-ups this call adds are created claimed by the caller, as
+        :meth:`claim_job` would hand them (running, first attempt counted, under this replica's
+        lease), and returned, so that the caller runs them without a claim of their own (a
+        follow-up whose key existed is left as it is and not returned). Returns ``[]`` otherwise."""
 
     @abc.abstractmethod
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:

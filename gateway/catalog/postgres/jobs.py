@@ -111,9 +111,12 @@ class JobsMixin(PostgresConnection):
         return int(rows[0]["n"])
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
-                           event_update: tuple[str, dict[str, Any]] | None = None) -> None:
-        """Mark a job done, enqueue ``followups`` and apply ``event_update``, in one transaction."""
+                           event_update: tuple[str, dict[str, Any]] | None = None,
+                           claim: bool = False) -> list[ClaimedJob]:
+        """Mark a job done, enqueue ``followups`` (``claim``: already claimed under this replica's
+        lease, and returned) and apply ``event_update``, in one transaction."""
         now = time.time()
+        claimed: list[ClaimedJob] = []
         async with self.transaction() as conn:
             if event_update is not None:
                 event_id, values = event_update
@@ -121,9 +124,20 @@ class JobsMixin(PostgresConnection):
                 await conn.execute(f"UPDATE events SET {cols} WHERE id = %s".encode(),
                                    [*(to_column(v) for v in values.values()), event_id])
             for kind, key, payload in followups:
-                await insert_job(conn, kind, key, payload, now)
+                if not claim:
+                    await insert_job(conn, kind, key, payload, now)
+                    continue
+                cur = await conn.execute(
+                    "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at,"
+                    " owner, lease_until) VALUES (%s,%s,%s, 'running', 1, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (key) DO NOTHING RETURNING id, kind, key, attempts, created_at",
+                    (kind, key, json.dumps(payload), now, now, now, self.owner, now + self.lease))
+                row = await cur.fetchone()
+                if row is not None:
+                    claimed.append(cast(ClaimedJob, {**row, "payload": payload}))
             await conn.execute("UPDATE jobs SET state = 'done', updated_at = %s, last_error = NULL,"
                                " lease_until = NULL WHERE id = %s", (now, job_id))
+        return claimed
 
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
         """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None. A job

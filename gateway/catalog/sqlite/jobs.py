@@ -28,6 +28,21 @@ def insert_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str,
     return cur.rowcount > 0
 
 
+def insert_claimed_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str, Any],
+                       now: float) -> ClaimedJob | None:
+    """Add a job already claimed (``running``, its first attempt counted) unless one with ``key``
+    exists; the claimed row, or None. Inside the caller's transaction ``conn``."""
+    row = conn.execute(
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
+        " VALUES (?,?,?, 'running', 1, ?, ?, ?) ON CONFLICT(key) DO NOTHING"
+        " RETURNING id, kind, key, payload, attempts, created_at",
+        (kind, key, json.dumps(payload), now, now, now)).fetchone()
+    if row is None:
+        return None
+    return {"id": row[0], "kind": row[1], "key": row[2], "payload": payload, "attempts": row[4],
+            "created_at": row[5]}
+
+
 def job_row(db: sqlite_utils.Database, job_id: int) -> JobRow | None:
     """The job ``job_id`` (``payload`` decoded), or None."""
     rows = list(db["jobs"].rows_where("id = ?", [job_id]))
@@ -111,13 +126,15 @@ class JobsMixin(SQLiteConnection):
             "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running') AND kind='ingest'").fetchone()[0]))
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
-                           event_update: tuple[str, dict[str, Any]] | None = None) -> None:
-        """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` and apply
-        ``event_update`` ``(event_id, {column: value})``, all in one transaction, ahead of other
-        waiting catalog work."""
+                           event_update: tuple[str, dict[str, Any]] | None = None,
+                           claim: bool = False) -> list[ClaimedJob]:
+        """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` (``claim``: already
+        claimed, and returned) and apply ``event_update`` ``(event_id, {column: value})``, all in
+        one transaction, ahead of other waiting catalog work."""
         now = time.time()
 
-        def _complete(db: sqlite_utils.Database) -> None:
+        def _complete(db: sqlite_utils.Database) -> list[ClaimedJob]:
+            claimed: list[ClaimedJob] = []
             with transaction(db) as conn:
                 if event_update is not None:
                     event_id, values = event_update
@@ -125,11 +142,15 @@ class JobsMixin(SQLiteConnection):
                     conn.execute(f"UPDATE events SET {cols} WHERE id = ?",
                                  [*(to_sql(v) for v in values.values()), event_id])
                 for kind, key, payload in followups:
-                    insert_job(conn, kind, key, payload, now)
+                    if not claim:
+                        insert_job(conn, kind, key, payload, now)
+                    elif (row := insert_claimed_job(conn, kind, key, payload, now)) is not None:
+                        claimed.append(row)
                 conn.execute("UPDATE jobs SET state='done', updated_at=?, last_error=NULL WHERE id=?",
                              (now, job_id))
+            return claimed
 
-        await self.write(_complete, first=True)  # the job's effect has happened: record it at once
+        return await self.write(_complete, first=True)  # the job's effect has happened: record it at once
 
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
         """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None."""
