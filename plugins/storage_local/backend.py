@@ -328,8 +328,11 @@ class _TempFile:
         except OSError:
             pass
         finally:
-            self.path.unlink(missing_ok=True)
-            self.path.with_suffix(".meta").unlink(missing_ok=True)
+            for leftover in (self.path, self.path.with_suffix(".meta")):
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError:  # never created (the temp directory is gone or not a directory)
+                    pass
 
 
 async def _read_range(fh: BinaryIO, first: int, last: int) -> AsyncIterator[bytes]:
