@@ -37,7 +37,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.webhooks import _free_port, loadavg
+from bench.harness import free_port, loadavg
 from tests.conftest import base_config, deep_merge
 from tests.daemon import REPO, GatewayProcess, write_toml
 
@@ -67,7 +67,7 @@ class Nginx:
 
     def __init__(self, work: Path, root: Path):
         self.work = work
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         work.mkdir(parents=True, exist_ok=True)
         user = f"user {pwd.getpwuid(os.getuid()).pw_name};" if os.getuid() == 0 else ""  # else: ignored
@@ -143,7 +143,7 @@ def _stored_path(storage_root: Path, size: int, sha256: str) -> Path:
 
 
 async def run(tmp: Path, code: Path, seconds: int, connections: int, repeat: int) -> int:
-    port = _free_port()
+    port = free_port()
     work = tmp / "gateway"
     work.mkdir()
     data = deep_merge(base_config(work, port, None, None),  # the tests' settings, with the default job polling
