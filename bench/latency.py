@@ -75,7 +75,13 @@ CREATE TRIGGER IF NOT EXISTS bench_job_marks AFTER UPDATE OF state ON jobs BEGIN
   INSERT INTO bench_job_marks VALUES (NEW.id, NEW.kind, NEW.state, NEW.updated_at,
                                       (julianday('now') - 2440587.5) * 86400.0);
 END;
+CREATE TRIGGER IF NOT EXISTS bench_job_marks_handed AFTER INSERT ON jobs WHEN NEW.state = 'running' BEGIN
+  INSERT INTO bench_job_marks VALUES (NEW.id, NEW.kind, NEW.state, NEW.updated_at,
+                                      (julianday('now') - 2440587.5) * 86400.0);
+END;
 """
+# (the second trigger: a job created claimed, as an ingest's deliveries are, handed to this daemon's
+# deliver workers in the completion's transaction)
 
 
 def setting(text: str) -> dict[str, Any]:
