@@ -24,11 +24,11 @@ import hashlib
 import hmac
 import json
 import logging
-from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from cachetools import LRUCache
 import pluggy
 
 from gateway.catalog import CatalogContract
@@ -69,21 +69,19 @@ def forward_body(forward: Any) -> bytes:
 
 class Forwards:
     """The bodies of the events this process rewrote lately, so that their deliveries need no
-    catalog read: ``event id -> (provider's event name, body)``, at most ``size`` of them, the
-    oldest dropped first. A miss (another replica rewrote it, or it was dropped) reads the
-    catalog, which stays the source of truth."""
+    catalog read: ``event id -> (provider's event name, body)``, at most ``size`` bytes of bodies,
+    the least recently used dropped first. A miss (another replica rewrote it, or it was dropped)
+    reads the catalog, which stays the source of truth."""
 
-    def __init__(self, size: int = 4096):
-        self.size = size
-        self._bodies: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+    def __init__(self, size: int = 16 * 1024 * 1024):
+        self._bodies: LRUCache[str, tuple[str, bytes]] = LRUCache(maxsize=size, getsizeof=lambda v: len(v[1]) + 1)
 
     def remember(self, event_id: str, event: str, forward: Any) -> None:
         """Keep the body of ``forward``, the rewritten payload of ``event_id`` (the provider's
-        event name ``event``), replacing an earlier one."""
-        self._bodies[event_id] = (event, forward_body(forward))
-        self._bodies.move_to_end(event_id)
-        while len(self._bodies) > self.size:
-            self._bodies.popitem(last=False)
+        event name ``event``), replacing an earlier one (a body over the whole size is not kept)."""
+        body = forward_body(forward)
+        if len(body) < self._bodies.maxsize:
+            self._bodies[event_id] = (event, body)
 
     def get(self, event_id: str) -> tuple[str, bytes] | None:
         """``(event name, body)`` if remembered."""

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from cachetools import LRUCache
+
 from gateway.catalog import CatalogContract, ReadyEvent
 from gateway.config import Settings
 from gateway.delivery import Forwards
@@ -39,6 +41,28 @@ from gateway.thumbnails import DEFAULT_SIZE, has_thumbnail
 log = logging.getLogger("gateway.ingest")
 
 
+class Arrivals:
+    """The media events this process acknowledged lately, so that their ingest jobs need no
+    catalog read: ``event id -> (provider name, event)``, events of at most ``size`` bytes of
+    webhook body in all, the least recently used dropped first; an ingest takes its event out. A
+    miss (a retry, a restart, another replica) reads the catalog, which stays the source of truth."""
+
+    def __init__(self, size: int = 4 * 1024 * 1024):
+        self._events: LRUCache[str, tuple[int, str, WebhookEvent]] = LRUCache(
+            maxsize=size, getsizeof=lambda v: v[0] + 1)
+
+    def remember(self, event_id: str, provider: str, event: WebhookEvent, body_bytes: int) -> None:
+        """Keep ``event`` of ``provider``, committed as ``event_id`` from a webhook body of
+        ``body_bytes`` (a body over the whole size is not kept)."""
+        if body_bytes < self._events.maxsize:
+            self._events[event_id] = (body_bytes, provider, event)
+
+    def take(self, event_id: str) -> tuple[str, WebhookEvent] | None:
+        """``(provider name, event)`` if remembered, forgotten here."""
+        kept = self._events.pop(event_id, None)
+        return None if kept is None else (kept[1], kept[2])
+
+
 class Ingestor:
     """Handler of ``ingest`` jobs (payload ``{"event_id": ...}``)."""
 
@@ -48,6 +72,8 @@ class Ingestor:
         self.settings = settings
         #: Where the rewritten payloads go for the deliveries of this process (their catalog read saved).
         self.forwards = forwards if forwards is not None else Forwards()
+        #: The media events the webhook handler acknowledged, for their ingest jobs.
+        self.arrivals = Arrivals()
         self.catalog = catalog
         self.media_store = media_store
         self.providers = providers
@@ -73,17 +99,22 @@ class Ingestor:
     async def __call__(self, job: Job) -> JobResult:
         """Run one ingest job. Raises to retry; :class:`PermanentError` when the event is gone."""
         event_id = job.payload["event_id"]
-        row = await self.catalog.get_event(event_id)
-        if row is None:
-            raise PermanentError(f"event {event_id} is not in the catalog")
-        provider = self.providers.get(row["provider"])
+        arrived = self.arrivals.take(event_id)
+        if arrived is not None:
+            name, event = arrived
+        else:
+            row = await self.catalog.get_event(event_id)
+            if row is None:
+                raise PermanentError(f"event {event_id} is not in the catalog")
+            name = row["provider"]
+            event = WebhookEvent(
+                idempotency_key=row["idempotency_key"], event=row["event"], account=row["account"] or "",
+                payload=row["payload"], media=[MediaRef.from_dict(m) for m in row["media"] or []],
+                chat=row["chat"], message_id=row["message_id"],
+            )
+        provider = self.providers.get(name)
         if provider is None:
-            raise PermanentError(f"provider {row['provider']!r} is not enabled")
-        event = WebhookEvent(
-            idempotency_key=row["idempotency_key"], event=row["event"], account=row["account"] or "",
-            payload=row["payload"], media=[MediaRef.from_dict(m) for m in row["media"] or []],
-            chat=row["chat"], message_id=row["message_id"],
-        )
+            raise PermanentError(f"provider {name!r} is not enabled")
         try:
             outcomes = [await self._ingest_ref(provider, event, event_id, ref, job.last_attempt)
                         for ref in event.media]

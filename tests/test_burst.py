@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from gateway.admission import Admission
 from gateway.config import QueueSettings
 from gateway.delivery import Deliverer, Forwards
+from gateway.ingest import Arrivals
 from gateway.keys import QUEUE
 from gateway.jobs import Backlogged, Job, JobQueue
 from gateway.metrics import Metrics
@@ -93,7 +94,7 @@ async def test_a_delivery_missing_from_the_cache_reads_its_body_from_the_catalog
     gw = await start_gateway()
     deliverer = gw.app[QUEUE].handlers["deliver"]
     assert isinstance(deliverer, Deliverer)
-    deliverer.forwards.size = 0  # as when another replica rewrote the event: nothing remembered here
+    deliverer.forwards = Forwards(size=0)  # as when another replica rewrote the event: nothing remembered here
     await gw.post_waha(_text_payload("cache-miss"))
     [delivery] = await sink.wait_for(1)
     assert delivery.json["payload"]["body"] == "text cache-miss"
@@ -102,12 +103,24 @@ async def test_a_delivery_missing_from_the_cache_reads_its_body_from_the_catalog
 
 
 def test_forwards_keep_the_latest_bodies_up_to_their_size():
-    forwards = Forwards(size=2)
+    forwards = Forwards(size=20)  # bytes: room for two of these bodies (8 and 9 bytes with its own count), not three
     for n in range(3):
         forwards.remember(f"ev_{n}", "message", {"n": n})
     forwards.remember("ev_1", "message.any", {"n": 11})  # a rewrite again replaces the body
     assert forwards.get("ev_0") is None
     assert forwards.get("ev_1") == ("message.any", b'{"n":11}') and forwards.get("ev_2") == ("message", b'{"n":2}')
+
+
+def test_arrivals_are_taken_once_and_bounded_by_body_bytes():
+    arrivals = Arrivals(size=1000)
+    events = {n: _event(f"arr{n}") for n in range(3)}
+    arrivals.remember("ev_0", "waha", events[0], 400)
+    arrivals.remember("ev_1", "waha", events[1], 400)
+    arrivals.remember("ev_2", "waha", events[2], 400)  # 1,200 bytes: the oldest goes
+    arrivals.remember("ev_big", "waha", events[0], 5000)  # over the whole size: not kept
+    assert arrivals.take("ev_0") is None and arrivals.take("ev_big") is None
+    assert arrivals.take("ev_1") == ("waha", events[1])
+    assert arrivals.take("ev_1") is None  # an ingest takes it out: a retry reads the catalog
 
 
 def _text_payload(message_id: str) -> dict[str, object]:

@@ -73,6 +73,10 @@ async def webhook(request: web.Request) -> web.Response:
         raise ApiError(503, "catalog unavailable, retry later")
     if accepted:  # wake the lanes that have new jobs
         index = {event_id: i for i, event_id in enumerate(event_ids)}
+        if ingestor is not None:  # its ingest job takes the event from memory, not the catalog
+            for event_id in accepted:
+                if index[event_id] not in ready:
+                    ingestor.arrivals.remember(event_id, name, events[index[event_id]], len(body))
         kinds: set[str] = set()
         for event_id in accepted:
             handled = ready.get(index[event_id])
