@@ -132,7 +132,7 @@ def own_s3_server() -> Iterator[SeaweedS3]:
 def s3_config(server: SeaweedS3, bucket: str | None = None, **extra: Any) -> dict[str, Any]:
     """A ``[storage.s3]`` section for ``server`` with a fresh bucket per call."""
     import uuid
-    return server.storage_section(bucket or f"gw-{uuid.uuid4().hex[:12]}", connect_timeout=1, read_timeout=5,
+    return server.storage_section(bucket or f"gw-{uuid.uuid4().hex[:12]}", connect_timeout=1, read_timeout=20,
                                   max_retries=0, **extra)
 
 
