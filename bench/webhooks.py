@@ -187,9 +187,11 @@ async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
               f"{res['failures']:.0f}, ack p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms); backlog "
               f"(acknowledged - forwarded) {series}; {accepted - forwarded_in_window:.0f} left at the end, "
               f"forwarded in {drain:.1f} s more; forwarded {sink.count} of {accepted:.0f}; dead jobs {dead:.0f}")
-        print(f"{name.upper()} forwarded {forwarded_in_window / window:.0f}/s during the {window:.0f} s window "
-              f"(offered {rate:.0f}/s; backlog {'flat' if flat else 'GROWING'}, {growth:+.0f}/s over the second half); "
-              f"load {loadavg()}", flush=True)
+        forwarded_rate = forwarded_in_window / window
+        kept_up = flat and forwarded_rate >= 0.95 * rate
+        print(f"{name.upper()} forwarded {forwarded_rate:.0f}/s during the {window:.0f} s window "
+              f"(offered {rate:.0f}/s; backlog {'flat' if flat else 'GROWING'}, {growth:+.0f}/s over the second half; "
+              f"{'kept up' if kept_up else 'did NOT keep up'}); load {loadavg()}", flush=True)
     finally:
         await gw.terminate()
         await runner.cleanup()
