@@ -72,6 +72,23 @@ async def test_claims_waiting_together_share_a_commit_and_never_hand_a_job_twice
     assert catalog.commits - before < 50 / 4
 
 
+async def test_a_claim_commits_without_fsync_and_leaves_every_other_transaction_durable(catalog):
+    await catalog.enqueue("deliver", "deliver:sync", {"n": 1})
+    levels: list[int] = []
+
+    def durable_write(db):  # the level its commit gets, as SQLite reports it inside the group
+        levels.append(db.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    def claim_only(db):
+        levels.append(db.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    await catalog.write(claim_only, durable=False)
+    assert await catalog.claim_job() is not None
+    await catalog.write(durable_write)
+    level = await catalog.run(lambda db: db.conn.execute("PRAGMA synchronous").fetchone()[0])
+    assert levels == [1, 2] and level == 2  # NORMAL for the claim-only group, FULL again after it
+
+
 async def test_reads_do_not_wait_behind_a_commit(catalog):
     [event_id], _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")])
     started, release = threading.Event(), threading.Event()

@@ -196,7 +196,6 @@ class SQLiteConnection(CatalogTuning):
         #: The reader's own connection and thread (:meth:`read`): reads never wait behind a commit.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-read")
         self._read_db: sqlite_utils.Database | None = None
-        self._synchronous = "FULL"
         self._lock_fd: int | None = None
         #: Group commits done, and the writes they carried (read by the metrics).
         self.commits = 0
@@ -307,10 +306,9 @@ class SQLiteConnection(CatalogTuning):
         """``BEGIN IMMEDIATE``, every call, ``COMMIT``: their results; ``ROLLBACK`` and raise if
         one call or the commit raises."""
         conn = self._require().conn
-        synchronous = "FULL" if any(call.durable for call in calls) else "NORMAL"
-        if synchronous != self._synchronous:
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            self._synchronous = synchronous
+        durable = any(call.durable for call in calls)
+        if not durable:  # only for this commit: every other transaction on the connection stays FULL
+            conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
             results = [call.fn() for call in calls]
@@ -322,6 +320,9 @@ class SQLiteConnection(CatalogTuning):
             except sqlite3.Error:
                 pass  # SQLite rolled back already
             raise
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
         self.commits += 1
         self.committed_writes += len(calls)
         if self.on_commit is not None:
