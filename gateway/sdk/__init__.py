@@ -56,6 +56,7 @@ from gateway.sdk.provider import (
     storable,
 )
 from gateway.sdk.storage import (
+    FILE_READ_BYTES,
     IncompleteUpload,
     IncompleteUploads,
     LocalFiles,
@@ -66,6 +67,7 @@ from gateway.sdk.storage import (
     PutResult,
     StorageBackend,
     StorageError,
+    file_range,
 )
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "MAX_JSON_DEPTH", "load_json", "storable", "signature_matches", "copy_path",
     # storage contract
     "StorageBackend", "IncompleteUploads", "IncompleteUpload", "LocalFiles", "PutResult", "ObjectStat", "OpenedObject",
+    "file_range", "FILE_READ_BYTES",
     "StorageError", "ObjectNotFound", "InvalidKey",
     # outbound interface
     "OutboundService", "Origin", "MediaUnavailable", "relay",

@@ -21,9 +21,10 @@ Backends are tested by the shared contract suite :mod:`gateway.sdk.testing` (a p
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 
 class StorageError(Exception):
@@ -100,6 +101,27 @@ class OpenedObject:
         aclose = getattr(self.chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+FILE_READ_BYTES = 256 * 1024
+"""Bytes :func:`file_range` reads at a time."""
+
+
+async def file_range(fh: BinaryIO, first: int, last: int, chunk: int = FILE_READ_BYTES) -> AsyncIterator[bytes]:
+    """Bytes ``first``..``last`` (inclusive) of the open file ``fh``, read ``chunk`` bytes at a
+    time in worker threads (never on the event loop), for an :class:`OpenedObject`'s ``chunks``;
+    closes ``fh`` when done or closed early. A file shorter than ``last`` ends early."""
+    try:
+        await asyncio.to_thread(fh.seek, first)
+        left = last - first + 1
+        while left > 0:
+            data = await asyncio.to_thread(fh.read, min(chunk, left))
+            if not data:
+                break
+            left -= len(data)
+            yield data
+    finally:
+        await asyncio.to_thread(fh.close)
 
 
 @runtime_checkable

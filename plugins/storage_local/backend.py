@@ -13,7 +13,15 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any, BinaryIO
 
-from gateway.sdk import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
+from gateway.sdk import (
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStat,
+    OpenedObject,
+    PutResult,
+    StorageError,
+    file_range,
+)
 
 WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
 
@@ -205,7 +213,7 @@ class LocalStorage:
         meta = await asyncio.to_thread(self._read_meta, key)
         return OpenedObject(key=key, size=size, start=first, end=last,
                             content_type=meta.get("content_type"),
-                            chunks=_read_range(fh, first, last))
+                            chunks=file_range(fh, first, last, READ_CHUNK))
 
     def _read_meta(self, key: str) -> dict[str, Any]:
         try:
@@ -333,17 +341,3 @@ class _TempFile:
                     leftover.unlink(missing_ok=True)
                 except OSError:  # never created (the temp directory is gone or not a directory)
                     pass
-
-
-async def _read_range(fh: BinaryIO, first: int, last: int) -> AsyncIterator[bytes]:
-    try:
-        await asyncio.to_thread(fh.seek, first)
-        remaining = last - first + 1
-        while remaining > 0:
-            chunk = await asyncio.to_thread(fh.read, min(READ_CHUNK, remaining))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-            yield chunk
-    finally:
-        fh.close()

@@ -13,7 +13,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gateway.sdk import InvalidKey, ObjectNotFound, ObjectStat, OpenedObject, PutResult, StorageError
+from gateway.sdk import (
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStat,
+    OpenedObject,
+    PutResult,
+    StorageError,
+    file_range,
+)
 
 READ_CHUNK = 256 * 1024  # bytes per read
 
@@ -128,7 +136,7 @@ class FlatStorage:
         except OSError as exc:
             raise StorageError(f"flat storage: {exc}") from exc
         return OpenedObject(key=key, size=size, start=first, end=last, content_type=entry["content_type"],
-                            chunks=_read(fh, first, last))
+                            chunks=file_range(fh, first, last, READ_CHUNK))
 
     async def stat(self, key: str, bucket: str | None = None) -> ObjectStat:
         """Size, type, modification time and metadata from the index. Raises :class:`ObjectNotFound`."""
@@ -162,18 +170,3 @@ class FlatStorage:
                   bucket: str | None = None, content_type: str | None = None) -> str | None:
         """No direct URLs: the gateway serves the files itself."""
         return None
-
-
-async def _read(fh: BinaryIO, first: int, last: int) -> AsyncIterator[bytes]:
-    """Bytes ``first``..``last`` of ``fh``, read in threads; closes ``fh``."""
-    try:
-        await asyncio.to_thread(fh.seek, first)
-        left = last - first + 1
-        while left > 0:
-            chunk = await asyncio.to_thread(fh.read, min(READ_CHUNK, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-            yield chunk
-    finally:
-        await asyncio.to_thread(fh.close)
