@@ -13,6 +13,7 @@ opened or is not empty.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 import os
@@ -111,6 +112,7 @@ def serve(config_path: Path | None) -> None:
     # The catalog thread releases the GIL for every SQLite statement and its fsync; at the default
     # 5 ms switch interval, getting it back behind a busy event loop costs more than the fsync.
     sys.setswitchinterval(0.0005)
+    app.on_startup.append(_settle_garbage_collector)  # after every resource's startup
     # Blocking file work (writes, fsync, libmagic, thumbnails) runs in the loop's default executor:
     # enough threads for every download of the fetch lane to wait on its fsync at once, since the
     # file system batches concurrent fsyncs into one journal commit.
@@ -119,6 +121,22 @@ def serve(config_path: Path | None) -> None:
                                                  thread_name_prefix="gateway-io"))
     web.run_app(app, sock=sock, print=None, shutdown_timeout=settings.server.shutdown_grace,
                 handle_signals=True, loop=loop)
+
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between two collections of the youngest generation (CPython's default: 700)."""
+
+
+async def _settle_garbage_collector(app: Any) -> None:
+    """Once the daemon has started: move every object alive now (modules, settings, plugins,
+    routes: over 80,000) out of the garbage collector's reach (``gc.freeze``), and collect the
+    youngest generation every :data:`GC_YOUNG_THRESHOLD` allocations. A request's short-lived
+    objects then die before a collection promotes them, and a full collection no longer walks
+    the whole heap (30 ms here before). Measured on the webhook path (B1): the event loop's CPU
+    per webhook fell by 8-13%."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 @main.command("check-config")
