@@ -414,3 +414,20 @@ async def test_queue_stop_takes_no_new_jobs(catalog):
     q.notify()
     await asyncio.sleep(0.1)  # nothing to wait for: the workers are gone
     assert (await catalog.get_job(job_id))["state"] == "queued"
+
+
+# -- ids ------------------------------------------------------------------------------------------
+
+def test_event_ids_are_unique_and_time_ordered():
+    from gateway.catalog.rows import RandomPool, new_event_id
+
+    first = [new_event_id() for _ in range(3000)]  # more than one pool's worth of random bytes
+    assert len(set(first)) == len(first)
+    assert all(len(i) == 35 and i.startswith("ev_") and int(i[3:], 16) >= 0 for i in first)
+    time.sleep(0.002)
+    later = new_event_id()
+    assert later > max(first)  # the millisecond prefix orders ids made apart
+    pool = RandomPool(size=16)
+    drawn = [pool.hex(10) for _ in range(50)]  # refills whenever less than 10 bytes are left
+    assert len(set(drawn)) == 50 and all(len(h) == 20 for h in drawn)
+    assert len(pool.hex(40)) == 80  # more than the pool size at once

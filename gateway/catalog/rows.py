@@ -9,8 +9,10 @@ without it), a value typed ``X | None`` may be NULL.
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from dataclasses import dataclass, field
-import uuid
 from typing import Any, NotRequired, TypedDict, cast
 
 
@@ -178,9 +180,42 @@ def to_column(value: Any) -> Any:
     return value
 
 
+class RandomPool:
+    """Unpredictable bytes for ids, drawn from ``os.urandom`` ``size`` bytes at a time: one system
+    call per a few hundred ids instead of one per id. ``os.urandom`` lets go of the GIL for its
+    system call, and the event loop that called it then waits for the catalog thread to hand the
+    GIL back, which under a burst cost ~10% of the webhook path. Thread-safe; a forked child
+    starts a pool of its own."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._buffer = b""
+        self._used = 0
+
+    def hex(self, nbytes: int) -> str:
+        """``nbytes`` random bytes as ``2 * nbytes`` lowercase hex digits."""
+        with self._lock:
+            if self._used + nbytes > len(self._buffer):
+                self._buffer, self._used = os.urandom(max(self.size, nbytes)), 0
+            chunk = self._buffer[self._used:self._used + nbytes]
+            self._used += nbytes
+        return chunk.hex()
+
+
+RANDOM = RandomPool()
+"""The process's :class:`RandomPool`."""
+
+
 def new_event_id() -> str:
-    """A new event id: ``ev_`` and 32 hex digits (a random UUID)."""
-    return f"ev_{uuid.uuid4().hex}"
+    """A new event id: ``ev_`` and 32 hex digits, time-ordered: 12 of the time in milliseconds
+    (as a UUIDv7's, RFC 9562 §5.7), then 20 random (80 bits). Ids made close together sort close
+    together, so the catalog's indexes grow at their end instead of at random pages."""
+    return f"ev_{int(time.time() * 1000):012x}{RANDOM.hex(10)}"
 
 
 @dataclass(frozen=True, slots=True)
