@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any, BinaryIO
@@ -139,21 +139,25 @@ class LocalStorage:
         ok = await asyncio.to_thread(lambda: self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK))
         if not ok:
             raise StorageError(f"storage root {self.root} is not a writable directory")
-        await self._require_space()
+        await asyncio.to_thread(self._require_space)
 
     async def free_bytes(self) -> int:
         """Bytes an unprivileged writer may still use on the root's filesystem (``statvfs``
         ``f_bavail * f_frsize``). Raises :class:`StorageError` if the root cannot be queried."""
+        return await asyncio.to_thread(self._free_bytes)
+
+    def _free_bytes(self) -> int:
+        """:meth:`free_bytes` in the calling thread."""
         try:
-            st = await asyncio.to_thread(os.statvfs, self.root)
+            st = os.statvfs(self.root)
         except OSError as exc:
             raise StorageError(f"cannot query free space of {self.root}: {exc}") from exc
         return st.f_bavail * st.f_frsize
 
-    async def _require_space(self) -> None:
-        """Raise :class:`StorageError` while free space is under ``min_free_bytes``."""
+    def _require_space(self) -> None:
+        """In a thread: raise :class:`StorageError` while free space is under ``min_free_bytes``."""
         if self.min_free_bytes:
-            free = await self.free_bytes()
+            free = self._free_bytes()
             if free < self.min_free_bytes:
                 raise StorageError(f"storage root {self.root} is full: {free} bytes free, "
                                    f"storage.local.min_free_bytes is {self.min_free_bytes}")
@@ -167,10 +171,10 @@ class LocalStorage:
         :class:`StorageError`, or whatever ``stream`` raises (then no file is left).
         """
         final = self._checked_path(key)  # the rename replaces whatever is there, never follows it
-        await self._require_space()
-        # the temp file is opened by the thread of its first write: a small object is opened,
-        # written, fsynced and published in one hop to a thread
-        out = _TempFile(self.root / TMP_DIR / next(self._tmp_names), key, writeback=self.fsync)
+        # the temp file is opened, after the free space is checked, by the thread of its first
+        # write: a small object is checked, opened, written, fsynced and published in one hop to a thread
+        out = _TempFile(self.root / TMP_DIR / next(self._tmp_names), key, writeback=self.fsync,
+                        check=self._require_space)
         size = 0
         loop = asyncio.get_running_loop()
         writing: asyncio.Future[None] | None = None  # the batch a worker thread is writing
@@ -361,16 +365,19 @@ class _TempFile:
     nothing is started early.
     """
 
-    def __init__(self, path: Path, key: str, writeback: bool):
+    def __init__(self, path: Path, key: str, writeback: bool, check: Callable[[], None] = lambda: None):
         self.path = path
         self.fh: BinaryIO | None = None  # opened by the first write
         self.key = key
+        self.check = check  # raises StorageError when the file may not be created (no space)
         self.writeback = writeback and hasattr(os, "posix_fadvise")
         self.written = 0  # bytes handed to the kernel so far
 
     def opened(self) -> BinaryIO:
-        """The temp file, created (exclusively) on the first call. Raises :class:`StorageError`."""
+        """The temp file, created (exclusively) on the first call, once ``check`` passed. Raises
+        :class:`StorageError`."""
         if self.fh is None:
+            self.check()
             try:
                 self.fh = open(self.path, "xb")
             except OSError as exc:
