@@ -74,7 +74,8 @@ class LocalStorage:
         self._real_root = os.path.realpath(self.root)
         self._paths: dict[str, str] = {}  # local_path's answers, their directories checked
         self._dirs: dict[str, str] = {}  # directories of keys, resolved inside the root
-        self._tmp_names = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count())  # unique temp file names
+        self._tmp_prefix = os.path.join(self._root_str, TMP_DIR, uuid.uuid4().hex)
+        self._tmp_count = itertools.count()  # temp files are <prefix>-<n>: unique without a random draw each
 
     # -- paths ----------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
@@ -173,7 +174,7 @@ class LocalStorage:
         final = self._checked_path(key)  # the rename replaces whatever is there, never follows it
         # the temp file is opened, after the free space is checked, by the thread of its first
         # write: a small object is checked, opened, written, fsynced and published in one hop to a thread
-        out = _TempFile(self.root / TMP_DIR / next(self._tmp_names), key, writeback=self.fsync,
+        out = _TempFile(f"{self._tmp_prefix}-{next(self._tmp_count)}", key, writeback=self.fsync,
                         check=self._require_space)
         size = 0
         loop = asyncio.get_running_loop()
@@ -219,8 +220,9 @@ class LocalStorage:
             meta_path = self._meta_path(key)
             if sidecar:
                 meta_path.parent.mkdir(parents=True, exist_ok=True)
-                meta_tmp = tmp.with_suffix(".meta")
-                meta_tmp.write_bytes(encoded)
+                meta_tmp = tmp + ".meta"
+                with open(meta_tmp, "wb") as meta_fh:
+                    meta_fh.write(encoded)
                 directories.add(str(meta_path.parent))
             with self._publish:
                 try:
@@ -365,7 +367,7 @@ class _TempFile:
     nothing is started early.
     """
 
-    def __init__(self, path: Path, key: str, writeback: bool, check: Callable[[], None] = lambda: None):
+    def __init__(self, path: str, key: str, writeback: bool, check: Callable[[], None] = lambda: None):
         self.path = path
         self.fh: BinaryIO | None = None  # opened by the first write
         self.key = key
@@ -407,8 +409,8 @@ class _TempFile:
         except OSError:
             pass
         finally:
-            for leftover in (self.path, self.path.with_suffix(".meta")):
+            for leftover in (self.path, self.path + ".meta"):
                 try:
-                    leftover.unlink(missing_ok=True)
-                except OSError:  # never created (the temp directory is gone or not a directory)
+                    os.unlink(leftover)
+                except OSError:  # never created (or the temp directory is gone or not a directory)
                     pass
