@@ -97,6 +97,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
 
 FETCH_KINDS = ("ingest",)
 """The job kinds of the fetch lane; every other kind runs in the deliver lane."""
+DUE_TTL = 0.1
+"""Seconds the workers of a lane going idle share one catalog answer to when its next queued job
+is due (this process's own retries are added to it as they are scheduled)."""
 
 
 class Backlogged(Exception):
@@ -127,6 +130,8 @@ class JobQueue:
         #: lane -> jobs :meth:`notify` announced that no worker here has claimed yet: a worker
         #: claiming one of them need not wake the next (the announcement woke one per job)
         self._announced: dict[str, int] = {lane: 0 for lane in self.lanes}
+        #: lane -> (monotonic seconds when read, when its next queued job is due or None), for :meth:`_idle`
+        self._due: dict[str, tuple[float, float | None]] = {}
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -270,6 +275,9 @@ class JobQueue:
                 claim = not woken or self._announced[lane] > 0
                 look = not woken
                 continue
+            announced = not handed and self._announced[lane] > 0
+            if announced:
+                self._announced[lane] -= 1  # this claim is for it: no other worker's is
             try:
                 row = self._handed[lane].popleft() if handed else await self.catalog.claim_job(kinds=kinds)
             except Exception:
@@ -278,13 +286,11 @@ class JobQueue:
                 continue
             if row is None:
                 self._announced[lane] = 0  # none due: every announced job was claimed (or is not due)
+                self._due.pop(lane, None)  # nor is the one the shared answer said was due
                 claim, look = False, True
                 continue
-            if not handed:
-                if self._announced[lane] > 0:
-                    self._announced[lane] -= 1
-                else:
-                    self._wake_one(lane)  # there may be more: let the next idle worker look
+            if not handed and not announced:
+                self._wake_one(lane)  # there may be more: let the next idle worker look
             job = self._job(row)
             task = asyncio.current_task()
             assert task is not None
@@ -327,10 +333,7 @@ class JobQueue:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_workers[lane].append(waiter)  # before the look, so that a notify after it is not lost
         try:
-            try:
-                nxt = await self.catalog.next_run_at(kinds) if look else None
-            except Exception:
-                nxt = None
+            nxt = await self._next_due(lane, kinds) if look else None
             if nxt is not None:
                 if nxt <= time.time():
                     return False  # one is due now
@@ -343,6 +346,28 @@ class JobQueue:
         finally:
             if waiter in self._idle_workers[lane]:
                 self._idle_workers[lane].remove(waiter)
+
+    async def _next_due(self, lane: str, kinds: tuple[str, ...]) -> float | None:
+        """When the next queued job of ``lane`` is due (epoch seconds) or None: the catalog's
+        answer, shared for :data:`DUE_TTL` seconds (None when the catalog cannot say)."""
+        cached = self._due.get(lane)
+        if cached is not None and time.monotonic() - cached[0] < DUE_TTL:
+            return cached[1]
+        try:
+            nxt = await self.catalog.next_run_at(kinds)
+        except Exception:
+            return None
+        self._due[lane] = (time.monotonic(), nxt)
+        return nxt
+
+    async def _retry_at(self, job: Job, error: str, delay: float) -> None:
+        """Queue ``job`` again in ``delay`` seconds, recording ``error``."""
+        retry_at = time.time() + delay
+        await self.catalog.fail_job(job.id, error, retry_at)
+        for lane, (kinds, _) in self.lanes.items():
+            cached = self._due.get(lane)
+            if job.kind in kinds and cached is not None and (cached[1] is None or retry_at < cached[1]):
+                self._due[lane] = (cached[0], retry_at)  # due sooner than the shared answer said
 
     async def _run(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
@@ -363,7 +388,7 @@ class JobQueue:
         except RetryLater as exc:
             delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
             log.warning("job %s deferred (%s); retry in %.1fs", job.key, exc, delay, extra={"job_id": job.id})
-            await self.catalog.fail_job(job.id, f"deferred: {exc}", time.time() + delay)
+            await self._retry_at(job, f"deferred: {exc}", delay)
             self.metrics.jobs_processed.labels(job.kind, "retry").inc()
             return
         except Exception as exc:
@@ -377,7 +402,7 @@ class JobQueue:
                 delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
                 log.warning("job %s attempt %d failed (%s); retry in %.1fs", job.key, job.attempts,
                             error, delay, extra={"job_id": job.id})
-                await self.catalog.fail_job(job.id, error, time.time() + delay)
+                await self._retry_at(job, error, delay)
                 self.metrics.jobs_processed.labels(job.kind, "retry").inc()
             return
         finally:
