@@ -3,7 +3,10 @@ hash, count and sniff while streaming into storage, write the catalog row, rewri
 enqueue one delivery per bot target.
 
 Idempotent: a reference whose ``source_key`` is already in the catalog is not fetched again, so a
-retried job, a redelivered webhook or the same message in two events stores one object.
+retried job, a redelivered webhook or the same message in two events stores one object. (The first
+attempt at an attachment that no other recent event named skips that look-up; should a copy exist
+after all, stored before a restart or by another replica, the catalog's ``source_key`` conflict
+keeps that one and the new object is deleted.)
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ class Arrivals:
     webhook body in all, the least recently used dropped first; an ingest takes its event out. A
     miss (a retry, a restart, another replica) reads the catalog, which stays the source of truth.
 
-    It also counts, for the last ``sources`` media ``source_key``\ s of those events, how many
-    events named each, so that the ingest of an attachment only this event named lately need not
+    It also counts, for the last ``sources`` media source keys of those events, how many events
+    named each, so that the ingest of an attachment only this event named lately need not
     look for a stored copy first (:meth:`Ingestor._ingest_ref`)."""
 
     def __init__(self, size: int = 4 * 1024 * 1024, sources: int = 16384):
