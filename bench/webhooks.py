@@ -11,6 +11,9 @@ the same run, with the load average.
 - **B3** the same with a 55 KiB JPEG (``tests/fixtures/media/photo.jpg``) per webhook, downloaded
   from the WAHA emulator (its own process) and stored on local disk (fsync) before the forward.
 
+B2 and B3 also print the daemon's CPU time (user + system, ``/proc/<pid>/stat``) per forwarded
+message, and its event loop's share: far less sensitive to a shared machine's load than the rates.
+
 Installs ``wrk`` with ``scripts/system-deps --bench`` (Debian, as root). From the repository root::
 
     .venv/bin/python -m bench.webhooks                 # B1, B2, B3, 20 s each
@@ -39,6 +42,7 @@ from bench.harness import (
     open_loop,
     percentile,
 )
+from bench.stream_1gib import cpu_seconds
 from tests.conftest import MEDIA, waha_payload
 from tests.daemon import REPO, GatewayProcess
 
@@ -162,6 +166,7 @@ async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
     gw = _daemon(tmp, name, providers, [{"name": "bot", "url": sink.url}])
     await gw.start()
     try:
+        cpu0, loop0 = cpu_seconds(gw.pid), cpu_seconds(gw.pid, gw.pid)
         t0 = time.monotonic()
         sender = fixed_rate_process(f"{gw.url}/webhooks/waha", _body(url), rate, seconds, name)
         samples = []
@@ -181,6 +186,7 @@ async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
         while sink.count < accepted and time.monotonic() - drain_t0 < 600:
             await asyncio.sleep(0.1)
         drain = time.monotonic() - drain_t0
+        cpu, loop_cpu = cpu_seconds(gw.pid) - cpu0, cpu_seconds(gw.pid, gw.pid) - loop0
         dead = await metric(gw.url, "gateway_jobs", 'state="dead"')
         series = ", ".join(f"{t:.0f}s: {a - f:.0f}" for t, a, f in samples)
         half = [(t, a - f) for t, a, f in samples[len(samples) // 2:]]
@@ -195,6 +201,9 @@ async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
         print(f"{name.upper()} forwarded {forwarded_rate:.0f}/s during the {window:.0f} s window "
               f"(offered {rate:.0f}/s; backlog {'flat' if flat else 'GROWING'}, {growth:+.0f}/s over the second half; "
               f"{'kept up' if kept_up else 'did NOT keep up'}); load {loadavg()}", flush=True)
+        print(f"{name.upper()} daemon CPU {cpu * 1000 / max(sink.count, 1):.2f} ms per forwarded message (event loop "
+              f"{loop_cpu * 1000 / max(sink.count, 1):.2f} ms; user + system, /proc/<pid>/stat, from the first "
+              f"webhook to the last forward)", flush=True)
     finally:
         await gw.terminate()
         await runner.cleanup()

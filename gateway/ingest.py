@@ -3,7 +3,10 @@ hash, count and sniff while streaming into storage, write the catalog row, rewri
 enqueue one delivery per bot target.
 
 Idempotent: a reference whose ``source_key`` is already in the catalog is not fetched again, so a
-retried job, a redelivered webhook or the same message in two events stores one object.
+retried job, a redelivered webhook or the same message in two events stores one object. (The first
+attempt at an attachment that no other recent event named skips that look-up; should a copy exist
+after all, stored before a restart or by another replica, the catalog's ``source_key`` conflict
+keeps that one and the new object is deleted.)
 """
 
 from __future__ import annotations
@@ -45,17 +48,29 @@ class Arrivals:
     """The media events this process acknowledged lately, so that their ingest jobs need no
     catalog read: ``event id -> (provider name, event)``, events of at most ``size`` bytes of
     webhook body in all, the least recently used dropped first; an ingest takes its event out. A
-    miss (a retry, a restart, another replica) reads the catalog, which stays the source of truth."""
+    miss (a retry, a restart, another replica) reads the catalog, which stays the source of truth.
 
-    def __init__(self, size: int = 4 * 1024 * 1024):
+    It also counts, for the last ``sources`` media source keys of those events, how many events
+    named each, so that the ingest of an attachment only this event named lately need not
+    look for a stored copy first (:meth:`Ingestor._ingest_ref`)."""
+
+    def __init__(self, size: int = 4 * 1024 * 1024, sources: int = 16384):
         self._events: LRUCache[str, tuple[int, str, WebhookEvent]] = LRUCache(
             maxsize=size, getsizeof=lambda v: v[0] + 1)
+        self._sources: LRUCache[str, int] = LRUCache(maxsize=sources)
 
     def remember(self, event_id: str, provider: str, event: WebhookEvent, body_bytes: int) -> None:
         """Keep ``event`` of ``provider``, committed as ``event_id`` from a webhook body of
-        ``body_bytes`` (a body over the whole size is not kept)."""
+        ``body_bytes`` (a body over the whole size is not kept), and count its media's source keys."""
         if body_bytes < self._events.maxsize:
             self._events[event_id] = (body_bytes, provider, event)
+        for ref in event.media:
+            self._sources[ref.source_key] = self._sources.get(ref.source_key, 0) + 1
+
+    def only_once(self, source_key: str) -> bool:
+        """Whether exactly one remembered event named ``source_key`` lately (False once the count is
+        forgotten: the least recently named keys go first)."""
+        return self._sources.get(source_key) == 1
 
     def take(self, event_id: str) -> tuple[str, WebhookEvent] | None:
         """``(provider name, event)`` if remembered, forgotten here."""
@@ -100,6 +115,7 @@ class Ingestor:
         """Run one ingest job. Raises to retry; :class:`PermanentError` when the event is gone."""
         event_id = job.payload["event_id"]
         arrived = self.arrivals.take(event_id)
+        fresh = arrived is not None and job.attempts == 1  # first try, of an event this process acknowledged
         if arrived is not None:
             name, event = arrived
         else:
@@ -116,7 +132,8 @@ class Ingestor:
         if provider is None:
             raise PermanentError(f"provider {name!r} is not enabled")
         try:
-            outcomes = [await self._ingest_ref(provider, event, event_id, ref, job.last_attempt)
+            outcomes = [await self._ingest_ref(provider, event, event_id, ref, job.last_attempt,
+                                               fresh and self.arrivals.only_once(ref.source_key))
                         for ref in event.media]
         except InvalidKey as exc:
             raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
@@ -153,7 +170,11 @@ class Ingestor:
         return ReadyEvent(forward, followups)
 
     async def _ingest_ref(self, provider: Provider, event: WebhookEvent, event_id: str,
-                          ref: MediaRef, last_attempt: bool) -> MediaOutcome:
+                          ref: MediaRef, last_attempt: bool, new: bool = False) -> MediaOutcome:
+        """Store one reference of ``event``, unless its ``source_key`` is in the catalog already.
+        ``new``: the first attempt at an attachment no other event named lately: it is not looked
+        up first (a copy stored meanwhile, by another replica or before a restart, still wins:
+        :meth:`MediaStore.store` then drops the new object and returns the stored row)."""
         extra = {"event_id": event_id, "provider": provider.name}
         declared_category = category_for(ref.mimetype)  # metrics label until the content is sniffed
         if ref.error:
@@ -161,7 +182,7 @@ class Ingestor:
             self.metrics.media_outcome(provider.name, declared_category, "skipped")
             return MediaOutcome(ref, error=ref.error)
         async with self._locked(ref.source_key):
-            existing = await self.catalog.media_by_source(ref.source_key)
+            existing = None if new else await self.catalog.media_by_source(ref.source_key)
             if existing is not None:
                 self.metrics.media_outcome(provider.name, existing["category"], "duplicate")
                 return self._outcome(ref, existing)

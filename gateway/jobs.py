@@ -97,6 +97,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
 
 FETCH_KINDS = ("ingest",)
 """The job kinds of the fetch lane; every other kind runs in the deliver lane."""
+DUE_TTL = 0.1
+"""Seconds the workers of a lane going idle share one catalog answer to when its next queued job
+is due (this process's own retries are added to it as they are scheduled)."""
 
 
 class Backlogged(Exception):
@@ -124,6 +127,11 @@ class JobQueue:
             "deliver": (tuple(k for k in handlers if k not in FETCH_KINDS), settings.workers),
         }
         self._idle_workers: dict[str, list[asyncio.Future[None]]] = {lane: [] for lane in self.lanes}
+        #: lane -> jobs :meth:`notify` announced that no worker here has claimed yet: a worker
+        #: claiming one of them need not wake the next (the announcement woke one per job)
+        self._announced: dict[str, int] = {lane: 0 for lane in self.lanes}
+        #: lane -> (monotonic seconds when read, when its next queued job is due or None), for :meth:`_idle`
+        self._due: dict[str, tuple[float, float | None]] = {}
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -137,11 +145,14 @@ class JobQueue:
 
     def notify(self, kinds: Collection[str] | None = None) -> None:
         """New jobs (of ``kinds``; None: any) were committed: wake one idle worker of each lane
-        that runs them. A worker that finds a job wakes the next one (:meth:`_wake_one`), so a
-        burst wakes as many workers as it has jobs, and a single webhook does not send every idle
-        worker to the catalog."""
+        that runs them, and count the job as announced there. A worker that claims a job nobody
+        announced (a retry come due, another replica's, one left from before a restart) wakes
+        the next one (:meth:`_wake_one`), so a backlog wakes as many workers as it has jobs; one
+        that claims an announced job does not (each announcement woke a worker of its own), so a
+        single webhook sends one worker to the catalog, not two."""
         for lane, (lane_kinds, _) in self.lanes.items():
             if kinds is None or any(k in lane_kinds for k in kinds):
+                self._announced[lane] += 1
                 self._wake_one(lane)
 
     def _wake_one(self, lane: str) -> None:
@@ -253,17 +264,33 @@ class JobQueue:
 
     async def _worker(self, lane: str, index: int) -> None:
         kinds = self.lanes[lane][0]
+        claim = True  # whether the catalog may have a job for this worker now
+        look = True  # whether waiting asks the catalog when its next job is due
         while not self._stopping:
+            handed = bool(self._handed[lane])  # each handed job woke a worker of its own
+            if not handed and not claim:
+                woken = await self._idle(lane, kinds, look=look)
+                # a wake-up with no announced job left: a busy worker took it meanwhile (jobs
+                # nobody announced are found when a wait times out, or comes due)
+                claim = not woken or self._announced[lane] > 0
+                look = not woken
+                continue
+            announced = not handed and self._announced[lane] > 0
+            if announced:
+                self._announced[lane] -= 1  # this claim is for it: no other worker's is
             try:
-                row = self._handed[lane].popleft() if self._handed[lane] else await self.catalog.claim_job(kinds=kinds)
+                row = self._handed[lane].popleft() if handed else await self.catalog.claim_job(kinds=kinds)
             except Exception:
                 log.exception("could not claim a job; retrying")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
             if row is None:
-                await self._idle(lane, kinds)
+                self._announced[lane] = 0  # none due: every announced job was claimed (or is not due)
+                self._due.pop(lane, None)  # nor is the one the shared answer said was due
+                claim, look = False, True
                 continue
-            self._wake_one(lane)  # there may be more: let the next idle worker look
+            if not handed and not announced:
+                self._wake_one(lane)  # there may be more: let the next idle worker look
             job = self._job(row)
             task = asyncio.current_task()
             assert task is not None
@@ -276,6 +303,9 @@ class JobQueue:
                 raise
             finally:
                 self._running.pop(job.id, None)
+            # claim again only for an announced job: else wait, asking the catalog when the next
+            # job is due (at once if one is), which reads where a claim would write
+            claim, look = self._announced[lane] > 0, True
 
     def _handoff_lane(self, followups: list[tuple[str, str, dict[str, Any]]]) -> str | None:
         """The lane whose workers here take ``followups`` straight from their parent's completion
@@ -295,24 +325,49 @@ class JobQueue:
         return Job(id=row["id"], kind=row["kind"], key=row["key"], payload=row["payload"],
                    attempts=row["attempts"], max_attempts=self.settings.max_attempts)
 
-    async def _idle(self, lane: str, kinds: tuple[str, ...]) -> None:
+    async def _idle(self, lane: str, kinds: tuple[str, ...], look: bool = True) -> bool:
+        """Wait until a wake-up (True) or until the next queued job of ``kinds`` is due, at most
+        ``poll_interval`` seconds (False; at once when one is due already). ``look``: ask the
+        catalog when that is (else wait the whole ``poll_interval``)."""
         timeout = self.settings.poll_interval
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_workers[lane].append(waiter)  # before the look, so that a notify after it is not lost
         try:
-            try:
-                nxt = await self.catalog.next_run_at(kinds)
-            except Exception:
-                nxt = None
+            nxt = await self._next_due(lane, kinds) if look else None
             if nxt is not None:
+                if nxt <= time.time():
+                    return False  # one is due now
                 timeout = max(0.01, min(timeout, nxt - time.time()))
             try:
                 await asyncio.wait_for(waiter, timeout)
+                return True
             except TimeoutError:
-                pass
+                return False
         finally:
             if waiter in self._idle_workers[lane]:
                 self._idle_workers[lane].remove(waiter)
+
+    async def _next_due(self, lane: str, kinds: tuple[str, ...]) -> float | None:
+        """When the next queued job of ``lane`` is due (epoch seconds) or None: the catalog's
+        answer, shared for :data:`DUE_TTL` seconds (None when the catalog cannot say)."""
+        cached = self._due.get(lane)
+        if cached is not None and time.monotonic() - cached[0] < DUE_TTL:
+            return cached[1]
+        try:
+            nxt = await self.catalog.next_run_at(kinds)
+        except Exception:
+            return None
+        self._due[lane] = (time.monotonic(), nxt)
+        return nxt
+
+    async def _retry_at(self, job: Job, error: str, delay: float) -> None:
+        """Queue ``job`` again in ``delay`` seconds, recording ``error``."""
+        retry_at = time.time() + delay
+        await self.catalog.fail_job(job.id, error, retry_at)
+        for lane, (kinds, _) in self.lanes.items():
+            cached = self._due.get(lane)
+            if job.kind in kinds and cached is not None and (cached[1] is None or retry_at < cached[1]):
+                self._due[lane] = (cached[0], retry_at)  # due sooner than the shared answer said
 
     async def _run(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
@@ -333,7 +388,7 @@ class JobQueue:
         except RetryLater as exc:
             delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
             log.warning("job %s deferred (%s); retry in %.1fs", job.key, exc, delay, extra={"job_id": job.id})
-            await self.catalog.fail_job(job.id, f"deferred: {exc}", time.time() + delay)
+            await self._retry_at(job, f"deferred: {exc}", delay)
             self.metrics.jobs_processed.labels(job.kind, "retry").inc()
             return
         except Exception as exc:
@@ -347,7 +402,7 @@ class JobQueue:
                 delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
                 log.warning("job %s attempt %d failed (%s); retry in %.1fs", job.key, job.attempts,
                             error, delay, extra={"job_id": job.id})
-                await self.catalog.fail_job(job.id, error, time.time() + delay)
+                await self._retry_at(job, error, delay)
                 self.metrics.jobs_processed.labels(job.kind, "retry").inc()
             return
         finally:

@@ -104,6 +104,18 @@ def category_for(mime: str | None) -> str:
     return "other"
 
 
+QUICK_SNIFF_PREFIXES = (b"\xff\xd8\xff",)
+"""First bytes after which libmagic answers within tens of microseconds whatever follows (a JPEG
+start-of-image marker: 16-30 µs for 8 KiB of image, text, zeros or random bytes, measured), less
+than a hand-off to a thread costs: :func:`sniff_here` runs such a sniff on the calling thread."""
+
+
+def sniff_here(head: bytes) -> bool:
+    """Whether :func:`sniff` of ``head`` is quick enough for the event loop (see
+    :data:`QUICK_SNIFF_PREFIXES`); other heads go to a thread (up to milliseconds for text)."""
+    return head.startswith(QUICK_SNIFF_PREFIXES)
+
+
 def sniff(head: bytes) -> str:
     """The MIME type libmagic reads from the first bytes (at least :data:`SNIFF_BYTES` when available)."""
     if not head:

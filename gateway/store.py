@@ -28,6 +28,7 @@ from gateway.media import (
     object_key,
     safe_filename,
     sniff,
+    sniff_here,
 )
 from gateway.plugins import check_media, notify
 from gateway.sdk.hooks import MediaInfo
@@ -116,7 +117,7 @@ class MediaStore:
             raise MediaTooLarge(max_bytes)
         stream = MediaStream(chunks, max_bytes, expected_sha256=origin.declared_sha256)
         head = await stream.read_head()
-        sniffed = await asyncio.to_thread(sniff, head)
+        sniffed = sniff(head) if sniff_here(head) else await asyncio.to_thread(sniff, head)
         decision = decide_type(sniffed, origin.declared_mimetype, origin.filename)
         if decision.mismatch:
             log.warning("media declared %s but the content is %s", origin.declared_mimetype, sniffed,

@@ -279,6 +279,69 @@ async def test_queue_runs_followups(catalog, run_queue):
     assert (await catalog.get_event(eid))["state"] == "stored"
 
 
+class CountingCatalog(Catalog):
+    """The SQLite catalog, counting :meth:`claim_job` calls and the empty ones."""
+
+    claims = 0
+    empty = 0
+
+    async def claim_job(self, *args: Any, **kwargs: Any) -> Any:
+        row = await super().claim_job(*args, **kwargs)
+        self.claims += 1
+        self.empty += row is None
+        return row
+
+
+async def test_queue_claims_once_for_a_notified_job_and_a_handed_followup(tmp_path):
+    catalog = CountingCatalog(tmp_path / "gateway.db")
+    await catalog.open()
+    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("once")])
+    delivered = asyncio.Event()
+
+    async def ingest(job: Job) -> JobResult:
+        return JobResult(followups=[("deliver", f"deliver:{eid}:bot", {"event_id": eid})])
+
+    async def deliver(job: Job) -> None:
+        delivered.set()
+
+    q = JobQueue(catalog, QueueSettings(**{**FAST, "poll_interval": 30.0, "fetch_workers": 4}), Metrics(),
+                 {"ingest": ingest, "deliver": deliver})
+    try:
+        await q.start()  # each worker's first claim takes the job or finds nothing
+        await asyncio.wait_for(delivered.wait(), 5)
+        [row] = await catalog.list_jobs(kind="deliver")
+        await _job_in_state(catalog, row["id"], "done")
+        await asyncio.sleep(0.2)
+        catalog.claims = catalog.empty = 0
+        [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("twice")])
+        delivered.clear()
+        q.notify({"ingest"})
+        await asyncio.wait_for(delivered.wait(), 5)
+        await _wait_for(lambda: _all_done(catalog))
+        await asyncio.sleep(0.2)
+        # one claim, the ingest's: no worker woken to look for more, none after the handed delivery
+        assert (catalog.claims, catalog.empty) == (1, 0)
+    finally:
+        await q.stop(grace=1.0)
+        await catalog.close()
+
+
+async def _all_done(catalog: Catalog) -> bool:
+    return all(state == "done" for (_, state) in await catalog.job_counts())
+
+
+async def test_queue_jobs_nobody_announced_still_run_on_every_worker(catalog, run_queue):
+    for i in range(4):
+        assert await catalog.enqueue("ingest", f"ingest:{i}", {"n": i})
+    together = asyncio.Barrier(4)
+
+    async def ingest(job: Job) -> None:
+        await asyncio.wait_for(together.wait(), 5)  # passes only once 4 run at the same time
+
+    await run_queue({"ingest": ingest}, fetch_workers=4, poll_interval=30.0)  # no notify: found at start
+    await _wait_for(lambda: _all_done(catalog))
+
+
 async def test_queue_hands_followups_to_its_own_workers_without_a_claim(catalog, run_queue):
     [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("handed")])
     claims_seen: list[int] = []

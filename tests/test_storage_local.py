@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -13,13 +14,15 @@ import pytest
 
 from gateway.sdk.storage import InvalidKey, ObjectNotFound, StorageBackend, StorageError
 from plugins.storage_local import LocalStorage
-from plugins.storage_local.backend import WRITE_BATCH
+from plugins.storage_local.backend import META_XATTR, WRITE_BATCH
 from tests.conftest import MANIFEST, MEDIA
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> LocalStorage:
-    s = LocalStorage(tmp_path / "root", fsync=True)
+@pytest.fixture(params=[True, False], ids=["xattr", "sidecar"])
+async def storage(tmp_path: Path, request: pytest.FixtureRequest) -> LocalStorage:
+    """A backend keeping metadata in extended attributes, and one keeping it in sidecar files (as
+    on a filesystem without user extended attributes)."""
+    s = LocalStorage(tmp_path / "root", fsync=True, xattrs=request.param)
     await s.start()
     return s
 
@@ -76,6 +79,48 @@ async def test_put_open_stat_delete(storage):
     with pytest.raises(ObjectNotFound):
         await storage.open(key)
     assert [p for p in _files(storage.root)] == []  # the sidecar went too
+
+
+async def test_metadata_is_an_extended_attribute_of_the_file(tmp_path):
+    s = LocalStorage(tmp_path / "root")
+    await s.start()
+    await s.put("a/b.jpg", _gen(b"jpeg"), "image/jpeg", {"filename": "b.jpg", "media-id": "m_1"})
+    assert json.loads(os.getxattr(s.root / "a" / "b.jpg", META_XATTR)) == {
+        "content_type": "image/jpeg", "metadata": {"filename": "b.jpg", "media-id": "m_1"}}
+    assert _files(s.root) == [s.root / "a" / "b.jpg"]  # no sidecar
+    st = await s.stat("a/b.jpg")
+    assert (st.content_type, st.metadata) == ("image/jpeg", {"filename": "b.jpg", "media-id": "m_1"})
+
+
+async def test_sidecars_without_extended_attributes(tmp_path):
+    s = LocalStorage(tmp_path / "root", xattrs=False)
+    await s.start()
+    await s.put("a/b.jpg", _gen(b"jpeg"), "image/jpeg", {"filename": "b.jpg"})
+    assert json.loads((s.root / ".meta" / "a" / "b.jpg.json").read_text()) == {
+        "content_type": "image/jpeg", "metadata": {"filename": "b.jpg"}}
+    with pytest.raises(OSError):
+        os.getxattr(s.root / "a" / "b.jpg", META_XATTR)
+    assert (await s.stat("a/b.jpg")).content_type == "image/jpeg"
+    assert await s.delete("a/b.jpg") is True
+    assert _files(s.root) == []
+
+
+async def test_an_object_with_a_sidecar_of_an_earlier_version_is_read(tmp_path):
+    root = tmp_path / "root"
+    (root / "old").mkdir(parents=True)
+    (root / "old" / "x.pdf").write_bytes(b"%PDF")
+    (root / ".meta" / "old").mkdir(parents=True)
+    (root / ".meta" / "old" / "x.pdf.json").write_text(
+        json.dumps({"content_type": "application/pdf", "metadata": {"filename": "x.pdf"}}))
+    s = LocalStorage(root)
+    await s.start()
+    st = await s.stat("old/x.pdf")
+    assert (st.content_type, st.metadata) == ("application/pdf", {"filename": "x.pdf"})
+    opened = await s.open("old/x.pdf")
+    await opened.close()
+    assert opened.content_type == "application/pdf"
+    assert await s.delete("old/x.pdf") is True
+    assert _files(root) == []  # the sidecar went too
 
 
 async def test_missing_key(storage):

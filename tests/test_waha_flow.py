@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.keys import LINKS
+from gateway.ingest import Arrivals
+from gateway.keys import INGESTOR, LINKS
 from tests.conftest import MANIFEST, MEDIA, waha_payload, waha_hmac
 
 
@@ -126,6 +127,27 @@ async def test_message_and_message_any_share_one_stored_object(gateway, waha, si
     assert await gateway.count("media") == 1
     assert len(gateway.object_files()) == 1
     assert waha.served("clip.mp4") == 1
+
+
+async def test_an_attachment_stored_before_is_kept_once_when_its_look_up_is_skipped(gateway, waha, sink):
+    """An attachment only one recent event named is stored without looking for a stored copy
+    first; when one exists (its event was forgotten: evicted here, or a restart, or another
+    replica), the new copy is dropped and the forward links the stored one."""
+    gateway.app[INGESTOR].arrivals = Arrivals(sources=1)  # remembers the source key of one event
+    url = waha.add_file(MEDIA / "clip.mp4")
+    assert (await gateway.post_waha(waha_payload(url, message_id="m-1", mimetype="video/mp4"))).status == 200
+    await sink.wait_for(1)
+    other = waha.add_file(MEDIA / "screenshot.png")
+    assert (await gateway.post_waha(waha_payload(other, message_id="m-2", mimetype="image/png"))).status == 200
+    await sink.wait_for(2)
+    again = waha_payload(url, message_id="m-1", mimetype="video/mp4", event="message.any")
+    assert (await gateway.post_waha(again)).status == 200
+    deliveries = await sink.wait_for(3)
+    first, last = deliveries[0].json, deliveries[2].json
+    assert last["payload"]["media"]["gateway"]["id"] == first["payload"]["media"]["gateway"]["id"]
+    assert waha.served("clip.mp4") == 2  # fetched again: the look-up was skipped
+    assert await gateway.count("media") == 2
+    assert len(gateway.object_files()) == 2  # the second copy of the clip was dropped
 
 
 async def test_file_gone_at_waha_is_forwarded_with_a_note_after_retries(gateway, waha, sink):

@@ -13,7 +13,10 @@ Writes are atomic: bytes go to ``<root>/.tmp/<random>``, are fsynced, and are re
 so a reader sees a whole object or none, and a crash leaves only a temp file (removed at start).
 Keys are confined under the root: absolute keys, ``..``, empty or dot-led segments, backslashes and
 NUL are refused, and the resolved path must stay inside the root (symlinks included). Content type
-and metadata are kept in a JSON sidecar under ``<root>/.meta/``. All file I/O runs in threads.
+and metadata are kept as JSON in the file's extended attribute ``user.gateway.meta`` (set before the
+fsync and the rename, so they are published and durable with the data); on a filesystem without
+user extended attributes, in a JSON sidecar under ``<root>/.meta/`` (read as well for objects stored
+that way). All file I/O runs in threads.
 """
 
 from __future__ import annotations

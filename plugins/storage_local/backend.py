@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import itertools
 import json
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any, BinaryIO
@@ -31,6 +33,15 @@ READ_CHUNK = 256 * 1024
 
 TMP_DIR, META_DIR = ".tmp", ".meta"
 CHECKED_PATHS = 4096  # object paths local_path remembers, their directories resolved inside the root
+META_XATTR = "user.gateway.meta"
+"""The extended attribute holding an object's content type and metadata (JSON
+``{"content_type": ..., "metadata": {...}}``), set on the file before it is fsynced and renamed
+into place, so it is published and made durable with the data. Where the filesystem has no user
+extended attributes, a sidecar under ``<root>/.meta/`` holds the same JSON."""
+NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+"""``setxattr`` errors that mean this filesystem keeps no user extended attributes."""
+XATTR_TOO_BIG = {errno.E2BIG, errno.ERANGE, errno.ENOSPC}
+"""``setxattr`` errors that mean this value does not fit in one (it goes to a sidecar instead)."""
 
 
 def _key_parts(key: str) -> list[str]:
@@ -49,16 +60,22 @@ class LocalStorage:
 
     name = "local"
 
-    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0):
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0, xattrs: bool = True):
+        """``xattrs``: keep content type and metadata in an extended attribute (:data:`META_XATTR`);
+        False, or a filesystem that refuses them, keeps them in a sidecar file instead."""
         self.root = Path(root)
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
+        self.xattrs = xattrs and hasattr(os, "setxattr")
         # Held only for the renames that publish an object, so that concurrent puts of one key
         # end with one writer's data and metadata together (the data fsync happens before it).
         self._publish = threading.Lock()
         self._root_str = os.path.abspath(self.root)
         self._real_root = os.path.realpath(self.root)
         self._paths: dict[str, str] = {}  # local_path's answers, their directories checked
+        self._dirs: dict[str, str] = {}  # directories of keys, resolved inside the root
+        self._tmp_prefix = os.path.join(self._root_str, TMP_DIR, uuid.uuid4().hex)
+        self._tmp_count = itertools.count()  # temp files are <prefix>-<n>: unique without a random draw each
 
     # -- paths ----------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
@@ -76,15 +93,27 @@ class LocalStorage:
         who opens it without following a symlink. Raises :class:`InvalidKey`."""
         path = self._paths.get(key)
         if path is None:
-            parts = _key_parts(key)
+            if len(self._paths) >= CHECKED_PATHS:
+                self._paths.clear()
+            path = self._paths[key] = self._checked_path(key)
+        return path
+
+    def _checked_path(self, key: str) -> str:
+        """The file of ``key``, its directory resolved inside the root once (then remembered, at
+        most :data:`CHECKED_PATHS` directories); the file itself is not resolved. Raises
+        :class:`InvalidKey`."""
+        parts = _key_parts(key)
+        rel = "/".join(parts[:-1])
+        directory = self._dirs.get(rel)
+        if directory is None:
             directory = os.path.join(self._root_str, *parts[:-1])
             real = os.path.realpath(directory)
             if real != self._real_root and not real.startswith(self._real_root + os.sep):
                 raise InvalidKey(f"object key {key!r} resolves outside the storage root")
-            if len(self._paths) >= CHECKED_PATHS:
-                self._paths.clear()
-            path = self._paths[key] = os.path.join(directory, parts[-1])
-        return path
+            if len(self._dirs) >= CHECKED_PATHS:
+                self._dirs.clear()
+            self._dirs[rel] = directory
+        return os.path.join(directory, parts[-1])
 
     def _meta_path(self, key: str) -> Path:
         return self.root / META_DIR / (key + ".json")
@@ -99,6 +128,7 @@ class LocalStorage:
                 leftover.unlink(missing_ok=True)
             self._real_root = os.path.realpath(self.root)  # the root exists now
             self._paths.clear()
+            self._dirs.clear()
         await asyncio.to_thread(_start)
 
     async def close(self) -> None:
@@ -110,21 +140,25 @@ class LocalStorage:
         ok = await asyncio.to_thread(lambda: self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK))
         if not ok:
             raise StorageError(f"storage root {self.root} is not a writable directory")
-        await self._require_space()
+        await asyncio.to_thread(self._require_space)
 
     async def free_bytes(self) -> int:
         """Bytes an unprivileged writer may still use on the root's filesystem (``statvfs``
         ``f_bavail * f_frsize``). Raises :class:`StorageError` if the root cannot be queried."""
+        return await asyncio.to_thread(self._free_bytes)
+
+    def _free_bytes(self) -> int:
+        """:meth:`free_bytes` in the calling thread."""
         try:
-            st = await asyncio.to_thread(os.statvfs, self.root)
+            st = os.statvfs(self.root)
         except OSError as exc:
             raise StorageError(f"cannot query free space of {self.root}: {exc}") from exc
         return st.f_bavail * st.f_frsize
 
-    async def _require_space(self) -> None:
-        """Raise :class:`StorageError` while free space is under ``min_free_bytes``."""
+    def _require_space(self) -> None:
+        """In a thread: raise :class:`StorageError` while free space is under ``min_free_bytes``."""
         if self.min_free_bytes:
-            free = await self.free_bytes()
+            free = self._free_bytes()
             if free < self.min_free_bytes:
                 raise StorageError(f"storage root {self.root} is full: {free} bytes free, "
                                    f"storage.local.min_free_bytes is {self.min_free_bytes}")
@@ -137,11 +171,11 @@ class LocalStorage:
         ``metadata`` is read after the stream ends. Raises :class:`InvalidKey`,
         :class:`StorageError`, or whatever ``stream`` raises (then no file is left).
         """
-        final = self.path_for(key)
-        await self._require_space()
-        # the temp file is opened by the thread of its first write: a small object is opened,
-        # written, fsynced and published in one hop to a thread
-        out = _TempFile(self.root / TMP_DIR / uuid.uuid4().hex, key, writeback=self.fsync)
+        final = self._checked_path(key)  # the rename replaces whatever is there, never follows it
+        # the temp file is opened, after the free space is checked, by the thread of its first
+        # write: a small object is checked, opened, written, fsynced and published in one hop to a thread
+        out = _TempFile(f"{self._tmp_prefix}-{next(self._tmp_count)}", key, writeback=self.fsync,
+                        check=self._require_space)
         size = 0
         loop = asyncio.get_running_loop()
         writing: asyncio.Future[None] | None = None  # the batch a worker thread is writing
@@ -169,26 +203,37 @@ class LocalStorage:
             raise
         return PutResult(key=key, size=size)
 
-    def _commit(self, out: _TempFile, batch: list[bytes], final: Path, key: str, meta: dict[str, Any]) -> None:
-        """In a thread: write the last ``batch``, fsync, publish the file and its sidecar by rename,
-        fsync their directories. Raises :class:`StorageError`."""
+    def _commit(self, out: _TempFile, batch: list[bytes], final: str, key: str, meta: dict[str, Any]) -> None:
+        """In a thread: write the last ``batch``, set the metadata attribute (or write a sidecar),
+        fsync, publish the file (and sidecar) by rename, fsync the directories. Raises
+        :class:`StorageError`."""
         out.write(batch)
         fh, tmp = out.opened(), out.path
+        encoded = json.dumps(meta).encode()
         try:
             fh.flush()
+            sidecar = not self._set_meta(fh.fileno(), encoded)
             if self.fsync:
                 os.fsync(fh.fileno())
             fh.close()
-            final.parent.mkdir(parents=True, exist_ok=True)
+            directories = {os.path.dirname(final)}
             meta_path = self._meta_path(key)
-            meta_path.parent.mkdir(parents=True, exist_ok=True)
-            meta_tmp = tmp.with_suffix(".meta")
-            meta_tmp.write_text(json.dumps(meta))
+            if sidecar:
+                meta_path.parent.mkdir(parents=True, exist_ok=True)
+                meta_tmp = tmp + ".meta"
+                with open(meta_tmp, "wb") as meta_fh:
+                    meta_fh.write(encoded)
+                directories.add(str(meta_path.parent))
             with self._publish:
-                os.replace(tmp, final)
-                os.replace(meta_tmp, meta_path)
+                try:
+                    os.replace(tmp, final)
+                except FileNotFoundError:  # the key's directory is new (or was removed)
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    os.replace(tmp, final)
+                if sidecar:  # (a stale sidecar beside a new attribute is never read: the attribute wins)
+                    os.replace(meta_tmp, meta_path)
             if self.fsync:
-                for directory in {final.parent, meta_path.parent}:
+                for directory in directories:
                     dir_fd = os.open(directory, os.O_RDONLY)
                     try:
                         os.fsync(dir_fd)
@@ -196,6 +241,23 @@ class LocalStorage:
                         os.close(dir_fd)
         except OSError as exc:
             raise StorageError(f"cannot store {key}: {exc}") from exc
+
+    def _set_meta(self, fd: int, encoded: bytes) -> bool:
+        """Set :data:`META_XATTR` of the open file ``fd``; False when it must go to a sidecar (the
+        filesystem has no user extended attributes: not tried again; or the value is too big).
+        Raises ``OSError``."""
+        if not self.xattrs:
+            return False
+        try:
+            os.setxattr(fd, META_XATTR, encoded)
+        except OSError as exc:
+            if exc.errno in NO_XATTR:
+                self.xattrs = False
+                return False
+            if exc.errno in XATTR_TOO_BIG:
+                return False
+            raise
+        return True
 
     async def open(self, key: str, start: int | None = None, end: int | None = None,
                    bucket: str | None = None) -> OpenedObject:
@@ -210,14 +272,22 @@ class LocalStorage:
         size = os.fstat(fh.fileno()).st_size
         first = start or 0
         last = size - 1 if end is None else min(end, size - 1)
-        meta = await asyncio.to_thread(self._read_meta, key)
+        meta = await asyncio.to_thread(self._read_meta, key, fh.fileno())
         return OpenedObject(key=key, size=size, start=first, end=last,
                             content_type=meta.get("content_type"),
                             chunks=file_range(fh, first, last, READ_CHUNK))
 
-    def _read_meta(self, key: str) -> dict[str, Any]:
+    def _read_meta(self, key: str, file: int | str) -> dict[str, Any]:
+        """The content type and metadata of ``key`` (``file``: its open descriptor or path): the
+        extended attribute :data:`META_XATTR`, else the sidecar (objects stored without the
+        attribute), else ``{}``."""
         try:
-            meta: dict[str, Any] = json.loads(self._meta_path(key).read_text())
+            meta: dict[str, Any] = json.loads(os.getxattr(file, META_XATTR))
+            return meta
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            meta = json.loads(self._meta_path(key).read_text())
             return meta
         except (OSError, ValueError):
             return {}
@@ -231,7 +301,7 @@ class LocalStorage:
             raise ObjectNotFound(key) from None
         if not S_ISREG(st.st_mode):  # a directory: a prefix of other keys, not an object
             raise ObjectNotFound(key)
-        meta = await asyncio.to_thread(self._read_meta, key)
+        meta = await asyncio.to_thread(self._read_meta, key, str(path))
         return ObjectStat(key=key, size=st.st_size, content_type=meta.get("content_type"),
                           modified=st.st_mtime, metadata=meta.get("metadata", {}))
 
@@ -297,16 +367,19 @@ class _TempFile:
     nothing is started early.
     """
 
-    def __init__(self, path: Path, key: str, writeback: bool):
+    def __init__(self, path: str, key: str, writeback: bool, check: Callable[[], None] = lambda: None):
         self.path = path
         self.fh: BinaryIO | None = None  # opened by the first write
         self.key = key
+        self.check = check  # raises StorageError when the file may not be created (no space)
         self.writeback = writeback and hasattr(os, "posix_fadvise")
         self.written = 0  # bytes handed to the kernel so far
 
     def opened(self) -> BinaryIO:
-        """The temp file, created (exclusively) on the first call. Raises :class:`StorageError`."""
+        """The temp file, created (exclusively) on the first call, once ``check`` passed. Raises
+        :class:`StorageError`."""
         if self.fh is None:
+            self.check()
             try:
                 self.fh = open(self.path, "xb")
             except OSError as exc:
@@ -336,8 +409,8 @@ class _TempFile:
         except OSError:
             pass
         finally:
-            for leftover in (self.path, self.path.with_suffix(".meta")):
+            for leftover in (self.path, self.path + ".meta"):
                 try:
-                    leftover.unlink(missing_ok=True)
-                except OSError:  # never created (the temp directory is gone or not a directory)
+                    os.unlink(leftover)
+                except OSError:  # never created (or the temp directory is gone or not a directory)
                     pass
