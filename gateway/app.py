@@ -34,6 +34,8 @@ from gateway.keys import (
     PROVIDERS,
     QUEUE,
     RETENTION,
+    SERVING,
+    SERVING_SOCKET,
     SETTINGS,
     STORAGE,
 )
@@ -107,7 +109,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[CATALOG].on_commit = metrics.observe_commit
     app[CATALOG].default_media_lifetime = settings.queue.media_deadline
     app[CATALOG].media_lifetimes = dict(settings.queue.media_deadlines)
-    app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
+    app[LINKS] = LinkSigner.from_settings(settings)
     app[API_KEYS] = ApiKeys(settings.api)
     app[MEDIA_STORE] = MediaStore(settings, app[CATALOG], app[STORAGE], pm)
     app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm, rows=app[MEDIA_STORE].rows)
@@ -123,6 +125,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     pm.hook.register_routes(app=app)
     app.cleanup_ctx.extend([_catalog_ctx, _http_ctx, _fetcher_ctx, _storage_ctx, _providers_ctx,
                             _queue_ctx, _retention_ctx, _plugins_ctx])
+    if settings.serving.workers:
+        app.cleanup_ctx.append(_serving_ctx)
     return app
 
 
@@ -207,3 +211,15 @@ async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
         await await_me_maybe(result)
     if app[PLUGINS].is_registered(app[NOTIFIER]):  # the manager may outlive this app
         app[PLUGINS].unregister(app[NOTIFIER])
+
+
+async def _serving_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The serving workers (``[serving]``), started once the catalog is open and migrated (they
+    open it read-only) and stopped first on shutdown, on the socket ``gateway serve`` bound."""
+    from gateway.serving import ServingWorkers, listen
+
+    sock = app[SERVING_SOCKET] if SERVING_SOCKET in app else listen(app[SETTINGS])
+    workers = app[SERVING] = ServingWorkers(app[SETTINGS], sock)
+    await workers.start()
+    yield
+    await workers.stop()
