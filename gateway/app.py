@@ -215,10 +215,10 @@ async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _serving_ctx(app: web.Application) -> AsyncIterator[None]:
     """The serving workers (``[serving]``), started once the catalog is open and migrated (they
-    open it read-only) and stopped first on shutdown, on the socket ``gateway serve`` bound."""
-    from gateway.serving import ServingWorkers, listen
+    open it read-only) and stopped first on shutdown, on the address ``gateway serve`` reserved."""
+    from gateway.serving import ServingWorkers, reserve
 
-    sock = app[SERVING_SOCKET] if SERVING_SOCKET in app else listen(app[SETTINGS])
+    sock = app[SERVING_SOCKET] if SERVING_SOCKET in app else reserve(app[SETTINGS])
     workers = app[SERVING] = ServingWorkers(app[SETTINGS], sock)
     await workers.start()
     yield

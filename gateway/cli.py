@@ -102,10 +102,10 @@ def serve(config_path: Path | None) -> None:
     sock = _listen(f"{host}:{port}", lambda: socket.create_server((host, port)))
     if settings.serving.workers:
         from gateway.keys import SERVING_SOCKET
-        from gateway.serving import listen
+        from gateway.serving import reserve
 
         app[SERVING_SOCKET] = _listen(f"{settings.serving_host}:{settings.serving.port}",
-                                      lambda: listen(settings))
+                                      lambda: reserve(settings))
     log = logging.getLogger("gateway")
     log.info("listening on http://%s:%d (public URL %s)", host, sock.getsockname()[1],
              settings.server.base_url)
@@ -134,20 +134,19 @@ def _listen(address: str, bind: Callable[[], socket.socket]) -> socket.socket:
 
 @main.command("serve-media", hidden=True)
 @CONFIG_OPTION
-@click.option("--fd", "sock_fd", type=int, required=True, help="The listening socket's file descriptor.")
 @click.option("--alive-fd", type=int, required=True, help="A pipe's read end: exit at its end of file.")
-def serve_media(config_path: Path | None, sock_fd: int, alive_fd: int) -> None:
+def serve_media(config_path: Path | None, alive_fd: int) -> None:
     """A serving worker (started by the daemon with ``[serving] workers``, see
-    :mod:`gateway.serving`): serve ``/media`` and ``/public`` on the inherited socket."""
+    :mod:`gateway.serving`): serve ``/media`` and ``/public`` on the serving address."""
     from gateway.catalog import CatalogError
     from gateway.logs import setup_logging
-    from gateway.serving import run_worker, serving_app
+    from gateway.serving import listen, run_worker, serving_app
 
     settings = _settings(config_path)
     setup_logging(settings.log)
     pm = _or_exit(make_manager)
     app = _or_exit(lambda: serving_app(settings, pm))
-    sock = socket.socket(fileno=sock_fd)
+    sock = _listen(f"{settings.serving_host}:{settings.serving.port}", lambda: listen(settings))
     try:
         asyncio.run(run_worker(app, sock, alive_fd, settings.server.shutdown_grace))
     except CatalogError as exc:  # e.g. a schema this gateway does not know: the daemon says more

@@ -49,6 +49,7 @@ FETCHER: web.AppKey[SafeFetcher] = web.AppKey("fetcher")
 OUTBOUND: web.AppKey[Outbound] = web.AppKey("outbound")
 NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier")
 SERVING_SOCKET: web.AppKey[socket.socket] = web.AppKey("serving_socket")
-"""The serving workers' listening socket, bound by ``gateway serve`` (else by the app's startup)."""
+"""The daemon's hold on the serving workers' address (:func:`gateway.serving.reserve`), bound by
+``gateway serve`` (else by the app's startup)."""
 SERVING: web.AppKey[ServingWorkers] = web.AppKey("serving")
 """The serving workers, while ``serving.workers`` > 0."""

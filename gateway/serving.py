@@ -1,9 +1,10 @@
 """Serving workers (``[serving]``): processes that only serve stored media, so that serving is not
 bound to the daemon's one event loop.
 
-The daemon binds the serving socket (``serving.host``:``serving.port``, :func:`listen`) and, once
-its catalog is open and migrated, :class:`ServingWorkers` starts ``serving.workers`` processes
-(``gateway serve-media``, a hidden command) that inherit the socket and accept on it together.
+The daemon reserves the serving address (``serving.host``:``serving.port``, :func:`reserve`) and,
+once its catalog is open and migrated, :class:`ServingWorkers` starts ``serving.workers``
+processes (``gateway serve-media``, a hidden command), each listening on the address with a
+socket of its own (``SO_REUSEPORT``, :func:`listen`).
 Each worker reads the same settings (the config file and the environment), loads the storage
 plugin through the plugin manager, opens the catalog read-only and runs :func:`serving_app`: the
 routes of the ``media`` tag of :data:`gateway.web.routes.ROUTES` (``/media/...``, ``/public/...``:
@@ -50,19 +51,33 @@ STOP_TIMEOUT = 10.0
 """Seconds the workers get to finish after SIGTERM before they are killed."""
 
 
-def listen(settings: Settings) -> socket.socket:
-    """The workers' listening socket on ``serving.host`` (default ``server.host``) and
-    ``serving.port``, inheritable so that the workers accept on it. Raises :class:`OSError`
-    (the address in use)."""
-    sock = socket.create_server((settings.serving_host, settings.serving.port), backlog=1024)
-    sock.set_inheritable(True)
+def reserve(settings: Settings) -> socket.socket:
+    """The daemon's hold on ``serving.host`` (default ``server.host``) and ``serving.port``: a
+    socket bound there with ``SO_REUSEPORT`` that does not listen (so it takes no connection).
+    Only processes of the same user that set ``SO_REUSEPORT`` too, the workers (:func:`listen`),
+    can then bind the address. Raises :class:`OSError` (the address in use)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.serving_host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.serving_host, settings.serving.port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
+def listen(settings: Settings) -> socket.socket:
+    """A worker's own listening socket on the serving address, with ``SO_REUSEPORT``: the kernel
+    spreads new connections over the workers' sockets by their addresses' hash. (One socket
+    shared by all would not: the worker that wakes first accepts every connection waiting, and
+    32 keep-alive connections opened at once all end up in one process.) Raises :class:`OSError`."""
+    return socket.create_server((settings.serving_host, settings.serving.port), reuse_port=True, backlog=1024)
+
+
 class ServingWorkers:
-    """``settings.serving.workers`` processes of ``gateway serve-media`` accepting on ``sock``
-    (:func:`listen`), started by :meth:`start`, each started again when it exits (after a
-    backoff, see :data:`RESTART_BACKOFF`), stopped by :meth:`stop`."""
+    """``settings.serving.workers`` processes of ``gateway serve-media`` listening on the address
+    ``sock`` holds (:func:`reserve`), started by :meth:`start`, each started again when it exits
+    (after a backoff, see :data:`RESTART_BACKOFF`), stopped by :meth:`stop` (which closes ``sock``)."""
 
     def __init__(self, settings: Settings, sock: socket.socket):
         self.settings = settings
@@ -97,13 +112,12 @@ class ServingWorkers:
             raise RuntimeError(f"no serving worker runs (of {len(self.procs)})")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        cmd = [sys.executable, "-m", "gateway", "serve-media", "--fd", str(self.sock.fileno()),
-               "--alive-fd", str(self._alive_r)]
+        cmd = [sys.executable, "-m", "gateway", "serve-media", "--alive-fd", str(self._alive_r)]
         if self.settings.config_file is not None:
             cmd += ["--config", str(self.settings.config_file)]
         # its own session: a Ctrl-C in the terminal reaches the daemon only, which stops the workers
         return await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, pass_fds=(self.sock.fileno(), self._alive_r),
+            *cmd, stdin=asyncio.subprocess.DEVNULL, pass_fds=(self._alive_r,),
             start_new_session=True)
 
     async def _supervise(self, slot: int) -> None:
@@ -184,8 +198,9 @@ def serving_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application
 
 
 async def run_worker(app: web.Application, sock: socket.socket, alive_fd: int, shutdown_timeout: float) -> None:
-    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, or until ``alive_fd`` (the daemon's
-    pipe) reaches its end of file; then close gracefully (``shutdown_timeout`` seconds)."""
+    """Serve ``app`` on ``sock`` (:func:`listen`) until SIGTERM or SIGINT, or until ``alive_fd``
+    (the daemon's pipe) reaches its end of file; then close gracefully (``shutdown_timeout``
+    seconds)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from gateway.web.media import SMALL_OBJECT
 from tests.conftest import base_config, deep_merge
 from tests.daemon import GatewayProcess, write_toml
 from tests.test_files_api import ADMIN, KEYS, call, upload
+from tests.test_single_daemon import _serve
 
 BIG = os.urandom(2 * SMALL_OBJECT + 777)  # sendfile
 SMALL = os.urandom(5000)  # one read and one write
@@ -173,6 +175,16 @@ async def test_workers_exit_when_the_daemon_is_killed(daemon):
     assert len(serve_media_processes(gw.config)) == 2
     gw.kill()
     await until(lambda: not serve_media_processes(gw.config), what="the workers to exit")
+
+
+async def test_a_serving_port_in_use_is_one_line_and_exit_status_2(tmp_path, unused_tcp_port_factory):
+    port = unused_tcp_port_factory()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        data = deep_merge(base_config(tmp_path, port, None, None), {"serving": {"workers": 2, "port": busy}})
+        status, _, err = await _serve(write_toml(tmp_path / "gateway.toml", data))
+    assert status == 2, err
+    assert err.strip() == f"gateway: cannot listen on 127.0.0.1:{busy}: Address already in use"
 
 
 async def test_without_workers_links_and_readiness_are_as_before(start_gateway, http):
