@@ -127,6 +127,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
                             _queue_ctx, _retention_ctx, _plugins_ctx])
     if settings.serving.workers:
         app.cleanup_ctx.append(_serving_ctx)
+        app.on_shutdown.append(_serving_shutdown)
     return app
 
 
@@ -223,3 +224,10 @@ async def _serving_ctx(app: web.Application) -> AsyncIterator[None]:
     await workers.start()
     yield
     await workers.stop()
+
+
+async def _serving_shutdown(app: web.Application) -> None:
+    """SIGTERM to the serving workers as the daemon's graceful shutdown begins, so that they finish
+    their requests while the daemon finishes its own (:func:`_serving_ctx` then waits for them)."""
+    if SERVING in app:
+        await app[SERVING].terminate()

@@ -13,7 +13,8 @@ the daemon's own handlers) behind the one error middleware. Rows come through
 changed or deleted.
 
 The daemon supervises them: a worker that exits is logged at WARNING and started again after a
-backoff; on shutdown the workers get SIGTERM and are waited for. A worker also exits when the
+backoff; on shutdown the workers get SIGTERM (as the daemon starts its own graceful shutdown) and
+are waited for. A worker also exits when the
 daemon dies: it watches the read end of a pipe whose write end only the daemon holds, and stops at
 its end of file. The workers' requests are not in the daemon's ``/metrics``.
 """
@@ -47,8 +48,9 @@ RESTART_BACKOFF = (0.5, 30.0)
 """Seconds before a dead worker is started again: the first, doubled after each quick death up to
 the second; back to the first once a worker ran for :data:`STABLE_AFTER` seconds."""
 STABLE_AFTER = 30.0
-STOP_TIMEOUT = 10.0
-"""Seconds the workers get to finish after SIGTERM before they are killed."""
+STOP_MARGIN = 5.0
+"""Seconds the workers get after SIGTERM beyond ``server.shutdown_grace`` (which each gives its
+requests in progress) before they are killed."""
 
 
 def reserve(settings: Settings) -> socket.socket:
@@ -139,15 +141,25 @@ class ServingWorkers:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF[1])
 
-    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM every worker and wait for it (SIGKILL after ``timeout`` seconds); close the socket."""
+    async def terminate(self) -> None:
+        """Stop restarting workers and send each SIGTERM, without waiting (the daemon's
+        ``on_shutdown``: they finish their requests while the daemon finishes its own)."""
+        if self._stopping:
+            return
         self._stopping = True
         for task in self._tasks:
             task.cancel()  # a supervisor waiting on a worker or in its backoff
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> None:
+        """:meth:`terminate`, then wait for every worker (SIGKILL after ``server.shutdown_grace``
+        + :data:`STOP_MARGIN` seconds); close the pipe and the socket. Idempotent."""
+        await self.terminate()
         procs = [p for p in self.procs if p is not None and p.returncode is None]
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+        timeout = self.settings.server.shutdown_grace + STOP_MARGIN
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), timeout)
         except asyncio.TimeoutError:
