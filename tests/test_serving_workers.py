@@ -147,6 +147,16 @@ async def test_workers_serve_signed_links_as_the_daemon_does(daemon, http, data)
     assert "ERROR" not in gw.log_tail(500)  # a stale row of a deleted object is not an error of ours
 
 
+async def test_workers_make_and_serve_thumbnails(daemon, http):
+    gw, serving_port = daemon
+    status, info = await upload(SimpleNamespace(url=gw.url, http=http), ADMIN, name="photo.jpg")
+    assert status == 201, info
+    link = info["links"]["thumbnail"]
+    assert link.startswith(f"http://127.0.0.1:{serving_port}/media/")
+    body = await ready_body(http, link)
+    assert body[:4] == b"RIFF" and body[8:12] == b"WEBP"
+
+
 async def test_a_killed_worker_is_restarted_and_sigterm_leaves_none(daemon, http):
     gw, serving_port = daemon
     async with http.get(f"{gw.url}/readyz") as r:
