@@ -1,21 +1,25 @@
 """Serving stored objects through the signed link against nginx (issue 12, B5), each figure beside
 nginx's in the same run, with the load average.
 
-The gateway daemon (``python -m gateway serve``, local storage, log level WARNING) stores a
-10 MiB and a 50 KiB object (random bytes) through the files API upload; ``wrk`` (32 connections,
-2 threads) then fetches each object's signed ``/media/{id}/{filename}`` link for ``--seconds``,
-and the same file from Debian's nginx (one worker, ``sendfile on``, no access log, serving the
+The gateway daemon (``python -m gateway serve``, local storage, log level WARNING, ``[serving]
+workers = --workers``, default 2) stores a 10 MiB and a 50 KiB object (random bytes) through the
+files API upload; ``wrk`` (32 connections, 2 threads) then fetches each object's signed
+``/media/{id}/{filename}`` link for ``--seconds``, from the daemon's own port ("gateway") and
+from the serving workers' port ("workers"; with ``--workers 0`` not run), and the same file from
+Debian's nginx (one worker, ``sendfile on``, no access log, serving the
 gateway's storage directory), started from a config in the temp directory as the current user
-(pid file, error log and temp paths there too, no daemon mode). nginx and the gateway run in
-turns for ``--repeat`` rounds; requests/s, MB/s and the ratio gateway ÷ nginx of each round are
-printed with the load average, then the median ratio per size, and once per size two bare aiohttp
-baselines on the same file (:mod:`bench.bare_file_server`: ``FileResponse``, and the bytes from
-memory).
+(pid file, error log and temp paths there too, no daemon mode). nginx, the gateway and the workers
+run in turns for ``--repeat`` rounds; requests/s, MB/s and the ratios gateway ÷ nginx and workers
+÷ nginx of each round are printed with the load average and the CPU seconds each worker used (how
+evenly the shared socket spread the connections), then the median ratios per size, and once per
+size two bare aiohttp baselines on the same file (:mod:`bench.bare_file_server`: ``FileResponse``,
+and the bytes from memory).
 
 Installs ``wrk`` and ``nginx-light`` with ``scripts/system-deps --bench`` (Debian, as root) if they
 are missing. From the repository root::
 
-    .venv/bin/python -m bench.serve                 # 10 s per run, 3 rounds per size
+    .venv/bin/python -m bench.serve                 # 10 s per run, 3 rounds per size, 2 workers
+    .venv/bin/python -m bench.serve --workers 3 --repeat 1
     .venv/bin/python -m bench.serve --seconds 20 --code DIR   # the daemon of another source tree
 """
 
@@ -43,6 +47,33 @@ from tests.daemon import REPO, GatewayProcess, write_toml
 
 API_KEY = "bench-admin-key"
 SIZES = {"10 MiB": (10 * 1024 * 1024, 0.9), "50 KiB": (50 * 1024, 0.25)}  # bytes, target ratio
+
+
+def worker_pids(daemon: int) -> list[int]:
+    """The serving workers of the daemon ``daemon`` (its children running ``serve-media``)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == daemon and b"serve-media" in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """User plus system CPU seconds each of ``pids`` used so far (``/proc/<pid>/stat``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / tick)
+        except OSError:
+            out.append(float("nan"))
+    return out
 
 
 def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
@@ -142,13 +173,16 @@ def _stored_path(storage_root: Path, size: int, sha256: str) -> Path:
     raise FileNotFoundError(f"no stored file of {size} bytes with sha256 {sha256}")
 
 
-async def run(tmp: Path, code: Path, seconds: int, connections: int, repeat: int) -> int:
-    port = free_port()
+async def run(tmp: Path, code: Path, seconds: int, connections: int, repeat: int, workers: int) -> int:
+    port, serving_port = free_port(), free_port()
     work = tmp / "gateway"
     work.mkdir()
     data = deep_merge(base_config(work, port, None, None),  # the tests' settings, with the default job polling
                       {"log": {"level": "WARNING"}, "retention": {"enabled": False}, "queue": {"poll_interval": 1.0},
                        "api": {"keys": [{"name": "bench", "key": API_KEY, "scopes": ["admin"]}]}})
+    if workers:
+        data["serving"] = {"workers": workers, "port": serving_port}
+    serving = f"http://127.0.0.1:{serving_port}"
     gw = GatewayProcess(write_toml(work / "gateway.toml", data), port, work / "daemon.log", cwd=code)
     storage_root = work / "var" / "media"
     await gw.start()
@@ -169,38 +203,56 @@ async def run(tmp: Path, code: Path, seconds: int, connections: int, repeat: int
                                 cwd=REPO, stdout=subprocess.PIPE, text=True)
         assert bare.stdout is not None
         bare_port = int(bare.stdout.readline().split()[1])
+        pids = worker_pids(gw.pid)
+        if len(pids) != workers:
+            raise RuntimeError(f"{len(pids)} serving workers run, not {workers}")
         for label, (link, key, size, target, sha256) in objects.items():
             nginx_url = f"http://127.0.0.1:{nginx.port}/{key}"
             bare_url = f"http://127.0.0.1:{bare_port}/file/{key}"
             memory_url = f"http://127.0.0.1:{bare_port}/memory/{key}"
-            for url in (link, nginx_url, bare_url, memory_url):  # all serve the very same bytes
+            urls = {"nginx": nginx_url, "gateway": link.replace(serving, gw.url)}
+            if workers:
+                urls["workers"] = link  # new links point at the workers
+            for url in (*urls.values(), bare_url, memory_url):  # all serve the very same bytes
                 got = hashlib.sha256(await _wait_ok(url)).hexdigest()
                 if got != sha256:
                     raise RuntimeError(f"{url} served sha256 {got}, stored {sha256}")
             print(f"\n== B5 {label} ({size} bytes), wrk {connections} connections, {seconds} s each, "
-                  f"{repeat} rounds; load {loadavg()}", flush=True)
-            ratios, runs = [], []
-            for n in range(repeat):  # nginx and the gateway back to back, in turns: the machine's load moves
-                urls = [("nginx", nginx_url), ("gateway", link)]
-                pair = dict((name, wrk(url, seconds, connections)) for name, url in urls[::1 if n % 2 == 0 else -1])
-                ratios.append(pair["gateway"]["rate"] / pair["nginx"]["rate"])
+                  f"{repeat} rounds, {workers} serving workers; load {loadavg()}", flush=True)
+            ratios: dict[str, list[float]] = {name: [] for name in urls if name != "nginx"}
+            runs: list[dict[str, dict[str, float]]] = []
+            for n in range(repeat):  # the servers back to back, in turns: the machine's load moves
+                order = list(urls.items())[::1 if n % 2 == 0 else -1]
+                pair: dict[str, dict[str, float]] = {}
+                for name, url in order:
+                    cpu = cpu_seconds(pids)
+                    pair[name] = wrk(url, seconds, connections)
+                    if name == "workers":
+                        split = " ".join(f"{after - before:.1f}" for before, after in zip(cpu, cpu_seconds(pids)))
+                        pair[name]["split"] = split  # type: ignore[assignment]
+                for name in ratios:
+                    ratios[name].append(pair[name]["rate"] / pair["nginx"]["rate"])
                 runs.append(pair)
-                failed |= bool(pair["gateway"]["non2xx"] or pair["nginx"]["non2xx"])
+                failed |= any(bool(r["non2xx"]) for r in pair.values())
                 for name, r in pair.items():
+                    split = f"  worker CPU s {r['split']}" if "split" in r else ""
                     print(f"  round {n + 1} {name:8} {r['rate']:9.0f} requests/s {r['bytes'] / 1e6:8.1f} MB/s"
-                          f"  non-2xx {r['non2xx']:.0f} {r['errors']}")
-                print(f"  round {n + 1} gateway / nginx {ratios[-1]:.2f}; load {loadavg()}", flush=True)
+                          f"  non-2xx {r['non2xx']:.0f} {r['errors']}{split}")
+                print(f"  round {n + 1} " + ", ".join(f"{name} / nginx {r[-1]:.2f}" for name, r in ratios.items())
+                      + f"; load {loadavg()}", flush=True)
             aio = wrk(bare_url, seconds, connections)
             mem = wrk(memory_url, seconds, connections)
             nginx_rate = statistics.median(r["nginx"]["rate"] for r in runs)
             print(f"  bare aiohttp FileResponse {aio['rate']:.0f} requests/s ({aio['rate'] / nginx_rate:.2f} x nginx's "
                   f"median); bare aiohttp, bytes from memory {mem['rate']:.0f} requests/s "
                   f"({mem['rate'] / nginx_rate:.2f}); load {loadavg()}")
-            median = statistics.median(ratios)
-            print(f"B5 {label} gateway / nginx: median {median:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
-                  f"(target >= {target}); gateway {statistics.median(r['gateway']['rate'] for r in runs):.0f}/s "
-                  f"{statistics.median(r['gateway']['bytes'] for r in runs) / 1e6:.0f} MB/s, nginx {nginx_rate:.0f}/s "
-                  f"{statistics.median(r['nginx']['bytes'] for r in runs) / 1e6:.0f} MB/s (medians)", flush=True)
+            for name, values in ratios.items():
+                median = statistics.median(values)
+                who = f"{workers} workers" if name == "workers" else "gateway"
+                print(f"B5 {label} {who} / nginx: median {median:.2f} [{min(values):.2f}-{max(values):.2f}] "
+                      f"(target >= {target}); {who} {statistics.median(r[name]['rate'] for r in runs):.0f}/s "
+                      f"{statistics.median(r[name]['bytes'] for r in runs) / 1e6:.0f} MB/s, nginx {nginx_rate:.0f}/s "
+                      f"{statistics.median(r['nginx']['bytes'] for r in runs) / 1e6:.0f} MB/s (medians)", flush=True)
     finally:
         if bare is not None:
             bare.terminate()
@@ -219,6 +271,7 @@ async def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of nginx and the gateway per size (median)")
+    parser.add_argument("--workers", type=int, default=2, help="[serving] workers of the daemon (0: none)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--code", type=Path, default=REPO,
                         help="run the daemon of this source tree (e.g. an earlier commit from git archive)")
@@ -229,7 +282,7 @@ async def main() -> int:
     print(f"daemon from {args.code.resolve()}; {nproc} cores; load average {loadavg()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-serve-"))
     try:
-        return await run(tmp, args.code.resolve(), args.seconds, args.connections, args.repeat)
+        return await run(tmp, args.code.resolve(), args.seconds, args.connections, args.repeat, args.workers)
     finally:
         if args.keep:
             print(f"kept {tmp}")

@@ -34,6 +34,8 @@ from gateway.keys import (
     PROVIDERS,
     QUEUE,
     RETENTION,
+    SERVING,
+    SERVING_SOCKET,
     SETTINGS,
     STORAGE,
 )
@@ -107,7 +109,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[CATALOG].on_commit = metrics.observe_commit
     app[CATALOG].default_media_lifetime = settings.queue.media_deadline
     app[CATALOG].media_lifetimes = dict(settings.queue.media_deadlines)
-    app[LINKS] = LinkSigner(settings.link_secret(), settings.server.base_url, settings.media.link_ttl)
+    app[LINKS] = LinkSigner.from_settings(settings)
     app[API_KEYS] = ApiKeys(settings.api)
     app[MEDIA_STORE] = MediaStore(settings, app[CATALOG], app[STORAGE], pm)
     app[RETENTION] = Retention(settings, app[CATALOG], storage, metrics, pm=pm, rows=app[MEDIA_STORE].rows)
@@ -123,6 +125,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     pm.hook.register_routes(app=app)
     app.cleanup_ctx.extend([_catalog_ctx, _http_ctx, _fetcher_ctx, _storage_ctx, _providers_ctx,
                             _queue_ctx, _retention_ctx, _plugins_ctx])
+    if settings.serving.workers:
+        app.cleanup_ctx.append(_serving_ctx)
+        app.on_shutdown.append(_serving_shutdown)
     return app
 
 
@@ -207,3 +212,53 @@ async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
         await await_me_maybe(result)
     if app[PLUGINS].is_registered(app[NOTIFIER]):  # the manager may outlive this app
         app[PLUGINS].unregister(app[NOTIFIER])
+
+
+async def _serving_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The serving workers (``[serving]``), started once the catalog is open and migrated (they
+    open it read-only) and stopped first on shutdown, on the address ``gateway serve`` reserved."""
+    from gateway.serving import ServingWorkers, reserve
+
+    sock = app[SERVING_SOCKET] if SERVING_SOCKET in app else reserve(app[SETTINGS])
+    workers = app[SERVING] = ServingWorkers(app[SETTINGS], sock)
+    await workers.start()
+    yield
+    await workers.stop()
+
+
+async def _serving_shutdown(app: web.Application) -> None:
+    """SIGTERM to the serving workers as the daemon's graceful shutdown begins, so that they finish
+    their requests while the daemon finishes its own (:func:`_serving_ctx` then waits for them)."""
+    if SERVING in app:
+        await app[SERVING].terminate()
+
+
+def create_serving_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
+    """A serving worker's application: the ``media`` routes of the route table and the error
+    middleware; the storage backend ``storage.backend`` names and the catalog read-only, opened
+    and closed in its ``cleanup_ctx``. Raises :class:`gateway.config.ConfigError` (no such
+    backend)."""
+    storage = select_storage(settings, pm)
+    catalog = catalog_from_settings(settings, read_only=True)
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[STORAGE] = storage
+    app[CATALOG] = catalog
+    app[METRICS] = Metrics(gateway_version())  # the middleware counts into it; not exported
+    app[LINKS] = LinkSigner.from_settings(settings)
+    app[MEDIA_STORE] = MediaStore(settings, catalog, storage, pm)  # for its rows: it changes nothing here
+    add_routes(app, tag="media")
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        await catalog.open()
+        try:
+            await storage.start()
+            try:
+                yield
+            finally:
+                await storage.close()
+        finally:
+            await catalog.close()
+
+    app.cleanup_ctx.append(resources)
+    return app

@@ -1,5 +1,5 @@
 """The command line: ``gateway serve | check-config | cleanup | migrate | plugins`` (also
-``python -m gateway``).
+``python -m gateway``; ``serve-media``, hidden, is a serving worker the daemon starts).
 
 Exit status 2: the configuration is invalid (one line on stderr per problem, naming the setting);
 for ``serve``, also a catalog another daemon holds (the line names its PID) or an address in use.
@@ -100,12 +100,13 @@ def serve(config_path: Path | None) -> None:
         click.echo(f"gateway: {exc}", err=True)
         sys.exit(2)
     host, port = settings.server.host, settings.server.port
-    try:
-        sock = socket.create_server((host, port))
-    except OSError as exc:
-        click.echo(f"gateway: cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}",
-                   err=True)
-        sys.exit(2)
+    sock = _listen(f"{host}:{port}", lambda: socket.create_server((host, port)))
+    if settings.serving.workers:
+        from gateway.keys import SERVING_SOCKET
+        from gateway.serving import reserve
+
+        app[SERVING_SOCKET] = _listen(f"{settings.serving_host}:{settings.serving.port}",
+                                      lambda: reserve(settings))
     log = logging.getLogger("gateway")
     log.info("listening on http://%s:%d (public URL %s)", host, sock.getsockname()[1],
              settings.server.base_url)
@@ -137,6 +138,40 @@ async def _settle_garbage_collector(app: Any) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def _listen(address: str, bind: Callable[[], socket.socket]) -> socket.socket:
+    """``bind()``; an address in use (or another ``OSError``) is one line on stderr and exit 2."""
+    try:
+        return bind()
+    except OSError as exc:
+        click.echo(f"gateway: cannot listen on {address}: {os.strerror(exc.errno) if exc.errno else exc}",
+                   err=True)
+        sys.exit(2)
+
+
+@main.command("serve-media", hidden=True)
+@CONFIG_OPTION
+@click.option("--alive-fd", type=int, required=True, help="A pipe's read end: exit at its end of file.")
+def serve_media(config_path: Path | None, alive_fd: int) -> None:
+    """A serving worker (started by the daemon with ``[serving] workers``, see
+    :mod:`gateway.serving`): serve ``/media`` and ``/public`` on the serving address."""
+    from gateway.catalog import CatalogError
+    from gateway.logs import setup_logging
+    from gateway.app import create_serving_app
+    from gateway.serving import listen, run_worker
+
+    settings = _settings(config_path)
+    setup_logging(settings.log)
+    pm = _or_exit(make_manager)
+    app = _or_exit(lambda: create_serving_app(settings, pm))
+    app.on_startup.append(_settle_garbage_collector)
+    sock = _listen(f"{settings.serving_host}:{settings.serving.port}", lambda: listen(settings))
+    try:
+        asyncio.run(run_worker(app, sock, alive_fd, settings.server.shutdown_grace))
+    except CatalogError as exc:  # e.g. a schema this gateway does not know: the daemon says more
+        click.echo(f"gateway: serving worker: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command("check-config")

@@ -116,6 +116,19 @@ class ServerSettings(_Section):
         return f"http://{self.host}:{self.port}"
 
 
+class ServingSettings(_Section):
+    """``[serving]``: serving processes for stored media. With ``workers`` > 0 the daemon starts
+    that many processes that answer only ``/media/...`` and ``/public/...`` on their own port
+    (one listening socket they share), and new media links point at them; the daemon's own
+    port keeps serving the same links."""
+
+    workers: int = Field(0, ge=0, le=64, description="serving processes; 0: the daemon serves media alone")
+    host: str | None = Field(None, description="address the serving processes listen on; default server.host")
+    port: int = Field(8081, ge=1, le=65535, description="port the serving processes listen on")
+    public_url: AnyHttpUrl | None = Field(
+        None, description="base of media links while workers run; default http://{host}:{port}")
+
+
 class CatalogSettings(_Section):
     """``[catalog]``: the database that holds events, jobs and the media catalog: the SQLite file
     ``path`` (the default, one daemon), or the PostgreSQL database ``url`` shared by several
@@ -421,6 +434,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -432,6 +446,9 @@ class Settings(BaseSettings):
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     targets: list[TargetSettings] = Field(default_factory=list)
     config_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    config_file: Path | None = Field(None, exclude=True)
+    """The TOML file the settings were read from (None: the environment only); the serving
+    workers read it again."""
     unset_env: dict[str, str] = Field(default_factory=dict, exclude=True)
     """Settings whose ``${NAME}`` reference names an unset variable: ``{path: NAME}``. They keep
     the reference as written; :meth:`require_env` refuses them for the commands that use them."""
@@ -443,7 +460,7 @@ class Settings(BaseSettings):
             return data
         unset: dict[str, str] = {}
         _UNSET.set(unset)  # read by load_settings when validation fails
-        out = {k: expand_env_refs(v, k, unset) if k != "config_dir" else v
+        out = {k: expand_env_refs(v, k, unset) if k not in ("config_dir", "config_file") else v
                for k, v in data.items() if k != "unset_env"}
         out["unset_env"] = unset
         return out
@@ -471,6 +488,8 @@ class Settings(BaseSettings):
         names = [t.name for t in self.targets]
         if len(names) != len(set(names)):
             raise ValueError("targets: names must be unique")
+        if self.serving.workers and (self.serving_host, self.serving.port) == (self.server.host, self.server.port):
+            raise ValueError("serving.port: must differ from server.port while serving.workers > 0")
         key_names = [k.name for k in self.api.keys]
         if len(key_names) != len(set(key_names)):
             raise ValueError("api.keys: names must be unique")
@@ -490,6 +509,22 @@ class Settings(BaseSettings):
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @property
+    def serving_host(self) -> str:
+        """The address the serving workers listen on: ``serving.host``, default ``server.host``."""
+        return self.serving.host or self.server.host
+
+    @property
+    def media_base_url(self) -> str:
+        """The base of newly made media links, without a trailing slash: the serving workers'
+        (``serving.public_url``, default ``http://{serving host}:{serving.port}``) while
+        ``serving.workers`` > 0, else :attr:`ServerSettings.base_url`."""
+        if not self.serving.workers:
+            return self.server.base_url
+        if self.serving.public_url is not None:
+            return str(self.serving.public_url).rstrip("/")
+        return f"http://{self.serving_host}:{self.serving.port}"
 
     def resolve_path(self, value: str | Path) -> Path:
         """A path from the settings, made absolute against the config file's directory."""
@@ -638,7 +673,7 @@ def load_settings(path: str | Path | None = None, uses: tuple[str, ...] | None =
 
     _UNSET.set({})
     try:
-        settings = _FileSettings(config_dir=config_dir)
+        settings = _FileSettings(config_dir=config_dir, config_file=path.resolve() if path is not None else None)
     except ValidationError as err:
         lines = validation_lines(err, model=Settings)
         lines += [f"{p}: environment variable {n} is not set" for p, n in _UNSET.get().items()

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    import socket
+
     import aiohttp
     import pluggy
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from gateway.outbound import Outbound
     from gateway.retention import Retention
     from gateway.safefetch import SafeFetcher
+    from gateway.serving import ServingWorkers
     from gateway.sdk.provider import Provider
     from gateway.sdk.storage import StorageBackend
     from gateway.store import MediaStore
@@ -45,3 +48,8 @@ MEDIA_STORE: web.AppKey[MediaStore] = web.AppKey("media_store")
 FETCHER: web.AppKey[SafeFetcher] = web.AppKey("fetcher")
 OUTBOUND: web.AppKey[Outbound] = web.AppKey("outbound")
 NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier")
+SERVING_SOCKET: web.AppKey[socket.socket] = web.AppKey("serving_socket")
+"""The daemon's hold on the serving workers' address (:func:`gateway.serving.reserve`), bound by
+``gateway serve`` (else by the app's startup)."""
+SERVING: web.AppKey[ServingWorkers] = web.AppKey("serving")
+"""The serving workers, while ``serving.workers`` > 0."""

@@ -14,7 +14,11 @@ import functools
 import hashlib
 import hmac
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 
 class LinkError(Exception):
@@ -22,12 +26,24 @@ class LinkError(Exception):
 
 
 class LinkSigner:
-    """Makes and checks media links. ``base_url`` has no trailing slash; ``ttl`` is in seconds."""
+    """Makes and checks media links. ``base_url`` (the base of new links) has no trailing slash;
+    ``ttl`` is in seconds; ``aliases``: other bases whose links :meth:`own_link` recognises too
+    (the daemon's own URL while serving workers hand out the links: the signature covers the
+    path only, so a link verifies on either)."""
 
-    def __init__(self, secret: bytes, base_url: str, ttl: int):
+    def __init__(self, secret: bytes, base_url: str, ttl: int, aliases: tuple[str, ...] = ()):
         self._secret = secret
         self.base_url = base_url.rstrip("/")
         self.ttl = ttl
+        self.bases = (self.base_url, *(a.rstrip("/") for a in aliases if a.rstrip("/") != self.base_url))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LinkSigner:
+        """The signer of the daemon and the serving workers: the link secret, new links on
+        :attr:`Settings.media_base_url`, the daemon's ``server.base_url`` recognised too, and
+        ``media.link_ttl``."""
+        return cls(settings.link_secret(), settings.media_base_url, settings.media.link_ttl,
+                   aliases=(settings.server.base_url,))
 
     def _sig(self, media_id: str, filename: str, exp: int) -> str:
         return _signature(self._secret, media_id, filename, exp)
@@ -63,19 +79,23 @@ class LinkSigner:
             raise LinkError("link has expired")
 
     def own_link(self, url: str, now: float | None = None) -> tuple[str, str, bool] | None:
-        """``(media id, filename, signed)`` when ``url`` is one of this gateway's links: a signed
-        media link (checked as :meth:`verify` does; ``signed`` True) or a public link (``signed``
-        False: the caller must check that the object is public). ``None`` for any other URL.
+        """``(media id, filename, signed)`` when ``url`` is one of this gateway's links (on any of
+        :attr:`bases`): a signed media link (checked as :meth:`verify` does; ``signed`` True) or a
+        public link (``signed`` False: the caller must check that the object is public). ``None``
+        for any other URL.
 
         Raises :class:`LinkError` for a media link of ours with a wrong signature or past its expiry."""
         try:
-            parts, base = urlsplit(url), urlsplit(self.base_url)
+            parts = urlsplit(url)
         except ValueError:
             return None
-        if (parts.scheme.lower(), parts.netloc.lower()) != (base.scheme.lower(), base.netloc.lower()):
-            return None
-        rest = parts.path.removeprefix(base.path)
-        if rest == parts.path and base.path:
+        for base in map(urlsplit, self.bases):
+            if (parts.scheme.lower(), parts.netloc.lower()) != (base.scheme.lower(), base.netloc.lower()):
+                continue
+            rest = parts.path.removeprefix(base.path)
+            if rest != parts.path or not base.path:
+                break
+        else:
             return None
         segments = rest.split("/")
         if len(segments) != 4 or segments[0] or segments[1] not in ("media", "public") or not all(segments[2:]):

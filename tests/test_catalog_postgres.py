@@ -197,3 +197,21 @@ async def test_a_worker_renews_the_lease_of_a_job_that_runs_longer_than_it(repli
     assert ran == [ran[0]]
     row = await b.get_job(ran[0])
     assert (row["state"], row["attempts"]) == ("done", 1)
+
+
+async def test_a_read_only_catalog_reads_and_refuses_writes(postgres_server: PostgresServer):
+    # a serving worker's catalog: no migration, only this gateway's schema, every session read-only
+    url = postgres_server.create_database()
+    with pytest.raises(CatalogError, match="only the daemon migrates it"):
+        await PostgresCatalog(url, read_only=True).open()  # an empty database: nothing migrated
+    writer = PostgresCatalog(url)
+    await writer.open()
+    reader = PostgresCatalog(url, read_only=True, pool_size=2)
+    await reader.open()
+    try:
+        assert await reader.get_media("m_none") is None
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            await reader.execute("DELETE FROM media")
+    finally:
+        await reader.close()
+        await writer.close()

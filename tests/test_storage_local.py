@@ -381,6 +381,21 @@ async def test_start_removes_leftover_temp_files(tmp_path):
     await s.close()
 
 
+async def test_a_second_process_on_the_root_leaves_the_first_ones_temp_files(tmp_path):
+    # a serving worker (or a second replica) starts on the root while the daemon stores an object
+    first, second = LocalStorage(tmp_path / "root"), LocalStorage(tmp_path / "root")
+    await first.start()
+    (first.root / ".tmp" / "upload-in-progress").write_bytes(b"half an object")
+    await second.start()
+    assert [p.name for p in (first.root / ".tmp").iterdir()] == ["upload-in-progress"]
+    await second.close()
+    await first.close()  # the first process is gone: the next start sweeps
+    third = LocalStorage(tmp_path / "root")
+    await third.start()
+    assert list((first.root / ".tmp").iterdir()) == []
+    await third.close()
+
+
 async def test_url_is_none(storage):
     await storage.put("u/x", _gen(b"1"), "text/plain", {})
     assert await storage.url("u/x", 60, "x.txt") is None

@@ -40,16 +40,21 @@ Catalog = SQLiteCatalog
 """The default catalog (``Catalog(path, exclusive=False)``): SQLite."""
 
 
-def catalog_from_settings(settings: Settings, exclusive: bool = False) -> CatalogContract:
+def catalog_from_settings(settings: Settings, exclusive: bool = False, read_only: bool = False) -> CatalogContract:
     """The catalog ``[catalog]`` names: PostgreSQL at ``catalog.url`` (shared by replicas; jobs
     leased for ``queue.lease`` seconds; a pool of connections for every worker and a few webhooks
     and API calls besides), else the SQLite file ``catalog.path`` (``exclusive``: the daemon's, see
-    :meth:`CatalogContract.lock`). Not opened yet."""
+    :meth:`CatalogContract.lock`). ``read_only``: see :attr:`CatalogContract.read_only` (a serving
+    worker's; PostgreSQL: a pool of :data:`READ_ONLY_POOL`). Not opened yet."""
     if settings.catalog.url:
         from gateway.catalog.postgres import PostgresCatalog  # psycopg only when it is used
-        return PostgresCatalog(settings.catalog.url, lease=settings.queue.lease,
-                               pool_size=settings.queue.workers + 8)
-    return SQLiteCatalog(settings.catalog.path, exclusive=exclusive)
+        return PostgresCatalog(settings.catalog.url, lease=settings.queue.lease, read_only=read_only,
+                               pool_size=READ_ONLY_POOL if read_only else settings.queue.workers + 8)
+    return SQLiteCatalog(settings.catalog.path, exclusive=exclusive, read_only=read_only)
+
+
+READ_ONLY_POOL = 4
+"""Connections a read-only PostgreSQL catalog holds at most (serving: one row per uncached id)."""
 
 __all__ = [
     "JOB_STATES", "MIGRATIONS", "SCHEMA_VERSION", "Catalog", "CatalogContract", "CatalogError", "CatalogLocked",

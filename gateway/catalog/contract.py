@@ -146,6 +146,10 @@ class CatalogContract(CatalogTuning, abc.ABC):
     # -- lifecycle ------------------------------------------------------------------------
     kind: str
     """The implementation's name (``sqlite``, ``postgresql``), for logs and metrics."""
+    read_only: bool = False
+    """Built to read only (the serving workers, which call :meth:`get_media`): :meth:`open` applies
+    no migration and takes no lock, and raises :class:`CatalogError` unless the catalog exists at
+    this gateway's schema version; any write fails with the driver's error."""
 
     @property
     def replica(self) -> str | None:

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.keys import CATALOG, METRICS, QUEUE, SETTINGS, STORAGE
+from gateway.keys import CATALOG, METRICS, QUEUE, SERVING, SETTINGS, STORAGE
 from gateway.web.auth import require
 
 
@@ -24,12 +24,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def readiness(app: web.Application) -> dict[str, str]:
-    """``{"catalog"|"storage"|"backlog": "ok" or "<exception type>: <message>"}``: each checked, 5 s
-    at most; ``backlog`` fails while the oldest waiting media has used more than
-    ``[queue] backlog_ready_fraction`` of its provider's deadline (the gateway cannot keep up)."""
+    """``{"catalog"|"storage"|"backlog"|"serving": "ok" or "<exception type>: <message>"}``: each
+    checked, 5 s at most; ``backlog`` fails while the oldest waiting media has used more than
+    ``[queue] backlog_ready_fraction`` of its provider's deadline (the gateway cannot keep up);
+    ``serving`` (only with ``[serving] workers``) while no serving worker runs."""
     checks: dict[str, str] = {}
-    for name, check in (("catalog", app[CATALOG].check), ("storage", app[STORAGE].check),
-                        ("backlog", app[QUEUE].check)):
+    named = [("catalog", app[CATALOG].check), ("storage", app[STORAGE].check), ("backlog", app[QUEUE].check)]
+    if SERVING in app:
+        named.append(("serving", app[SERVING].check))
+    for name, check in named:
         try:
             await asyncio.wait_for(check(), 5)
             checks[name] = "ok"

@@ -139,7 +139,7 @@ async def serve_object(request: web.Request, record: Mapping[str, Any]) -> web.S
     try:
         obj = await storage.open(record["key"], start, end if size else None, bucket=record["bucket"])
     except ObjectNotFound:
-        raise _missing(record)
+        raise await _missing(request, record)
     response = web.StreamResponse(status=status, headers=headers)
     response.content_type = record["mimetype"]
     response.content_length = obj.length if size else 0
@@ -171,14 +171,14 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
-        raise _missing(record)
+        raise await _missing(request, record)
     except OSError as exc:  # ELOOP (a symlink: never followed), EACCES, EIO
         log.error("cannot open %s for %s: %s", record["key"], record["id"], exc, extra={"media_id": record["id"]})
         raise ApiError(503, f"storage unavailable: {exc.strerror}")
     try:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode):
-            raise _missing(record)
+            raise await _missing(request, record)
         length = max(0, min(end, st.st_size - 1) - start + 1)  # a short file: what it has, as open() sends
         if request.method == "HEAD" or not 0 < length <= SMALL_OBJECT:
             with open(fd, "rb", buffering=0, closefd=False) as file:
@@ -216,8 +216,17 @@ async def _sendfile(request: web.Request, record: Mapping[str, Any], file: Binar
     return response
 
 
-def _missing(record: Mapping[str, Any]) -> ApiError:
-    """Log a catalog row whose object is gone; the 404 to raise."""
+async def _missing(request: web.Request, record: Mapping[str, Any]) -> ApiError:
+    """The 404 to raise for ``record``'s object gone from storage. A row served from memory
+    (:class:`gateway.store.MediaRows`) may be older than a delete by another process (a serving
+    worker's rows, another replica's): the row is read again, and a deleted one is simply gone
+    (one INFO line); a row that is still there points at nothing, an ERROR."""
+    rows = request.app[MEDIA_STORE].rows
+    rows.forget([record["id"]])
+    current = await rows.catalog.get_media(record["id"])
+    if current is None or current.get("state") == "deleting":
+        log.info("%s was deleted meanwhile", record["id"], extra={"media_id": record["id"]})
+        return ApiError(404, "no such media")
     log.error("catalog row %s points at a missing object %s", record["id"], record["key"],
               extra={"media_id": record["id"]})
     return ApiError(404, "object missing from storage")

@@ -431,7 +431,8 @@ class Health(Out):
 
 
 class Ready(BaseModel):
-    """`ready`, and one entry per check (`catalog`, `storage`, `backlog`): `ok`, or why the check failed."""
+    """`ready`, and one entry per check (`catalog`, `storage`, `backlog`; `serving` with serving workers): `ok`,
+    or why the check failed."""
 
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, str]

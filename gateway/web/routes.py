@@ -133,9 +133,12 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_routes(app: web.Application) -> None:
-    """Add every route of :data:`ROUTES` to ``app``'s router (a GET also answers HEAD)."""
+def add_routes(app: web.Application, tag: str | None = None) -> None:
+    """Add every route of :data:`ROUTES` (``tag``: those of that tag only) to ``app``'s router
+    (a GET also answers HEAD)."""
     for route in ROUTES:
+        if tag is not None and route.tag != tag:
+            continue
         if route.method == "GET":
             app.router.add_get(route.path, route.handler)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import itertools
 import json
 import os
@@ -76,6 +77,7 @@ class LocalStorage:
         self._dirs: dict[str, str] = {}  # directories of keys, resolved inside the root
         self._tmp_prefix = os.path.join(self._root_str, TMP_DIR, uuid.uuid4().hex)
         self._tmp_count = itertools.count()  # temp files are <prefix>-<n>: unique without a random draw each
+        self._sweep_fd: int | None = None  # TMP_DIR, flock'ed from start() to close()
 
     # -- paths ----------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
@@ -120,19 +122,33 @@ class LocalStorage:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        """Create the root; remove temp files a crash left behind."""
+        """Create the root; remove temp files a crash left behind, if this is the root's first
+        process: the one that takes an ``flock`` on :data:`TMP_DIR`, held until :meth:`close`,
+        so that another process on the same root (a serving worker, a second replica) never
+        removes the temp file of an upload in progress."""
         def _start() -> None:
             (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
             (self.root / META_DIR).mkdir(parents=True, exist_ok=True)
-            for leftover in (self.root / TMP_DIR).iterdir():
-                leftover.unlink(missing_ok=True)
+            if self._sweep_fd is None:
+                fd = os.open(self.root / TMP_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)  # another process holds the root: its temp files are its own
+                else:
+                    self._sweep_fd = fd
+                    for leftover in (self.root / TMP_DIR).iterdir():
+                        leftover.unlink(missing_ok=True)
             self._real_root = os.path.realpath(self.root)  # the root exists now
             self._paths.clear()
             self._dirs.clear()
         await asyncio.to_thread(_start)
 
     async def close(self) -> None:
-        """Nothing to release."""
+        """Release the lock on :data:`TMP_DIR` (see :meth:`start`)."""
+        if self._sweep_fd is not None:
+            fd, self._sweep_fd = self._sweep_fd, None
+            os.close(fd)
 
     async def check(self) -> None:
         """Raise :class:`StorageError` unless the root is a writable directory with at least

@@ -53,11 +53,15 @@ class PostgresConnection(CatalogTuning):
     puts them together.
 
     ``lease``: seconds a claimed job stays this replica's without a renewal; ``owner``: this
-    replica's id (default :func:`default_owner`); ``pool_size``: most connections held.
+    replica's id (default :func:`default_owner`); ``pool_size``: most connections held;
+    ``read_only``: see :attr:`gateway.catalog.CatalogContract.read_only` (its sessions run with
+    ``default_transaction_read_only``).
     """
 
-    def __init__(self, url: str, *, lease: float = 30.0, owner: str | None = None, pool_size: int = 10):
+    def __init__(self, url: str, *, lease: float = 30.0, owner: str | None = None, pool_size: int = 10,
+                 read_only: bool = False):
         self.url = url
+        self.read_only = read_only
         self.lease = lease
         self.owner = owner or default_owner()
         self.pool_size = pool_size
@@ -76,10 +80,11 @@ class PostgresConnection(CatalogTuning):
         """Nothing: replicas share a PostgreSQL catalog; their jobs carry leases instead."""
 
     async def open(self) -> None:
-        """Open the pool and apply the migrations (one replica at a time: an advisory lock).
+        """Open the pool and apply the migrations (one replica at a time: an advisory lock; a
+        ``read_only`` catalog applies none).
 
         Raises :class:`CatalogError` if the database cannot be reached or its schema is newer
-        than this gateway knows."""
+        than this gateway knows (read-only: not this gateway's)."""
         if self._pool is not None:
             return
         try:  # one direct connection first: an unreachable database fails at once, with its reason
@@ -87,10 +92,13 @@ class PostgresConnection(CatalogTuning):
         except psycopg.OperationalError as exc:
             raise CatalogError(f"cannot open catalog {self._safe_url}: {str(exc).strip()}") from exc
         async with conn:
-            await self._migrate(conn)
+            await (self._check_version(conn) if self.read_only else self._migrate(conn))
+        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
+        if self.read_only:
+            kwargs["options"] = "-c default_transaction_read_only=on"
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             self.url, min_size=1, max_size=self.pool_size, open=False,
-            kwargs={"autocommit": True, "row_factory": dict_row}, connection_class=psycopg.AsyncConnection)
+            kwargs=kwargs, connection_class=psycopg.AsyncConnection)
         try:
             await pool.open(wait=True, timeout=10)
         except PoolTimeout as exc:
@@ -113,6 +121,17 @@ class PostgresConnection(CatalogTuning):
             for number in range(version, SCHEMA_VERSION):
                 await conn.execute(MIGRATIONS[number].encode())
                 await conn.execute("UPDATE gateway_schema SET version = %s", (number + 1,))
+
+    async def _check_version(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Raise :class:`CatalogError` unless the schema is this gateway's (a read-only catalog)."""
+        try:
+            row = await (await conn.execute("SELECT version FROM gateway_schema")).fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            raise CatalogError(f"catalog {self._safe_url} has schema version {version}; this gateway knows "
+                               f"{SCHEMA_VERSION} (only the daemon migrates it)")
 
     @property
     def _safe_url(self) -> str:

@@ -22,7 +22,8 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteCatalog", "SQLiteConnection"]
 
 class SQLiteCatalog(EventsMixin, JobsMixin, MediaMixin, RetentionMixin, CatalogContract):
     """:class:`gateway.catalog.CatalogContract` on the SQLite file ``path``
-    (``SQLiteCatalog(path, exclusive=False)``; ``exclusive``: :meth:`open` takes :meth:`lock`).
+    (``SQLiteCatalog(path, exclusive=False, read_only=False)``; ``exclusive``: :meth:`open` takes
+    :meth:`lock`; ``read_only``: see :attr:`CatalogContract.read_only`).
 
     Open with :meth:`open`, close with :meth:`close`. All public methods but :meth:`lock` are
     coroutines that run on the catalog thread; :meth:`run` runs any ``fn(db)`` there (tests and

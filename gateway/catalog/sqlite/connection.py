@@ -185,12 +185,14 @@ class SQLiteConnection(CatalogTuning):
     from the event loop. The concern modules (events, jobs, media, retention) build on it;
     :class:`gateway.catalog.sqlite.SQLiteCatalog` puts them together.
 
-    ``exclusive``: :meth:`open` takes :meth:`lock` first (the daemon's catalog).
+    ``exclusive``: :meth:`open` takes :meth:`lock` first (the daemon's catalog). ``read_only``:
+    see :attr:`gateway.catalog.CatalogContract.read_only` (both connections ``query_only``).
     """
 
-    def __init__(self, path: Path, exclusive: bool = False):
+    def __init__(self, path: Path, exclusive: bool = False, read_only: bool = False):
         self.path = Path(path)
         self.exclusive = exclusive
+        self.read_only = read_only
         self._executor = _CatalogThread(self._group_commit)
         self._db: sqlite_utils.Database | None = None
         #: The reader's own connection and thread (:meth:`read`): reads never wait behind a commit.
@@ -360,14 +362,17 @@ class SQLiteConnection(CatalogTuning):
     async def open(self) -> None:
         """Create the file and directory if needed, enable WAL, apply migrations. An ``exclusive``
         catalog (the daemon's) first takes :meth:`lock`, so nothing is touched while another
-        daemon runs on it.
+        daemon runs on it. A ``read_only`` one touches nothing: the file must exist at this
+        gateway's schema version.
 
         Raises :class:`CatalogLocked` (see :meth:`lock`), :class:`CatalogError` if the schema is
-        newer than this gateway knows.
+        newer than this gateway knows (read-only: missing, or not this gateway's).
         """
         if self.exclusive:
             self.lock()
         def _open() -> sqlite_utils.Database:
+            if self.read_only:
+                return _open_read_only()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
             db = sqlite_utils.Database(conn)
@@ -384,6 +389,18 @@ class SQLiteConnection(CatalogTuning):
                     MIGRATIONS[number](db)
                     conn.execute(f"PRAGMA user_version={number + 1}")
             return db
+
+        def _open_read_only() -> sqlite_utils.Database:
+            if not self.path.is_file():
+                raise CatalogError(f"no catalog at {self.path}")
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            conn.execute("PRAGMA query_only=ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise CatalogError(f"catalog {self.path} has schema version {version}; this gateway knows "
+                                   f"{SCHEMA_VERSION} (only the daemon migrates it)")
+            return sqlite_utils.Database(conn)
 
         loop = asyncio.get_running_loop()
         try:

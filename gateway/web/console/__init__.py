@@ -200,7 +200,7 @@ async def login(request: web.Request) -> web.Response:
     response = web.HTTPSeeOther(target)  # raised: aiohttp sends an HTTPException's headers and cookies
     response.set_cookie(COOKIE, request.app[SESSION].cookie(hashlib.sha256(key.strip().encode()).hexdigest()),
                         max_age=SESSION_SECONDS, path="/console", httponly=True, samesite="Strict",
-                        secure=request.app[LINKS].base_url.startswith("https:"))
+                        secure=request.app[SETTINGS].server.base_url.startswith("https:"))
     raise response
 
 
