@@ -128,7 +128,7 @@ async def _settle_garbage_collector(app: Any) -> None:
     """Once the process has started: move every object alive now (modules, settings, plugins,
     routes: over 80,000) out of the garbage collector's reach (``gc.freeze``), so that a full
     collection no longer walks them (30 ms here before). Measured on the webhook path (B1): the
-    event loop's CPU per webhook fell by 8-13%. (Collecting the young generation less often as
+    event loop's CPU per webhook fell by about 8%. (Collecting the young generation less often as
     well, every 10,000 allocations, made the p99 of webhooks at 500/s worse: 29 ms against 20.)"""
     gc.collect()
     gc.freeze()
