@@ -399,3 +399,14 @@ async def test_a_second_process_on_the_root_leaves_the_first_ones_temp_files(tmp
 async def test_url_is_none(storage):
     await storage.put("u/x", _gen(b"1"), "text/plain", {})
     assert await storage.url("u/x", 60, "x.txt") is None
+
+
+def test_new_directories_are_made_with_the_parents_that_gained_an_entry(tmp_path):
+    """The directories a put creates are returned by their parents, which the put then fsyncs."""
+    from plugins.storage_local.backend import _make_directories
+
+    (tmp_path / "a").mkdir()
+    made = _make_directories(str(tmp_path / "a" / "b" / "c" / "d"))
+    assert (tmp_path / "a" / "b" / "c" / "d").is_dir()
+    assert made == {str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b" / "c")}
+    assert _make_directories(str(tmp_path / "a" / "b")) == set()  # nothing new: nothing to fsync

@@ -235,7 +235,7 @@ class LocalStorage:
             directories = {os.path.dirname(final)}
             meta_path = self._meta_path(key)
             if sidecar:
-                meta_path.parent.mkdir(parents=True, exist_ok=True)
+                directories |= _make_directories(str(meta_path.parent))
                 meta_tmp = tmp + ".meta"
                 with open(meta_tmp, "wb") as meta_fh:
                     meta_fh.write(encoded)
@@ -244,7 +244,7 @@ class LocalStorage:
                 try:
                     os.replace(tmp, final)
                 except FileNotFoundError:  # the key's directory is new (or was removed)
-                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    directories |= _make_directories(os.path.dirname(final))
                     os.replace(tmp, final)
                 if sidecar:  # (a stale sidecar beside a new attribute is never read: the attribute wins)
                     os.replace(meta_tmp, meta_path)
@@ -357,6 +357,23 @@ class LocalStorage:
                   bucket: str | None = None, content_type: str | None = None) -> str | None:
         """Local files have no direct URL: ``None``."""
         return None
+
+
+def _make_directories(directory: str) -> set[str]:
+    """Create ``directory`` and its missing parents; return the directories that gained an entry
+    (the parent of each one created), whose own fsync makes the new directories durable: without
+    it, a power loss could drop a day's new directory, and the objects in it, after their rows
+    committed."""
+    created: list[str] = []
+    current = directory
+    while not os.path.isdir(current):
+        created.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    os.makedirs(directory, exist_ok=True)
+    return {os.path.dirname(d) for d in created}
 
 
 def _scan(directory: Path) -> list[tuple[str, bool, int, float]]:
