@@ -33,7 +33,7 @@ from collections import deque
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,16 @@ DUE_TTL = 0.1
 is due (this process's own retries are added to it as they are scheduled)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Idle workers of this process reserved by :meth:`JobQueue.reserve` for jobs a commit is
+    about to add: ``lanes`` maps a lane to how many workers; ``kinds`` are the job kinds to create
+    claimed (:meth:`gateway.catalog.CatalogContract.record_webhook`'s ``claim``)."""
+
+    lanes: dict[str, int] = field(default_factory=dict)
+    kinds: frozenset[str] = frozenset()
+
+
 class Backlogged(Exception):
     """The gateway cannot keep up: the oldest waiting media is close to its provider's deadline."""
 
@@ -135,8 +145,11 @@ class JobQueue:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
-        #: lane -> follow-up jobs claimed with their parent's completion, waiting for a worker here
+        #: lane -> jobs claimed in the commit that added them (a parent's completion, a webhook),
+        #: waiting for a worker here
         self._handed: dict[str, deque[ClaimedJob]] = {lane: deque() for lane in self.lanes}
+        #: lane -> idle workers :meth:`reserve` promised to commits still running
+        self._reserved: dict[str, int] = {lane: 0 for lane in self.lanes}
         self._renewer: asyncio.Task[None] | None = None
         #: Why the gateway cannot keep up, or None (set by the backlog monitor).
         self.backlog: str | None = None
@@ -154,6 +167,52 @@ class JobQueue:
             if kinds is None or any(k in lane_kinds for k in kinds):
                 self._announced[lane] += 1
                 self._wake_one(lane)
+
+    def reserve(self, jobs: Mapping[str, int]) -> Handoff:
+        """For a commit about to add ``jobs`` (kind -> how many): reserve the idle workers of each
+        lane that has enough of them for all its jobs there (idle, and not promised to a job
+        handed, announced or reserved already), so that the commit creates those jobs claimed and
+        :meth:`hand` gives them to the workers: no claim, no wake-up through the catalog. A lane
+        that is busy gets none: its jobs are queued and claimed in deadline order. Every
+        reservation must end in :meth:`hand` (with no jobs if the commit failed)."""
+        if self._stopping:
+            return Handoff()
+        wanted: dict[str, int] = {}
+        kinds: dict[str, set[str]] = {}
+        for kind, count in jobs.items():
+            lane = self._lane_of(kind)
+            if lane is not None and count > 0:
+                wanted[lane] = wanted.get(lane, 0) + count
+                kinds.setdefault(lane, set()).add(kind)
+        lanes = {lane: count for lane, count in wanted.items() if self._free(lane) >= count}
+        for lane, count in lanes.items():
+            self._reserved[lane] += count
+        return Handoff(lanes, frozenset(k for lane in lanes for k in kinds[lane]))
+
+    def hand(self, handoff: Handoff, claimed: Collection[ClaimedJob]) -> None:
+        """End the reservation ``handoff`` (:meth:`reserve`): the jobs its commit created claimed
+        go to the workers of their lanes (a worker woken for each). After :meth:`stop` has run,
+        they stay running in the catalog until its next start requeues them (SQLite) or their
+        lease runs out (PostgreSQL), as after a crash."""
+        for lane, count in handoff.lanes.items():
+            self._reserved[lane] -= count
+        for row in claimed:
+            to = self._lane_of(row["kind"])
+            assert to is not None  # reserve() only names kinds of lanes with workers
+            self._handed[to].append(row)
+            self._wake_one(to)
+
+    def _lane_of(self, kind: str) -> str | None:
+        """The lane whose workers run ``kind``, or None (no lane, or a lane without workers)."""
+        for lane, (kinds, workers) in self.lanes.items():
+            if kind in kinds:
+                return lane if workers > 0 else None
+        return None
+
+    def _free(self, lane: str) -> int:
+        """Idle workers of ``lane`` not promised to a job yet (handed, announced or reserved)."""
+        return (len(self._idle_workers[lane]) - len(self._handed[lane]) - self._announced[lane]
+                - self._reserved[lane])
 
     def _wake_one(self, lane: str) -> None:
         waiters = self._idle_workers[lane]

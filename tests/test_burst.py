@@ -38,7 +38,7 @@ async def test_concurrent_webhooks_share_commits(catalog):
     catalog.on_commit = sizes.append
     results = await asyncio.gather(*(catalog.record_webhook("waha", b"{}", [_event(f"g{i}")])
                                      for i in range(200)))
-    assert all(len(accepted) == 1 and not dup for accepted, dup in results)
+    assert all(len(accepted) == 1 and not dup for accepted, dup, _ in results)
     assert await catalog.count("events") == 200 and await catalog.count("jobs", "kind='ingest'") == 200
     assert sum(sizes) == catalog.committed_writes == 200
     assert catalog.commits == len(sizes) < 200 / 4, sizes  # the webhooks waiting together share a commit
@@ -90,7 +90,7 @@ async def test_a_claim_commits_without_fsync_and_leaves_every_other_transaction_
 
 
 async def test_reads_do_not_wait_behind_a_commit(catalog):
-    [event_id], _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")])
+    [event_id], _, _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")])
     started, release = threading.Event(), threading.Event()
 
     def slow_write(db):  # holds the catalog thread (and its transaction) until released

@@ -92,15 +92,15 @@ def _rule(**values: Any) -> ExpiryRule:
 # -- events ---------------------------------------------------------------------------------------
 
 async def test_record_webhook_reports_duplicates(catalog):
-    first, _ = await catalog.record_webhook("waha", b"1", [_event("k1")], now=T0)
-    accepted, dups = await catalog.record_webhook("waha", b"2", [_event("k1"), _event("k3")], now=T0 + 1)
+    first, _, _ = await catalog.record_webhook("waha", b"1", [_event("k1")], now=T0)
+    accepted, dups, _ = await catalog.record_webhook("waha", b"2", [_event("k1"), _event("k3")], now=T0 + 1)
     assert dups == ["k1"] and len(accepted) == 1
     assert await catalog.count("events") == 2
     assert await catalog.count("jobs") == 2
     # the first copy is untouched
     assert (await catalog.get_event(first[0]))["raw"] == b"1"
     # a repeat inside one body is a duplicate too
-    accepted, dups = await catalog.record_webhook("waha", b"3", [_event("k4"), _event("k4")], now=T0)
+    accepted, dups, _ = await catalog.record_webhook("waha", b"3", [_event("k4"), _event("k4")], now=T0)
     assert len(accepted) == 1 and dups == ["k4"]
 
 
@@ -115,8 +115,8 @@ async def test_events_per_minute(catalog):
 async def test_concurrent_redeliveries_store_one_event(catalog):
     results = await asyncio.gather(*(catalog.record_webhook("waha", b"x", [_event("same")], now=T0)
                                      for _ in range(10)))
-    assert sum(len(a) for a, _ in results) == 1
-    assert sum(len(d) for _, d in results) == 9
+    assert sum(len(a) for a, _, _ in results) == 1
+    assert sum(len(d) for _, d, _ in results) == 9
     assert await catalog.count("events") == 1 and await catalog.count("jobs") == 1
 
 
@@ -127,7 +127,7 @@ async def test_a_ready_event_is_recorded_ingested_with_its_followups_and_no_inge
     forward = {"event": "message", "payload": {"body": "hi"}, "gateway": {"event_id": ids[1], "notes": []}}
     ready = {1: ReadyEvent(forward, [("deliver", f"deliver:{ids[1]}:bot", {"event_id": ids[1], "target": "bot"})]),
              2: ReadyEvent(forward, [("deliver", f"deliver:{ids[2]}:bot", {"event_id": ids[2], "target": "bot"})])}
-    accepted, dups = await catalog.record_webhook("waha", b"1", events, now=T0 + 1, event_ids=ids, ready=ready)
+    accepted, dups, _ = await catalog.record_webhook("waha", b"1", events, now=T0 + 1, event_ids=ids, ready=ready)
     assert accepted == ids[:2] and dups == ["old-text"]  # a duplicate gets nothing, ready or not
     text = await catalog.get_event(ids[1])
     assert text["state"] == "ingested" and text["forward"] == forward
@@ -137,7 +137,7 @@ async def test_a_ready_event_is_recorded_ingested_with_its_followups_and_no_inge
 
 
 async def test_complete_job_can_claim_its_followups(catalog):
-    [eid], _ = await catalog.record_webhook("waha", b"a", [_event("claim-followups")], now=T0)
+    [eid], _, _ = await catalog.record_webhook("waha", b"a", [_event("claim-followups")], now=T0)
     await catalog.enqueue("deliver", f"deliver:{eid}:old", {"event_id": eid})  # exists: left alone
     parent = await catalog.claim_job(kinds=["ingest"])
     followups = [("deliver", f"deliver:{eid}:{t}", {"event_id": eid, "target": t}) for t in ("a", "old")]
@@ -160,8 +160,8 @@ async def test_get_event_unknown(catalog):
 
 
 async def test_claim_respects_run_at_and_order(catalog):
-    a, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
-    b, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
+    a, _, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    b, _, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
     assert await catalog.next_run_at() == T0
     assert await catalog.claim_job(now=T0 - 1) is None
     job = await catalog.claim_job(now=T0 + 10)
@@ -174,7 +174,7 @@ async def test_claim_respects_run_at_and_order(catalog):
 
 
 async def test_complete_job_with_followups_and_event_update(catalog):
-    [eid], _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    [eid], _, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
     job = await catalog.claim_job(now=T0)
     followups = [("deliver", f"deliver:{eid}:bot", {"event_id": eid, "target": "bot"}),
                  ("deliver", f"deliver:{eid}:bot2", {"event_id": eid, "target": "bot2"})]
@@ -328,8 +328,8 @@ async def test_media_stats_and_totals_group_what_is_stored(catalog):
 # -- retention queries ----------------------------------------------------------------------------
 
 async def test_claim_by_lane_and_the_media_backlog(catalog):
-    a, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
-    b, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
+    a, _, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
+    b, _, _ = await catalog.record_webhook("waha", b"b", [_event("b")], now=T0 + 5)
     assert await catalog.enqueue("deliver", "deliver:x", {"event_id": "x"})
     assert await catalog.enqueue("mystery", "mystery:1", {})
     deadline = (await catalog.media_backlog())[1] - T0  # the provider's media lifetime (WAHA: 180 s)
@@ -352,7 +352,7 @@ async def test_claim_by_lane_and_the_media_backlog(catalog):
 
 
 async def test_expired_media_keeps_what_a_queued_job_needs_and_claims_the_rest(catalog):
-    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)  # needs src:a:0
+    [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)  # needs src:a:0
     await catalog.insert_media(_media(1, source_key="src:a:0"))
     await catalog.insert_media(_media(2))
     await catalog.insert_media(_media(3, created_at=T0 + 995, expires_at=T0 + 1000))  # young, but expires now
@@ -380,7 +380,7 @@ async def test_expired_media_keeps_what_a_queued_job_needs_and_claims_the_rest(c
 
 
 async def test_reconciliation_finds_orphans_and_rows_without_object(catalog):
-    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)
+    [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("a")], now=T0)
     await catalog.insert_media(_media(1))
     await catalog.insert_media(_media(2, event_id=eid))
     await catalog.insert_media(_media(3, created_at=T0 + 500))  # created after the listing started
@@ -404,7 +404,7 @@ async def test_reconciliation_finds_orphans_and_rows_without_object(catalog):
 
 
 async def test_pruning_deletes_finished_events_with_their_jobs(catalog):
-    [done, waiting], _ = await catalog.record_webhook("waha", b"{}", [_event("a"), _event("b")], now=T0)
+    [done, waiting], _, _ = await catalog.record_webhook("waha", b"{}", [_event("a"), _event("b")], now=T0)
     job = await catalog.claim_job(now=T0)
     assert job["payload"] == {"event_id": done}
     await catalog.complete_job(job["id"], [], (done, {"state": "stored"}))

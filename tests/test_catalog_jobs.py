@@ -58,7 +58,7 @@ async def test_catalog_reopens_with_its_data(tmp_path):
     path = tmp_path / "gateway.db"
     c = Catalog(path)
     await c.open()
-    accepted, _ = await c.record_webhook("waha", b"{}", [_event("k1")], now=T0)
+    accepted, _, _ = await c.record_webhook("waha", b"{}", [_event("k1")], now=T0)
     await c.close()
     await c.close()  # idempotent
 
@@ -97,7 +97,7 @@ async def test_a_closed_catalog_raises(tmp_path):
 
 async def test_record_webhook_commits_events_and_ingest_jobs(catalog, tmp_path):
     raw = b'{"event":"message"}'
-    accepted, dups = await catalog.record_webhook("waha", raw, [_event("k1", media=2), _event("k2")], now=T0)
+    accepted, dups, _ = await catalog.record_webhook("waha", raw, [_event("k1", media=2), _event("k2")], now=T0)
     assert dups == [] and len(accepted) == 2 and len(set(accepted)) == 2
     ev = await catalog.get_event(accepted[0])
     assert ev["provider"] == "waha" and ev["raw"] == raw and ev["state"] == "queued"
@@ -257,7 +257,7 @@ async def test_queue_unknown_kind_is_dead(catalog, run_queue):
 
 
 async def test_queue_runs_followups(catalog, run_queue):
-    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("f1")])
+    [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("f1")])
     delivered = asyncio.Event()
 
     async def ingest(job: Job) -> JobResult:
@@ -295,7 +295,7 @@ class CountingCatalog(Catalog):
 async def test_queue_claims_once_for_a_notified_job_and_a_handed_followup(tmp_path):
     catalog = CountingCatalog(tmp_path / "gateway.db")
     await catalog.open()
-    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("once")])
+    [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("once")])
     delivered = asyncio.Event()
 
     async def ingest(job: Job) -> JobResult:
@@ -313,7 +313,7 @@ async def test_queue_claims_once_for_a_notified_job_and_a_handed_followup(tmp_pa
         await _job_in_state(catalog, row["id"], "done")
         await asyncio.sleep(0.2)
         catalog.claims = catalog.empty = 0
-        [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("twice")])
+        [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("twice")])
         delivered.clear()
         q.notify({"ingest"})
         await asyncio.wait_for(delivered.wait(), 5)
@@ -343,7 +343,7 @@ async def test_queue_jobs_nobody_announced_still_run_on_every_worker(catalog, ru
 
 
 async def test_queue_hands_followups_to_its_own_workers_without_a_claim(catalog, run_queue):
-    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("handed")])
+    [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("handed")])
     claims_seen: list[int] = []
     delivered = asyncio.Event()
 
@@ -370,7 +370,7 @@ async def test_queue_hands_followups_to_its_own_workers_without_a_claim(catalog,
 
 
 async def test_queue_stop_returns_handed_followups_unstarted(catalog):
-    [eid], _ = await catalog.record_webhook("waha", b"{}", [_event("handed-stop")])
+    [eid], _, _ = await catalog.record_webhook("waha", b"{}", [_event("handed-stop")])
     blocker = await catalog.enqueue("deliver", "deliver:blocker", {"event_id": "ev_blocker"})
     assert blocker
     entered, release = asyncio.Event(), asyncio.Event()

@@ -26,7 +26,7 @@ async def test_migrate_copies_every_row_and_new_ids_continue(tmp_path, postgres_
     events = [WebhookEvent(idempotency_key=f"k{i}", event="message", account="default", payload={"n": i},
                            media=[MediaRef(path="p", url="http://x/f", source_key=f"s{i}", mimetype="image/png")],
                            chat="1@c.us", message_id=f"m{i}") for i in range(5)]
-    accepted, _ = await source.record_webhook("waha", b"\x00raw\xff", events, now=10.0)
+    accepted, _, _ = await source.record_webhook("waha", b"\x00raw\xff", events, now=10.0)
     job = await source.claim_job(now=10.0)
     await source.complete_job(job["id"], [("deliver", "deliver:x", {"event_id": accepted[0]})],
                               (accepted[0], {"state": "forwarded", "forward": {"status": 200}}))
@@ -57,7 +57,7 @@ async def test_migrate_copies_every_row_and_new_ids_continue(tmp_path, postgres_
         assert (await target.get_job(running["id"]))["state"] == "queued"
         await target.enqueue("deliver", "deliver:new", {})
         assert max(j["id"] for j in await target.list_jobs()) == max(j["id"] for j in jobs_before) + 1
-        _, dups = await target.record_webhook("waha", b"again", events[:1])
+        _, dups, _ = await target.record_webhook("waha", b"again", events[:1])
         assert dups == ["k0"]  # idempotency keys came along
     finally:
         await target.close()

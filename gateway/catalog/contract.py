@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,19 +188,24 @@ class CatalogContract(CatalogTuning, abc.ABC):
     @abc.abstractmethod
     async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
                              now: float | None = None, *, event_ids: Sequence[str] | None = None,
-                             ready: Mapping[int, ReadyEvent] | None = None) -> tuple[list[str], list[str]]:
+                             ready: Mapping[int, ReadyEvent] | None = None,
+                             claim: Collection[str] = ()) -> tuple[list[str], list[str], list[ClaimedJob]]:
         """Commit each event of one webhook body ``raw`` with its ``ingest`` job (key
-        ``ingest:<event id>``, payload ``{"event_id": ...}``, due at ``now``) in one transaction.
+        ``ingest:<event id>``, payload ``{"event_id": ...}``, due at ``now``, its deadline the
+        provider's media lifetime later) in one transaction.
 
         ``event_ids``: the ids to give ``events`` (same length; default: new ones, see
         :func:`gateway.catalog.rows.new_event_id`). ``ready``: index in ``events`` →
         :class:`ReadyEvent` for events the gateway handled already (no media): such an event is
         recorded ``ingested`` with its ``forward``, and gets the ready event's follow-up jobs
-        instead of an ingest job.
+        instead of an ingest job. ``claim``: job kinds whose jobs this call adds are created
+        claimed by the caller, as :meth:`complete_job` with ``claim`` does (running, first attempt
+        counted, under this replica's lease), so that idle workers run them without a claim of
+        their own.
 
-        Returns ``(accepted event ids, idempotency keys already seen)``: an event whose
-        idempotency key exists (from any provider, or earlier in ``events``) is a duplicate: no row,
-        no job. Concurrent calls with one key accept it once."""
+        Returns ``(accepted event ids, idempotency keys already seen, the claimed jobs)``: an event
+        whose idempotency key exists (from any provider, or earlier in ``events``) is a duplicate:
+        no row, no job. Concurrent calls with one key accept it once."""
 
     @abc.abstractmethod
     async def events_per_minute(self, since: float) -> list[tuple[int, int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from aiohttp import web
 
@@ -63,26 +64,33 @@ async def webhook(request: web.Request) -> web.Response:
         for i, (event, event_id) in enumerate(zip(events, event_ids)):
             if (handled := ingestor.without_media(provider, event, event_id)) is not None:
                 ready[i] = handled
+    queue = request.app[QUEUE]
+    jobs: Counter[str] = Counter()
+    for i in range(len(events)):
+        handled = ready.get(i)
+        jobs.update(["ingest"] if handled is None else [kind for kind, _, _ in handled.followups])
+    handoff = queue.reserve(jobs)  # idle workers take the jobs straight from the commit
     try:
-        accepted, duplicates = await request.app[CATALOG].record_webhook(
-            name, body, events, event_ids=event_ids, ready=ready)
+        accepted, duplicates, claimed = await request.app[CATALOG].record_webhook(
+            name, body, events, event_ids=event_ids, ready=ready, claim=handoff.kinds)
     except Exception:
+        queue.hand(handoff, [])
         metrics.webhooks.labels(name, "unavailable").inc()
         log.exception("could not commit a %s webhook; answering 503 so the provider retries", name,
                       extra={"provider": name})
         raise ApiError(503, "catalog unavailable, retry later")
-    if accepted:  # wake the lanes that have new jobs
-        index = {event_id: i for i, event_id in enumerate(event_ids)}
-        if ingestor is not None:  # its ingest job takes the event from memory, not the catalog
-            for event_id in accepted:
-                if index[event_id] not in ready:
-                    ingestor.arrivals.remember(event_id, name, events[index[event_id]], len(body))
-        kinds: set[str] = set()
+    index = {event_id: i for i, event_id in enumerate(event_ids)}
+    if ingestor is not None:  # its ingest job takes the event from memory, not the catalog
         for event_id in accepted:
-            handled = ready.get(index[event_id])
-            kinds |= {"ingest"} if handled is None else {kind for kind, _, _ in handled.followups}
-        if kinds:
-            request.app[QUEUE].notify(kinds)
+            if index[event_id] not in ready:
+                ingestor.arrivals.remember(event_id, name, events[index[event_id]], len(body))
+    queue.hand(handoff, claimed)
+    kinds: set[str] = set()  # wake the lanes that have new jobs queued
+    for event_id in accepted:
+        handled = ready.get(index[event_id])
+        kinds |= {"ingest"} if handled is None else {kind for kind, _, _ in handled.followups}
+    if kinds - handoff.kinds:
+        queue.notify(kinds - handoff.kinds)
     metrics.webhooks.labels(name, "accepted").inc(len(accepted))
     metrics.webhooks.labels(name, "duplicate").inc(len(duplicates))
     for event_id in accepted:

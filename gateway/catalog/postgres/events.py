@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from gateway.catalog.postgres.connection import PostgresConnection, pg_condition
-from gateway.catalog.postgres.jobs import insert_job
-from gateway.catalog.rows import EventRow, ReadyEvent, event_row, new_event_id
+from gateway.catalog.postgres.jobs import insert_claimed_job, insert_job
+from gateway.catalog.rows import ClaimedJob, EventRow, ReadyEvent, event_row, new_event_id
 from gateway.sdk.provider import WebhookEvent
 
 
@@ -19,16 +19,27 @@ class EventsMixin(PostgresConnection):
 
     async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
                              now: float | None = None, *, event_ids: Sequence[str] | None = None,
-                             ready: Mapping[int, ReadyEvent] | None = None) -> tuple[list[str], list[str]]:
+                             ready: Mapping[int, ReadyEvent] | None = None,
+                             claim: Collection[str] = ()) -> tuple[list[str], list[str], list[ClaimedJob]]:
         """Commit each event with its ``ingest`` job in one transaction. Returns ``(accepted event
-        ids, idempotency keys already seen)``; a duplicate gets no row and no job. ``event_ids``
-        and ``ready``: see :meth:`gateway.catalog.CatalogContract.record_webhook`."""
+        ids, idempotency keys already seen, claimed jobs)``; a duplicate gets no row and no job.
+        ``event_ids``, ``ready`` and ``claim`` (jobs claimed under this replica's lease): see
+        :meth:`gateway.catalog.CatalogContract.record_webhook`."""
         now = now if now is not None else time.time()
         ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
         done = ready or {}
         accepted: list[str] = []
         duplicates: list[str] = []
+        claimed: list[ClaimedJob] = []
         async with self.transaction() as conn:
+
+            async def add(kind: str, key: str, payload: dict[str, Any], deadline: float | None = None) -> None:
+                if kind not in claim:
+                    await insert_job(conn, kind, key, payload, now, deadline=deadline)
+                elif (row := await insert_claimed_job(conn, kind, key, payload, now, self.owner,
+                                                      now + self.lease, deadline)) is not None:
+                    claimed.append(row)
+
             for i, (ev, event_id) in enumerate(zip(events, ids, strict=True)):
                 handled = done.get(i)
                 cur = await conn.execute(
@@ -45,13 +56,13 @@ class EventsMixin(PostgresConnection):
                     duplicates.append(ev.idempotency_key)
                     continue
                 if handled is None:
-                    await insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now,
-                                     deadline=now + self.media_lifetime(provider))
+                    await add("ingest", f"ingest:{event_id}", {"event_id": event_id},
+                              deadline=now + self.media_lifetime(provider))
                 else:
                     for kind, key, payload in handled.followups:
-                        await insert_job(conn, kind, key, payload, now)
+                        await add(kind, key, payload)
                 accepted.append(event_id)
-        return accepted, duplicates
+        return accepted, duplicates, claimed
 
     async def events_per_minute(self, since: float) -> list[tuple[int, int]]:
         """Webhook events received since ``since`` (epoch seconds), by minute: ``(minute start in

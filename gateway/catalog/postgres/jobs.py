@@ -30,6 +30,20 @@ async def insert_job(conn: Conn, kind: str, key: str, payload: dict[str, Any], n
     return cur.rowcount > 0
 
 
+async def insert_claimed_job(conn: Conn, kind: str, key: str, payload: dict[str, Any], now: float,
+                             owner: str, lease_until: float, deadline: float | None = None) -> ClaimedJob | None:
+    """Add a job already claimed (``running``, its first attempt counted, under ``owner``'s lease
+    until ``lease_until``) unless one with ``key`` exists; the claimed row, or None. Inside the
+    caller's transaction on ``conn``. ``deadline``: as :func:`insert_job`'s."""
+    cur = await conn.execute(
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at,"
+        " owner, lease_until, deadline) VALUES (%s,%s,%s, 'running', 1, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (key) DO NOTHING RETURNING id, kind, key, attempts, created_at",
+        (kind, key, json.dumps(payload), now, now, now, owner, lease_until, deadline))
+    row = await cur.fetchone()
+    return None if row is None else cast(ClaimedJob, {**row, "payload": payload})
+
+
 def _lane(kinds: Sequence[str] | None, exclude: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """``(" AND kind = ANY(...) AND NOT kind = ANY(...)", params)``: jobs of ``kinds`` (None: any)
     and none of ``exclude`` (a job queue's lane)."""
@@ -126,15 +140,9 @@ class JobsMixin(PostgresConnection):
             for kind, key, payload in followups:
                 if not claim:
                     await insert_job(conn, kind, key, payload, now)
-                    continue
-                cur = await conn.execute(
-                    "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at,"
-                    " owner, lease_until) VALUES (%s,%s,%s, 'running', 1, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (key) DO NOTHING RETURNING id, kind, key, attempts, created_at",
-                    (kind, key, json.dumps(payload), now, now, now, self.owner, now + self.lease))
-                row = await cur.fetchone()
-                if row is not None:
-                    claimed.append(cast(ClaimedJob, {**row, "payload": payload}))
+                elif (row := await insert_claimed_job(conn, kind, key, payload, now, self.owner,
+                                                      now + self.lease)) is not None:
+                    claimed.append(row)
             await conn.execute("UPDATE jobs SET state = 'done', updated_at = %s, last_error = NULL,"
                                " lease_until = NULL WHERE id = %s", (now, job_id))
         return claimed

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import sqlite_utils
 
-from gateway.catalog.rows import EventRow, ReadyEvent, event_row, new_event_id
+from gateway.catalog.rows import ClaimedJob, EventRow, ReadyEvent, event_row, new_event_id
 from gateway.catalog.sqlite.connection import SQLiteConnection, fetch_dicts, transaction
-from gateway.catalog.sqlite.jobs import insert_job
+from gateway.catalog.sqlite.jobs import insert_claimed_job, insert_job
 from gateway.sdk.provider import WebhookEvent
 
 
@@ -20,21 +20,30 @@ class EventsMixin(SQLiteConnection):
 
     async def record_webhook(self, provider: str, raw: bytes, events: list[WebhookEvent],
                              now: float | None = None, *, event_ids: Sequence[str] | None = None,
-                             ready: Mapping[int, ReadyEvent] | None = None) -> tuple[list[str], list[str]]:
+                             ready: Mapping[int, ReadyEvent] | None = None,
+                             claim: Collection[str] = ()) -> tuple[list[str], list[str], list[ClaimedJob]]:
         """Commit each event with its ``ingest`` job in one transaction, grouped with the other
         webhooks waiting for the catalog (:meth:`SQLiteConnection.write`): returns once it is durable.
 
-        Returns ``(accepted event ids, idempotency keys already seen)``. An event whose idempotency
-        key exists is a duplicate: no row, no job. ``event_ids`` and ``ready``: see
-        :meth:`gateway.catalog.CatalogContract.record_webhook`.
+        Returns ``(accepted event ids, idempotency keys already seen, claimed jobs)``. An event
+        whose idempotency key exists is a duplicate: no row, no job. ``event_ids``, ``ready`` and
+        ``claim``: see :meth:`gateway.catalog.CatalogContract.record_webhook`.
         """
         now = now if now is not None else time.time()
         ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
         done = ready or {}
 
-        def _record(db: sqlite_utils.Database) -> tuple[list[str], list[str]]:
+        def _record(db: sqlite_utils.Database) -> tuple[list[str], list[str], list[ClaimedJob]]:
             accepted: list[str] = []
             duplicates: list[str] = []
+            claimed: list[ClaimedJob] = []
+
+            def add(kind: str, key: str, payload: dict[str, Any], deadline: float | None = None) -> None:
+                if kind not in claim:
+                    insert_job(conn, kind, key, payload, now, deadline=deadline)
+                elif (row := insert_claimed_job(conn, kind, key, payload, now, deadline=deadline)) is not None:
+                    claimed.append(row)
+
             with transaction(db) as conn:
                 for i, (ev, event_id) in enumerate(zip(events, ids, strict=True)):
                     handled = done.get(i)
@@ -53,13 +62,13 @@ class EventsMixin(SQLiteConnection):
                         duplicates.append(ev.idempotency_key)
                         continue
                     if handled is None:
-                        insert_job(conn, "ingest", f"ingest:{event_id}", {"event_id": event_id}, now,
-                                   deadline=now + self.media_lifetime(provider))
+                        add("ingest", f"ingest:{event_id}", {"event_id": event_id},
+                            deadline=now + self.media_lifetime(provider))
                     else:
                         for kind, key, payload in handled.followups:
-                            insert_job(conn, kind, key, payload, now)
+                            add(kind, key, payload)
                     accepted.append(event_id)
-            return accepted, duplicates
+            return accepted, duplicates, claimed
 
         return await self.write(_record)
 

@@ -29,14 +29,15 @@ def insert_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str,
 
 
 def insert_claimed_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str, Any],
-                       now: float) -> ClaimedJob | None:
+                       now: float, deadline: float | None = None) -> ClaimedJob | None:
     """Add a job already claimed (``running``, its first attempt counted) unless one with ``key``
-    exists; the claimed row, or None. Inside the caller's transaction ``conn``."""
+    exists; the claimed row, or None. Inside the caller's transaction ``conn``. ``deadline``: as
+    :func:`insert_job`'s (kept should the job be queued again)."""
     row = conn.execute(
-        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
-        " VALUES (?,?,?, 'running', 1, ?, ?, ?) ON CONFLICT(key) DO NOTHING"
+        "INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at, deadline)"
+        " VALUES (?,?,?, 'running', 1, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING"
         " RETURNING id, kind, key, payload, attempts, created_at",
-        (kind, key, json.dumps(payload), now, now, now)).fetchone()
+        (kind, key, json.dumps(payload), now, now, now, deadline)).fetchone()
     if row is None:
         return None
     return {"id": row[0], "kind": row[1], "key": row[2], "payload": payload, "attempts": row[4],
