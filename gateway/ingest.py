@@ -241,7 +241,10 @@ class Ingestor:
                 source_url=ref.url, declared_mimetype=ref.mimetype or src.mimetype,
                 declared_size=src.size, declared_sha256=ref.sha256 or src.sha256,
                 filename=ref.filename or src.filename)
-            record, created = await self.media_store.store(_body_errors_as_fetch_errors(src.chunks), origin)
+            # the row's commit need not wait for the disk: the job's completion, which records
+            # the rewritten payload that links to it, is durable and follows it in the log
+            record, created = await self.media_store.store(_body_errors_as_fetch_errors(src.chunks), origin,
+                                                           durable=False)
         if created:
             self.metrics.media_outcome(provider.name, record["category"], "stored",
                                        seconds=time.monotonic() - started, size=record["size"])

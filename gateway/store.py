@@ -104,10 +104,13 @@ class MediaStore:
         self.pm = pm
         self.rows = MediaRows(catalog)
 
-    async def store(self, chunks: AsyncIterator[bytes], origin: Origin) -> tuple[MediaRow, bool]:
+    async def store(self, chunks: AsyncIterator[bytes], origin: Origin, durable: bool = True
+                    ) -> tuple[MediaRow, bool]:
         """Store ``chunks``; return ``(catalog row, created)``. ``created`` is False when
         ``origin.source_key`` was stored meanwhile by someone else: then that row is returned and
-        the new object deleted again.
+        the new object deleted again. ``durable=False``: the row's commit need not wait for the
+        disk, for a caller whose own durable commit follows (:meth:`CatalogContract.insert_media`;
+        the ``media_stored`` hooks may then see a row a power loss takes back).
 
         Raises :class:`gateway.media.MediaTooLarge`, :class:`gateway.media.DigestMismatch`
         (``declared_sha256`` hex differs), :class:`MediaRefused`, and storage errors.
@@ -159,7 +162,7 @@ class MediaStore:
             "tenant": origin.tenant, "is_public": int(origin.is_public),
             "extra": _extra(decision, origin.declared_category if category_mismatch else None, origin.metadata),
         }
-        record, inserted = await self.catalog.insert_media(record)
+        record, inserted = await self.catalog.insert_media(record, durable=durable)
         if not inserted:  # another worker stored the same attachment first: keep one object
             await self.storage.delete(key, bucket=put.bucket)
             return record, False

@@ -319,10 +319,16 @@ class CatalogContract(CatalogTuning, abc.ABC):
         """The media row in any state, or None."""
 
     @abc.abstractmethod
-    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
+    async def insert_media(self, record: MediaRow, durable: bool = True) -> tuple[MediaRow, bool]:
         """Insert a media row, written after its object. If its ``source_key`` is taken by a stored
         row (a concurrent ingest stored the same attachment) nothing is inserted and the result is
-        ``(that row, False)``; else ``(record, True)``."""
+        ``(that row, False)``; else ``(record, True)``.
+
+        ``durable=False``: for a caller whose next commit is durable and records the row's use (an
+        ingest job's completion): the commit need not wait for the disk (SQLite: no fsync, as
+        :meth:`claim_job`'s; PostgreSQL: ``synchronous_commit = off``). Either log is written in
+        order, so the durable commit that follows makes the row durable too; a power loss before
+        it loses the row and repeats the job, leaving an object without a row for the cleanup."""
 
     @abc.abstractmethod
     async def update_media(self, media_id: str, values: dict[str, Any]) -> bool:

@@ -23,11 +23,14 @@ class MediaMixin(PostgresConnection):
         rows = await self.fetch("SELECT * FROM media WHERE id = %s", (media_id,))
         return cast(MediaRow, rows[0]) if rows else None
 
-    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
-        """Insert a media row; ``(the stored row with its source_key, False)`` if one exists."""
+    async def insert_media(self, record: MediaRow, durable: bool = True) -> tuple[MediaRow, bool]:
+        """Insert a media row; ``(the stored row with its source_key, False)`` if one exists.
+        ``durable=False``: committed with ``synchronous_commit = off`` (see the contract)."""
         values: dict[str, Any] = dict(record)
         cols = list(values)
         async with self.transaction() as conn:
+            if not durable:
+                await conn.execute(b"SET LOCAL synchronous_commit = off")
             cur = await conn.execute(
                 f"INSERT INTO media ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
                 " ON CONFLICT (source_key) WHERE state = 'stored' DO NOTHING".encode(),

@@ -28,9 +28,10 @@ class MediaMixin(SQLiteConnection):
         """The media row, or None."""
         return await self.read(lambda db: next(db["media"].rows_where("id = ?", [media_id]), None))
 
-    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
+    async def insert_media(self, record: MediaRow, durable: bool = True) -> tuple[MediaRow, bool]:
         """Insert a media row written after its object. If its ``source_key`` is taken (a concurrent
-        ingest stored the same attachment), returns ``(existing row, False)``; else ``(record, True)``."""
+        ingest stored the same attachment), returns ``(existing row, False)``; else ``(record, True)``.
+        ``durable=False``: the group commit need not fsync (see the contract)."""
         def _insert(db: sqlite_utils.Database) -> tuple[MediaRow, bool]:
             values: dict[str, Any] = dict(record)
             cols = list(values)
@@ -46,7 +47,7 @@ class MediaMixin(SQLiteConnection):
                                                    [record["source_key"]]))
             return cast(MediaRow, existing), False
 
-        return await self.write(_insert)  # shares a group commit with the writes waiting
+        return await self.write(_insert, durable=durable)  # shares a group commit with the writes waiting
 
     async def update_media(self, media_id: str, values: dict[str, Any]) -> bool:
         """Set columns of a media row; ``True`` if the row exists."""
