@@ -12,7 +12,9 @@ Each target gets ``POST {url}`` with the rewritten envelope as JSON and these he
 
 Delivery is at least once: the job is marked done in the commit right after the 2xx (the
 ``message_forwarded`` hooks run after that commit), so only a crash in that moment, or an answer
-lost on the way back, repeats a forward, with the same ``Idempotency-Key`` and body.
+lost on the way back, repeats a forward, with the same ``Idempotency-Key`` and body. That commit
+does not wait for the disk (the next durable commit, milliseconds later under traffic, covers
+it): a power loss in between repeats the forward too.
 
 A 2xx answer is success. 408, 425, 429, 5xx and network errors are retried with backoff; any
 other 4xx sends the job to the dead letter at once (the bot refused it; retry by hand).
@@ -138,7 +140,7 @@ class Deliverer:
 
             async def forwarded() -> None:  # after the job is marked done: a slow hook cannot repeat it
                 await notify(self.pm, "message_forwarded", event_id=event_id, target=name, status=status)
-            return JobResult(after=forwarded)
+            return JobResult(after=forwarded, repeatable=True)  # a repeat: the same Idempotency-Key
         self.metrics.deliveries.labels(name, f"http_{status // 100}xx").inc()
         message = f"target {name} answered HTTP {status}: {text[:200]}"
         if 400 <= status < 500 and status not in RETRYABLE_STATUS:

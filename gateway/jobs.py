@@ -77,11 +77,14 @@ class JobResult:
     optional ``(event_id, {column: value})`` update, committed with the job's completion; and
     ``after``, a coroutine function run once that commit is done (its errors are logged, never
     retried: the job's effect has happened), so that nothing slow sits between the effect and
-    the commit that records it."""
+    the commit that records it. ``repeatable``: running the job again is harmless (a delivery,
+    at least once), so its completion need not wait for the disk
+    (:meth:`CatalogContract.complete_job`'s ``durable=False``)."""
 
     followups: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     event_update: tuple[str, dict[str, Any]] | None = None
     after: Callable[[], Awaitable[None]] | None = None
+    repeatable: bool = False
 
 
 Handler = Callable[[Job], Awaitable[JobResult | None]]
@@ -468,7 +471,7 @@ class JobQueue:
             self.metrics.job_duration.labels(job.kind).observe(time.monotonic() - started)
         lane = self._handoff_lane(result.followups)
         claimed = await self.catalog.complete_job(job.id, result.followups, result.event_update,
-                                                  claim=lane is not None)
+                                                  claim=lane is not None, durable=not result.repeatable)
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
         if job.kind in FETCH_KINDS:
             self.admission.finished()

@@ -170,7 +170,12 @@ class Metrics:
             ["provider"], registry=r)
         self.catalog_commits = Counter(
             "gateway_catalog_commits_total",
-            "Group commits of the catalog: each is one transaction and one fsync.", registry=r)
+            "Group commits of the catalog: each is one transaction.", registry=r)
+        self.catalog_durable_commits = Counter(
+            "gateway_catalog_durable_commits_total",
+            "Those of the group commits that waited for the disk (an fsync); the others carried only "
+            "writes a crash may lose (job claims, a delivery's completion, a media row whose job's "
+            "completion follows).", registry=r)
         self.catalog_batch_size = Histogram(
             "gateway_catalog_batch_size",
             "Writes (webhooks, job claims and completions) that shared one group commit.",
@@ -252,9 +257,12 @@ class Metrics:
         series[0].inc()
         series[1].observe(seconds)
 
-    def observe_commit(self, writes: int) -> None:
-        """Count one group commit carrying ``writes`` writes (called on the catalog thread)."""
+    def observe_commit(self, writes: int, durable: bool = True) -> None:
+        """Count one group commit carrying ``writes`` writes, ``durable`` if it waited for the
+        disk (called on the catalog thread)."""
         self.catalog_commits.inc()
+        if durable:
+            self.catalog_durable_commits.inc()
         self.catalog_batch_size.observe(writes)
 
     async def refresh(self, catalog: CatalogContract, kinds: list[str], now: float | None = None) -> None:

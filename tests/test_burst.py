@@ -25,7 +25,7 @@ from gateway.metrics import Metrics
 from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
 from tests.emulators.waha import WahaEmulator
-from tests.test_catalog_contract import _event
+from tests.test_catalog_contract import _event, _media
 from tests.test_catalog_jobs import catalog  # noqa: F401  (the fixture: a real SQLite catalog)
 
 FAST = dict(backoff_base=0.01, backoff_max=0.02, poll_interval=0.05)
@@ -35,7 +35,7 @@ FAST = dict(backoff_base=0.01, backoff_max=0.02, poll_interval=0.05)
 
 async def test_concurrent_webhooks_share_commits(catalog):
     sizes: list[int] = []
-    catalog.on_commit = sizes.append
+    catalog.on_commit = lambda writes, durable: sizes.append(writes)
     results = await asyncio.gather(*(catalog.record_webhook("waha", b"{}", [_event(f"g{i}")])
                                      for i in range(200)))
     assert all(len(accepted) == 1 and not dup for accepted, dup, _ in results)
@@ -87,6 +87,20 @@ async def test_a_claim_commits_without_fsync_and_leaves_every_other_transaction_
     await catalog.write(durable_write)
     level = await catalog.run(lambda db: db.conn.execute("PRAGMA synchronous").fetchone()[0])
     assert levels == [1, 2] and level == 2  # NORMAL for the claim-only group, FULL again after it
+
+
+async def test_a_media_row_before_its_completion_and_a_delivery_done_commit_without_fsync(catalog):
+    [eid], _, [job] = await catalog.record_webhook("waha", b"{}", [_event("no-fsync")], claim={"ingest"})
+    commits, durable = catalog.commits, catalog.durable_commits
+    await catalog.insert_media(_media(1), durable=False)  # the ingest's row: its completion follows
+    await catalog.complete_job(job["id"], [("deliver", f"deliver:{eid}:bot", {"event_id": eid})], claim=True)
+    [delivery] = await catalog.list_jobs(kind="deliver")
+    await catalog.complete_job(delivery["id"], durable=False)  # at least once: a repeat is allowed
+    assert (catalog.commits - commits, catalog.durable_commits - durable) == (3, 1)  # the completion's fsync
+    await catalog.insert_media(_media(2))  # the default: durable (the files API answers 201 after it)
+    assert catalog.durable_commits - durable == 2
+    assert {j["state"] for j in await catalog.list_jobs()} == {"done"}
+    assert await catalog.get_media(_media(1)["id"]) is not None
 
 
 async def test_reads_do_not_wait_behind_a_commit(catalog):

@@ -155,6 +155,30 @@ async def test_complete_job_can_claim_its_followups(catalog):
     assert await catalog.complete_job(claimed[0]["id"], followups) == []  # without claim: nothing claimed
 
 
+async def test_record_webhook_can_claim_the_jobs_it_adds(catalog):
+    ids = ["ev_" + "d" * 32, "ev_" + "e" * 32]
+    forward = {"event": "message", "payload": {"body": "hi"}, "gateway": {"event_id": ids[1], "notes": []}}
+    ready = {1: ReadyEvent(forward, [("deliver", f"deliver:{ids[1]}:bot", {"event_id": ids[1], "target": "bot"})])}
+    accepted, dups, claimed = await catalog.record_webhook(
+        "waha", b"c", [_event("claimed"), _event("text", media=0)], now=T0, event_ids=ids, ready=ready,
+        claim={"ingest"})
+    assert accepted == ids and dups == []
+    [job] = claimed  # the ingest job, claimed; the delivery (a kind not named) is queued
+    assert (job["kind"], job["key"], job["attempts"], job["payload"]) == (
+        "ingest", f"ingest:{ids[0]}", 1, {"event_id": ids[0]})
+    deadline = T0 + catalog.media_lifetime("waha")
+    row = await catalog.get_job(job["id"])
+    assert (row["state"], row["deadline"]) == ("running", deadline)
+    assert await catalog.media_backlog() is None  # claimed: no media waits
+    assert (await catalog.claim_job(now=T0))["key"] == f"deliver:{ids[1]}:bot"
+    assert await catalog.claim_job(now=T0) is None
+    _, dups, claimed = await catalog.record_webhook("waha", b"c", [_event("claimed")], now=T0 + 1,
+                                                    claim={"ingest", "deliver"})
+    assert dups == ["claimed"] and claimed == []  # a duplicate adds no job, claimed or not
+    await catalog.release_job(job["id"])  # back in the queue, its deadline kept
+    assert await catalog.media_backlog() == (T0, deadline)
+
+
 async def test_get_event_unknown(catalog):
     assert await catalog.get_event("ev_nope") is None
 

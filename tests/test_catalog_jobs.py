@@ -326,6 +326,45 @@ async def test_queue_claims_once_for_a_notified_job_and_a_handed_followup(tmp_pa
         await catalog.close()
 
 
+async def test_queue_takes_a_webhooks_jobs_from_its_commit_while_workers_are_idle(tmp_path):
+    catalog = CountingCatalog(tmp_path / "gateway.db")
+    await catalog.open()
+    attempts: list[int] = []
+    ran, release = asyncio.Event(), asyncio.Event()
+
+    async def ingest(job: Job) -> None:
+        attempts.append(job.attempts)
+        ran.set()
+        await release.wait()  # keeps its worker busy
+
+    q = JobQueue(catalog, QueueSettings(**{**FAST, "poll_interval": 30.0, "fetch_workers": 2}), Metrics(),
+                 {"ingest": ingest})
+    try:
+        await q.start()
+        await asyncio.sleep(0.2)  # each worker's first look found nothing: both idle
+        catalog.claims = 0
+        handoff = q.reserve({"ingest": 1})
+        assert handoff.kinds == {"ingest"}
+        [eid], _, claimed = await catalog.record_webhook("waha", b"{}", [_event("straight")], claim=handoff.kinds)
+        q.hand(handoff, claimed)
+        await asyncio.wait_for(ran.wait(), 5)
+        assert attempts == [1] and catalog.claims == 0  # run from the commit: no claim
+        # one worker idle now: two jobs get none (queued, to be claimed in deadline order), one does
+        assert q.reserve({"ingest": 2}).kinds == frozenset()
+        one = q.reserve({"ingest": 1})
+        assert one.kinds == {"ingest"}
+        assert q.reserve({"ingest": 1}).kinds == frozenset()  # that worker is promised already
+        q.hand(one, [])  # its commit failed: the worker is free again
+        again = q.reserve({"deliver": 1, "ingest": 1})
+        assert again.kinds == {"ingest"}  # no deliver lane here (no handler): that job is queued
+        q.hand(again, [])
+    finally:
+        release.set()
+        await q.stop(grace=1.0)
+        await catalog.close()
+    assert q.reserve({"ingest": 1}).kinds == frozenset()  # stopped: nothing is handed any more
+
+
 async def _all_done(catalog: Catalog) -> bool:
     return all(state == "done" for (_, state) in await catalog.job_counts())
 

@@ -36,7 +36,7 @@ DOCUMENTED = {
     "gateway_stored_bytes", "gateway_storage_free_bytes", "gateway_media_missing_objects", "gateway_jobs",
     "gateway_jobs_oldest_queued_age_seconds", "gateway_media_backlog_oldest_seconds",
     "gateway_media_backlog_deadline_ratio", "gateway_media_store_estimate_seconds", "gateway_media_admission_holding",
-    "gateway_catalog_commits_total", "gateway_catalog_batch_size",
+    "gateway_catalog_commits_total", "gateway_catalog_durable_commits_total", "gateway_catalog_batch_size",
     "gateway_jobs_processed_total", "gateway_job_duration_seconds",
     "gateway_deliveries_total", "gateway_outbound_sends_total", "gateway_relay_fallbacks_total",
     "gateway_cleanup_runs_total",

@@ -125,9 +125,9 @@ class CatalogTuning:
     """What the host sets on any catalog after building it (``create_app``), shared by every
     implementation and the contract."""
 
-    on_commit: Callable[[int], None] | None = None
-    """Called with each commit's number of writes where the implementation groups commits (for the
-    metrics; on the catalog's own thread where it has one)."""
+    on_commit: Callable[[int, bool], None] | None = None
+    """Called with each commit's number of writes, and whether it waited for the disk (fsync), where
+    the implementation groups commits (for the metrics; on the catalog's own thread where it has one)."""
     default_media_lifetime: float = 180.0
     """Seconds a provider keeps a webhook's media, unless :attr:`media_lifetimes` names it: an ingest
     job's deadline is its webhook's time plus this (``[queue] media_deadline``)."""
@@ -258,7 +258,7 @@ class CatalogContract(CatalogTuning, abc.ABC):
     @abc.abstractmethod
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None,
-                           claim: bool = False) -> list[ClaimedJob]:
+                           claim: bool = False, durable: bool = True) -> list[ClaimedJob]:
         """Mark a job done (``last_error`` cleared), enqueue ``followups`` ``(kind, key, payload)``
         (idempotent by key, as :meth:`enqueue`) and apply ``event_update`` ``(event_id, {column:
         value})`` (dicts and lists stored as JSON), all in one transaction. Runs ahead of other
@@ -267,7 +267,11 @@ class CatalogContract(CatalogTuning, abc.ABC):
         ``claim``: the follow-ups this call adds are created claimed by the caller, as
         :meth:`claim_job` would hand them (running, first attempt counted, under this replica's
         lease), and returned, so that the caller runs them without a claim of their own (a
-        follow-up whose key existed is left as it is and not returned). Returns ``[]`` otherwise."""
+        follow-up whose key existed is left as it is and not returned). Returns ``[]`` otherwise.
+
+        ``durable=False``: for a job that may run again (a delivery, at least once): the commit need
+        not wait for the disk (SQLite: no fsync; PostgreSQL: ``synchronous_commit = off``). A power
+        loss before the next durable commit may take the ``done`` back, and the job runs again."""
 
     @abc.abstractmethod
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:

@@ -126,12 +126,15 @@ class JobsMixin(PostgresConnection):
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None,
-                           claim: bool = False) -> list[ClaimedJob]:
+                           claim: bool = False, durable: bool = True) -> list[ClaimedJob]:
         """Mark a job done, enqueue ``followups`` (``claim``: already claimed under this replica's
-        lease, and returned) and apply ``event_update``, in one transaction."""
+        lease, and returned) and apply ``event_update``, in one transaction (``durable=False``:
+        with ``synchronous_commit = off``, see the contract)."""
         now = time.time()
         claimed: list[ClaimedJob] = []
         async with self.transaction() as conn:
+            if not durable:
+                await conn.execute(b"SET LOCAL synchronous_commit = off")
             if event_update is not None:
                 event_id, values = event_update
                 cols = ", ".join(f"{c} = %s" for c in values)

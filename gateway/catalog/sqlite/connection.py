@@ -201,6 +201,8 @@ class SQLiteConnection(CatalogTuning):
         self._lock_fd: int | None = None
         #: Group commits done, and the writes they carried (read by the metrics).
         self.commits = 0
+        #: Of those, the ones that waited for the disk (``synchronous=FULL``: an fsync).
+        self.durable_commits = 0
         self.committed_writes = 0
 
     # -- the daemon's lock ----------------------------------------------------------------
@@ -326,10 +328,11 @@ class SQLiteConnection(CatalogTuning):
             if not durable:
                 conn.execute("PRAGMA synchronous=FULL")
         self.commits += 1
+        self.durable_commits += durable
         self.committed_writes += len(calls)
         if self.on_commit is not None:
             try:
-                self.on_commit(len(calls))
+                self.on_commit(len(calls), durable)
             except Exception:  # metrics never fail a commit
                 pass
         return results

@@ -128,10 +128,11 @@ class JobsMixin(SQLiteConnection):
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None,
-                           claim: bool = False) -> list[ClaimedJob]:
+                           claim: bool = False, durable: bool = True) -> list[ClaimedJob]:
         """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` (``claim``: already
         claimed, and returned) and apply ``event_update`` ``(event_id, {column: value})``, all in
-        one transaction, ahead of other waiting catalog work."""
+        one transaction, ahead of other waiting catalog work (``durable=False``: without an fsync
+        of its own, see the contract)."""
         now = time.time()
 
         def _complete(db: sqlite_utils.Database) -> list[ClaimedJob]:
@@ -151,7 +152,8 @@ class JobsMixin(SQLiteConnection):
                              (now, job_id))
             return claimed
 
-        return await self.write(_complete, first=True)  # the job's effect has happened: record it at once
+        # the job's effect has happened: record it at once
+        return await self.write(_complete, first=True, durable=durable)
 
     async def fail_job(self, job_id: int, error: str, retry_at: float | None) -> None:
         """Record a failed attempt: back to ``queued`` at ``retry_at``, or ``dead`` when None."""
