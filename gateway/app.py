@@ -158,6 +158,7 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[STORAGE].start()
     yield
+    app[MEDIA_STORE].files.close()
     await app[STORAGE].close()
 
 
@@ -256,6 +257,7 @@ def create_serving_app(settings: Settings, pm: pluggy.PluginManager) -> web.Appl
             try:
                 yield
             finally:
+                app[MEDIA_STORE].files.close()
                 await storage.close()
         finally:
             await catalog.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -91,6 +92,95 @@ class MediaRows:
             self._rows.pop(media_id, None)
 
 
+HOT_FILES = 256
+"""Small local files :class:`HotFiles` keeps open at most."""
+HOT_FILE_BYTES = 128 * 1024
+"""The largest file :class:`HotFiles` keeps (its bytes in memory: 32 MiB at most in all)."""
+
+
+class HotFiles:
+    """The small local files served lately (up to ``size_limit`` bytes each, at most ``count``),
+    kept open with their bytes for ``ttl`` seconds after their last use (``clock``: monotonic
+    seconds), so that serving a hot object costs one ``fstat`` instead of an ``open`` (a path
+    walk), a read and a ``close``: three quarters of the file system work of a 50 KiB answer
+    (nginx's ``open_file_cache`` does the same). An entry is used only while its file is still the
+    object: not deleted or replaced (a link count above 0) and its size and modification time
+    unchanged; else it is dropped and the path opened again, so a deleted object answers 404 at
+    once. Expired entries are closed by a timer, so a deleted file's space is not held longer.
+    Use on the event loop only."""
+
+    def __init__(self, count: int = HOT_FILES, size_limit: int = HOT_FILE_BYTES, ttl: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.count = count
+        self.size_limit = size_limit
+        self.ttl = ttl
+        self.clock = clock
+        #: path -> (fd, size, mtime in ns, bytes, expiry), least recently used first
+        self._files: OrderedDict[str, tuple[int, int, int, bytes, float]] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def get(self, path: str) -> bytes | None:
+        """The bytes of the file at ``path`` if kept and still current, else None."""
+        entry = self._files.get(path)
+        if entry is None:
+            return None
+        fd, size, mtime_ns, body, expires = entry
+        now = self.clock()
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        if expires <= now or st is None or st.st_nlink == 0 or st.st_size != size or st.st_mtime_ns != mtime_ns:
+            self._drop(path)
+            return None
+        self._files[path] = (fd, size, mtime_ns, body, now + self.ttl)
+        self._files.move_to_end(path)
+        return body
+
+    def keep(self, path: str, fd: int, st: os.stat_result, body: bytes) -> bool:
+        """Keep the open file ``fd`` at ``path`` (``st``: its ``fstat``) with its whole ``body``:
+        True if kept (the caller must not close ``fd`` then), False if it is too big."""
+        if len(body) > self.size_limit or len(body) != st.st_size or self.count <= 0:
+            return False
+        if path in self._files:
+            self._drop(path)
+        self._files[path] = (fd, st.st_size, st.st_mtime_ns, body, self.clock() + self.ttl)
+        while len(self._files) > self.count:
+            self._drop(next(iter(self._files)))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.ttl, self._expire)
+        return True
+
+    def close(self) -> None:
+        """Close every kept file (at shutdown)."""
+        for path in list(self._files):
+            self._drop(path)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.clock()
+        while self._files:
+            path, entry = next(iter(self._files.items()))
+            if entry[4] > now:  # least recently used first: the rest are younger
+                break
+            self._drop(path)
+        if self._files:
+            self._timer = asyncio.get_running_loop().call_later(self.ttl, self._expire)
+
+    def _drop(self, path: str) -> None:
+        fd = self._files.pop(path)[0]
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class MediaStore:
     """Streams media into the storage backend and the catalog, and changes and deletes its rows
     (keeping :attr:`rows`, the rows the serving path reads, current). Counting is the caller's
@@ -103,6 +193,8 @@ class MediaStore:
         self.storage = storage
         self.pm = pm
         self.rows = MediaRows(catalog)
+        #: The small local files served lately, kept open (the serving path's; closed at shutdown).
+        self.files = HotFiles()
 
     async def store(self, chunks: AsyncIterator[bytes], origin: Origin, durable: bool = True
                     ) -> tuple[MediaRow, bool]:

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from gateway.keys import CATALOG, LINKS, MEDIA_STORE, RETENTION, STORAGE
 from gateway.media import content_disposition
-from gateway.store import MediaRows
+from gateway.store import HotFiles, MediaRows
 from gateway.web.media import SMALL_OBJECT
 from plugins.storage_local.backend import META_XATTR
 from tests.conftest import MEDIA
@@ -121,6 +121,62 @@ async def test_an_object_gone_behind_the_catalogs_back_is_404(gw, http, caplog):
         status, _, body = await fetch(http, info["links"]["content"])
         assert status == 404 and b"missing" in body
     assert sum("points at a missing object" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_hot_small_file_is_served_from_memory_while_it_is_the_object(gw, http):
+    info, path = await stored(gw, SMALL, "photo.jpg")
+    link, files = info["links"]["content"], gw.app[MEDIA_STORE].files
+    assert (await fetch(http, link))[2] == SMALL and len(files) == 1  # kept open, with its bytes
+    status, headers, body = await fetch(http, link, Range="bytes=100-199")  # a range of the kept bytes
+    assert (status, body, headers["Content-Range"]) == (206, SMALL[100:200], f"bytes 100-199/{len(SMALL)}")
+    changed = bytes(reversed(SMALL))  # same size; another file renamed over it (never done by the gateway)
+    Path(path + ".new").write_bytes(changed)
+    os.replace(path + ".new", path)
+    assert (await fetch(http, link))[2] == changed  # the kept file was unlinked: opened again
+    os.unlink(path)
+    status, _, body = await fetch(http, link)
+    assert status == 404 and b"missing" in body and len(files) == 0  # deleted: 404 at once, closed
+
+
+async def test_hot_files_are_bounded_expire_and_are_closed(tmp_path):
+    now = [0.0]
+    files = HotFiles(count=2, size_limit=100, ttl=5.0, clock=lambda: now[0])
+    fds = []
+    for n in range(3):
+        path = tmp_path / f"f{n}"
+        path.write_bytes(bytes([n]) * 10)
+        fd = os.open(path, os.O_RDONLY)
+        fds.append(fd)
+        assert files.keep(str(path), fd, os.fstat(fd), path.read_bytes())
+    assert len(files) == 2 and files.get(str(tmp_path / "f0")) is None
+    with pytest.raises(OSError):
+        os.fstat(fds[0])  # the least recently used was closed
+    assert files.get(str(tmp_path / "f1")) == b"\x01" * 10
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 101)
+    fd = os.open(big, os.O_RDONLY)
+    assert not files.keep(str(big), fd, os.fstat(fd), big.read_bytes())  # over size_limit: the caller's
+    os.close(fd)
+    now[0] = 5.0
+    assert files.get(str(tmp_path / "f1")) is None and len(files) == 1  # expired on use
+    files.close()
+    assert len(files) == 0
+    for fd in fds[1:]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+async def test_hot_files_left_alone_are_closed_by_the_timer(tmp_path):
+    files = HotFiles(ttl=0.05)
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_RDONLY)
+    assert files.keep(str(path), fd, os.fstat(fd), b"abc")
+    os.unlink(path)  # deleted while kept: its space must not stay held
+    await asyncio.sleep(0.2)
+    assert len(files) == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 async def test_deleted_through_the_api_is_404_at_once_though_it_was_served(gw, http):

@@ -167,7 +167,15 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
     conditionals). Up to :data:`SMALL_OBJECT` bytes are read with one ``pread`` instead and go out
     with the headers in one write: sendfile's own round trips through the loop cost more than
     the copy. The file is opened and read on the loop, as sendfile reads it there: a hot
-    object is in the page cache, and a cold one blocks no longer either way."""
+    object is in the page cache, and a cold one blocks no longer either way. A small file stays
+    open with its bytes for the next request (:class:`gateway.store.HotFiles`: then one ``fstat``
+    and no read)."""
+    hot = request.app[MEDIA_STORE].files
+    if request.method != "HEAD" and (kept := hot.get(path)) is not None:
+        length = max(0, min(end, len(kept) - 1) - start + 1)
+        if 0 < length:
+            return await _send_bytes(request, record, status, headers,
+                                     kept if length == len(kept) else kept[start:start + length])
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
@@ -183,11 +191,24 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
         if request.method == "HEAD" or not 0 < length <= SMALL_OBJECT:
             with open(fd, "rb", buffering=0, closefd=False) as file:
                 return await _sendfile(request, record, file, start, length, status, headers)
-        response = web.Response(status=status, headers={**headers, "Content-Type": record["mimetype"]},
-                                body=os.pread(fd, length, start))
+        if st.st_size <= hot.size_limit:  # read it all, and keep it open for the next request
+            body = os.pread(fd, st.st_size, 0)
+            if hot.keep(path, fd, st, body):
+                fd = -1
+            body = body[start:start + length] if length != len(body) else body
+        else:
+            body = os.pread(fd, length, start)
     finally:
-        os.close(fd)
-    try:  # headers and body in one write
+        if fd >= 0:
+            os.close(fd)
+    return await _send_bytes(request, record, status, headers, body)
+
+
+async def _send_bytes(request: web.Request, record: Mapping[str, Any], status: int, headers: dict[str, str],
+                      body: bytes) -> web.StreamResponse:
+    """Answer with ``body`` (a small object, or part of one), headers and body in one write."""
+    response = web.Response(status=status, headers={**headers, "Content-Type": record["mimetype"]}, body=body)
+    try:
         await response.prepare(request)
         await response.write_eof()
     except ConnectionError:
