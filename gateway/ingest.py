@@ -38,7 +38,7 @@ from gateway.sdk.provider import (
     WebhookEvent,
 )
 from gateway.sdk.storage import InvalidKey, StorageError
-from gateway.store import MediaRefused, MediaStore
+from gateway.store import MediaRefused, MediaStore, NotCommitted
 from gateway.thumbnails import DEFAULT_SIZE, has_thumbnail
 
 log = logging.getLogger("gateway.ingest")
@@ -59,11 +59,18 @@ class Arrivals:
             maxsize=size, getsizeof=lambda v: v[0] + 1)
         self._sources: LRUCache[str, int] = LRUCache(maxsize=sources)
 
-    def remember(self, event_id: str, provider: str, event: WebhookEvent, body_bytes: int) -> None:
+    def remember(self, event_id: str, provider: str, event: WebhookEvent, body_bytes: int,
+                 count_sources: bool = True) -> None:
         """Keep ``event`` of ``provider``, committed as ``event_id`` from a webhook body of
-        ``body_bytes`` (a body over the whole size is not kept), and count its media's source keys."""
+        ``body_bytes`` (a body over the whole size is not kept), and count its media's source keys
+        (unless ``count_sources`` is False: :meth:`count_sources` did already)."""
         if body_bytes < self._events.maxsize:
             self._events[event_id] = (body_bytes, provider, event)
+        if count_sources:
+            self.count_sources(event)
+
+    def count_sources(self, event: WebhookEvent) -> None:
+        """Count that ``event`` names its media's source keys."""
         for ref in event.media:
             self._sources[ref.source_key] = self._sources.get(ref.source_key, 0) + 1
 
@@ -95,6 +102,8 @@ class Ingestor:
         self.links = links
         self.metrics = metrics
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        #: event id -> the storing of its media, begun while its webhook's commit ran (:meth:`begin`)
+        self._begun: dict[str, asyncio.Task[list[MediaOutcome]]] = {}
 
     @asynccontextmanager
     async def _locked(self, key: str) -> AsyncIterator[None]:
@@ -131,10 +140,10 @@ class Ingestor:
         provider = self.providers.get(name)
         if provider is None:
             raise PermanentError(f"provider {name!r} is not enabled")
+        begun = self._begun.pop(event_id, None)
         try:
-            outcomes = [await self._ingest_ref(provider, event, event_id, ref, job.last_attempt,
-                                               fresh and self.arrivals.only_once(ref.source_key))
-                        for ref in event.media]
+            outcomes = await (begun if begun is not None else  # begun as the webhook committed
+                              self._ingest_refs(provider, event, event_id, job.last_attempt, fresh))
         except InvalidKey as exc:
             raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
         except StorageError as exc:
@@ -143,6 +152,37 @@ class Ingestor:
         notes = [o.error for o in outcomes if o.error]
         return JobResult(ready.followups, (event_id, {"forward": ready.forward, "state": "ingested",
                                                       "notes": notes or None}))
+
+    async def _ingest_refs(self, provider: Provider, event: WebhookEvent, event_id: str, last_attempt: bool,
+                           fresh: bool, committed: asyncio.Future[bool] | None = None) -> list[MediaOutcome]:
+        """Store each media reference of ``event`` in turn (:meth:`_ingest_ref`); ``committed``: see
+        :meth:`begin`."""
+        return [await self._ingest_ref(provider, event, event_id, ref, last_attempt,
+                                       fresh and self.arrivals.only_once(ref.source_key), committed)
+                for ref in event.media]
+
+    def begin(self, provider: Provider, event: WebhookEvent, event_id: str) -> asyncio.Future[bool]:
+        """Start storing the media of ``event`` while its webhook's commit runs, for an ingest job
+        that an idle fetch worker of this process will take from that commit
+        (:meth:`gateway.jobs.JobQueue.reserve`): the downloads overlap the commit's fsync. The
+        objects' catalog rows wait for the returned future, which the caller sets: True once the
+        event is committed (its job then takes these outcomes), False if it was not (a duplicate,
+        or the commit failed): the objects are deleted again and nothing is recorded
+        (:meth:`abandon`). A provider that deletes its files as it serves them is not affected:
+        the download is one GET either way."""
+        committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.arrivals.count_sources(event)  # before the commit: another event of the same commit looks up
+        self._begun[event_id] = asyncio.create_task(
+            self._ingest_refs(provider, event, event_id, self.settings.queue.max_attempts <= 1, True, committed),
+            name=f"ingest-early-{event_id}")
+        return committed
+
+    def abandon(self, event_id: str) -> None:
+        """Drop the early storing of ``event_id`` (its webhook was not committed): it finishes by
+        itself, deleting what it stored; its errors are only logged."""
+        task = self._begun.pop(event_id, None)
+        if task is not None:
+            task.add_done_callback(_log_abandoned)
 
     def without_media(self, provider: Provider, event: WebhookEvent, event_id: str) -> ReadyEvent | None:
         """An event with no media reference has nothing to fetch: its rewritten payload and its
@@ -170,7 +210,8 @@ class Ingestor:
         return ReadyEvent(forward, followups)
 
     async def _ingest_ref(self, provider: Provider, event: WebhookEvent, event_id: str,
-                          ref: MediaRef, last_attempt: bool, new: bool = False) -> MediaOutcome:
+                          ref: MediaRef, last_attempt: bool, new: bool = False,
+                          committed: asyncio.Future[bool] | None = None) -> MediaOutcome:
         """Store one reference of ``event``, unless its ``source_key`` is in the catalog already.
         ``new``: the first attempt at an attachment no other event named lately: it is not looked
         up first (a copy stored meanwhile, by another replica or before a restart, still wins:
@@ -188,7 +229,7 @@ class Ingestor:
                 return self._outcome(ref, existing)
             started = time.monotonic()
             try:
-                record = await self._store(provider, event, event_id, ref)
+                record = await self._store(provider, event, event_id, ref, committed)
             except (MediaTooLarge, MediaRefused) as exc:
                 reason = "too_large" if isinstance(exc, MediaTooLarge) else "refused"
                 self.metrics.media_failures.labels(provider.name, reason).inc()
@@ -227,7 +268,7 @@ class Ingestor:
         return MediaOutcome(ref, record=dict(record), link=self.links.link(record["id"], record["filename"]))
 
     async def _store(self, provider: Provider, event: WebhookEvent, event_id: str,
-                     ref: MediaRef) -> dict[str, Any]:
+                     ref: MediaRef, committed: asyncio.Future[bool] | None = None) -> dict[str, Any]:
         """Fetch ``ref`` and stream it into storage; return the catalog row.
 
         Raises :class:`FetchError`, :class:`MediaTooLarge`, :class:`DigestMismatch`,
@@ -244,13 +285,22 @@ class Ingestor:
             # the row's commit need not wait for the disk: the job's completion, which records
             # the rewritten payload that links to it, is durable and follows it in the log
             record, created = await self.media_store.store(_body_errors_as_fetch_errors(src.chunks), origin,
-                                                           durable=False)
+                                                           durable=False, committed=committed)
         if created:
             self.metrics.media_outcome(provider.name, record["category"], "stored",
                                        seconds=time.monotonic() - started, size=record["size"])
         else:
             self.metrics.media_outcome(provider.name, record["category"], "duplicate")
         return dict(record)
+
+
+def _log_abandoned(task: asyncio.Task[list[MediaOutcome]]) -> None:
+    """Retrieve the outcome of an abandoned early ingest (:meth:`Ingestor.abandon`)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, NotCommitted):
+        log.info("media stored ahead of a webhook that was not committed: %s", exc)
 
 
 async def _body_errors_as_fetch_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -44,6 +44,11 @@ class MediaRefused(Exception):
     """Policy refused the attachment (type mismatch under ``reject``, or a ``check_media`` hook)."""
 
 
+class NotCommitted(Exception):
+    """The object was stored ahead of its webhook's commit, and the webhook was not committed (a
+    duplicate, or the catalog failed): the object was deleted again and has no row."""
+
+
 SERVED_ROWS = 4096
 """Media rows :class:`MediaRows` keeps at most."""
 SERVED_ROW_TTL = 5.0
@@ -196,13 +201,15 @@ class MediaStore:
         #: The small local files served lately, kept open (the serving path's; closed at shutdown).
         self.files = HotFiles()
 
-    async def store(self, chunks: AsyncIterator[bytes], origin: Origin, durable: bool = True
-                    ) -> tuple[MediaRow, bool]:
+    async def store(self, chunks: AsyncIterator[bytes], origin: Origin, durable: bool = True,
+                    committed: asyncio.Future[bool] | None = None) -> tuple[MediaRow, bool]:
         """Store ``chunks``; return ``(catalog row, created)``. ``created`` is False when
         ``origin.source_key`` was stored meanwhile by someone else: then that row is returned and
         the new object deleted again. ``durable=False``: the row's commit need not wait for the
         disk, for a caller whose own durable commit follows (:meth:`CatalogContract.insert_media`;
-        the ``media_stored`` hooks may then see a row a power loss takes back).
+        the ``media_stored`` hooks may then see a row a power loss takes back). ``committed``: the
+        object is stored while its webhook's commit runs, and the row waits for this future: on
+        False the object is deleted again and :class:`NotCommitted` raised.
 
         Raises :class:`gateway.media.MediaTooLarge`, :class:`gateway.media.DigestMismatch`
         (``declared_sha256`` hex differs), :class:`MediaRefused`, and storage errors.
@@ -254,6 +261,9 @@ class MediaStore:
             "tenant": origin.tenant, "is_public": int(origin.is_public),
             "extra": _extra(decision, origin.declared_category if category_mismatch else None, origin.metadata),
         }
+        if committed is not None and not await committed:
+            await self.storage.delete(key, bucket=put.bucket)
+            raise NotCommitted(f"the webhook of event {origin.event_id} was not committed")
         record, inserted = await self.catalog.insert_media(record, durable=durable)
         if not inserted:  # another worker stored the same attachment first: keep one object
             await self.storage.delete(key, bucket=put.bucket)

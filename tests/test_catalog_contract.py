@@ -179,6 +179,17 @@ async def test_record_webhook_can_claim_the_jobs_it_adds(catalog):
     assert await catalog.media_backlog() == (T0, deadline)
 
 
+async def test_writes_that_need_not_wait_for_the_disk_commit_all_the_same(catalog):
+    # SQLite commits them without an fsync, PostgreSQL with synchronous_commit off: the same rows
+    [eid], _, [job] = await catalog.record_webhook("waha", b"n", [_event("not-durable")], now=T0, claim={"ingest"})
+    assert await catalog.insert_media(_media(7), durable=False) == (_media(7), True)
+    assert (await catalog.insert_media(_media(8, source_key="src:7"), durable=False))[1] is False  # taken
+    await catalog.complete_job(job["id"], durable=False)
+    assert (await catalog.get_job(job["id"]))["state"] == "done"
+    assert (await catalog.get_media(_media(7)["id"]))["source_key"] == "src:7"
+    assert await catalog.get_media(_media(8)["id"]) is None
+
+
 async def test_get_event_unknown(catalog):
     assert await catalog.get_event("ev_nope") is None
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.ingest import Arrivals
-from gateway.keys import INGESTOR, LINKS
+from gateway.keys import CATALOG, INGESTOR, LINKS
 from tests.conftest import MANIFEST, MEDIA, waha_payload, waha_hmac
 
 
@@ -112,6 +112,28 @@ async def test_duplicate_delivery_stores_one_object_and_forwards_once(gateway, w
     assert await gateway.count("media") == 1
     assert len(gateway.object_files()) == 1
     assert waha.served("screenshot.png") == 1
+
+
+async def test_media_stored_during_a_webhook_commit_that_fails_is_deleted_again(gateway, waha, sink):
+    """With a fetch worker idle, a webhook's download starts while its commit runs; a commit that
+    fails (here the database refuses every event row) answers 503 and keeps nothing: the object
+    stored meanwhile is deleted, and no row names it. The provider's retry stores it once."""
+    url = waha.add_file(MEDIA / "screenshot.png")
+    body = json.dumps(waha_payload(url, message_id="refused-once", mimetype="image/png")).encode()
+    await gateway.app[CATALOG].write(lambda db: db.conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+    assert (await gateway.post_waha(body)).status == 503
+    deadline = asyncio.get_running_loop().time() + 5
+    while waha.served("screenshot.png") < 1 or any(  # the download began, and its task is over
+            t.get_name().startswith("ingest-early-") for t in asyncio.all_tasks()):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert await gateway.count("media") == 0 and gateway.object_files() == []
+    await gateway.app[CATALOG].write(lambda db: db.conn.execute("DROP TRIGGER refuse"))
+    assert (await gateway.post_waha(body)).status == 200  # the provider retries
+    [delivery] = await sink.wait_for(1)
+    assert await gateway.count("media") == 1 and len(gateway.object_files()) == 1
+    assert delivery.json["payload"]["media"]["gateway"]["id"]
 
 
 async def test_message_and_message_any_share_one_stored_object(gateway, waha, sink):

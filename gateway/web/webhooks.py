@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
+from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -12,6 +15,9 @@ from gateway.catalog.rows import new_event_id
 from gateway.keys import CATALOG, INGESTOR, METRICS, PROVIDERS, QUEUE, SETTINGS
 from gateway.sdk.provider import PayloadError, SignatureError
 from gateway.web.errors import ApiError
+
+if TYPE_CHECKING:
+    from gateway.ingest import Ingestor
 
 log = logging.getLogger("gateway.http")
 
@@ -70,20 +76,29 @@ async def webhook(request: web.Request) -> web.Response:
         handled = ready.get(i)
         jobs.update(["ingest"] if handled is None else [kind for kind, _, _ in handled.followups])
     handoff = queue.reserve(jobs)  # idle workers take the jobs straight from the commit
+    begun: dict[str, asyncio.Future[bool]] = {}
+    if ingestor is not None and "ingest" in handoff.kinds:  # their downloads start during the commit
+        begun = {event_id: ingestor.begin(provider, event, event_id)
+                 for i, (event, event_id) in enumerate(zip(events, event_ids)) if i not in ready}
     try:
         accepted, duplicates, claimed = await request.app[CATALOG].record_webhook(
             name, body, events, event_ids=event_ids, ready=ready, claim=handoff.kinds)
-    except Exception:
-        queue.hand(handoff, [])
+    except BaseException as exc:
+        queue.hand(handoff, [])  # the reservation ends, with nothing to hand
+        _settle(ingestor, begun, ())
+        if not isinstance(exc, Exception):  # cancelled (shutdown)
+            raise
         metrics.webhooks.labels(name, "unavailable").inc()
         log.exception("could not commit a %s webhook; answering 503 so the provider retries", name,
                       extra={"provider": name})
         raise ApiError(503, "catalog unavailable, retry later")
+    _settle(ingestor, begun, accepted)
     index = {event_id: i for i, event_id in enumerate(event_ids)}
     if ingestor is not None:  # its ingest job takes the event from memory, not the catalog
         for event_id in accepted:
             if index[event_id] not in ready:
-                ingestor.arrivals.remember(event_id, name, events[index[event_id]], len(body))
+                ingestor.arrivals.remember(event_id, name, events[index[event_id]], len(body),
+                                           count_sources=event_id not in begun)
     queue.hand(handoff, claimed)
     kinds: set[str] = set()  # wake the lanes that have new jobs queued
     for event_id in accepted:
@@ -97,3 +112,12 @@ async def webhook(request: web.Request) -> web.Response:
         log.info("%s webhook accepted", name, extra={"provider": name, "event_id": event_id})
     return web.json_response({"accepted": len(accepted), "duplicates": len(duplicates),
                               "event_ids": accepted})
+
+
+def _settle(ingestor: Ingestor | None, begun: dict[str, asyncio.Future[bool]], accepted: Collection[str]) -> None:
+    """Tell the media storing begun during the commit (:meth:`Ingestor.begin`) whether its event
+    was committed; the others' is abandoned."""
+    for event_id, committed in begun.items():
+        committed.set_result(event_id in accepted)
+        if event_id not in accepted and ingestor is not None:
+            ingestor.abandon(event_id)
