@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -98,13 +99,26 @@ class MediaRows:
 
 
 HOT_FILES = 256
-"""Small local files :class:`HotFiles` keeps open at most."""
+"""Small local files :class:`HotFiles` keeps open at most (fewer under a low open-files limit:
+:func:`hot_files_for_limit`)."""
 HOT_FILE_BYTES = 128 * 1024
 """The largest file :class:`HotFiles` keeps (its bytes in memory: 32 MiB at most in all)."""
 
 
+def hot_files_for_limit() -> int:
+    """How many files :class:`HotFiles` may keep open in this process: :data:`HOT_FILES`, but at
+    most an eighth of the soft open-files limit (``RLIMIT_NOFILE``), so that kept files never take
+    the descriptors connections need (128 under the common default of 1024)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return HOT_FILES
+    return HOT_FILES if soft == resource.RLIM_INFINITY else max(0, min(HOT_FILES, soft // 8))
+
+
 class HotFiles:
-    """The small local files served lately (up to ``size_limit`` bytes each, at most ``count``),
+    """The small local files served lately (up to ``size_limit`` bytes each, at most ``count``;
+    default :func:`hot_files_for_limit`),
     kept open with their bytes for ``ttl`` seconds after their last use (``clock``: monotonic
     seconds), so that serving a hot object costs one ``fstat`` instead of an ``open`` (a path
     walk), a read and a ``close``: three quarters of the file system work of a 50 KiB answer
@@ -114,9 +128,9 @@ class HotFiles:
     once. Expired entries are closed by a timer, so a deleted file's space is not held longer.
     Use on the event loop only."""
 
-    def __init__(self, count: int = HOT_FILES, size_limit: int = HOT_FILE_BYTES, ttl: float = 5.0,
+    def __init__(self, count: int | None = None, size_limit: int = HOT_FILE_BYTES, ttl: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
-        self.count = count
+        self.count = hot_files_for_limit() if count is None else count
         self.size_limit = size_limit
         self.ttl = ttl
         self.clock = clock

@@ -8,6 +8,9 @@ import asyncio
 import hashlib
 import logging
 import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from multidict import CIMultiDict
 
 from gateway.keys import CATALOG, LINKS, MEDIA_STORE, RETENTION, STORAGE
 from gateway.media import content_disposition
-from gateway.store import HotFiles, MediaRows
+from gateway.store import HOT_FILES, HotFiles, MediaRows, hot_files_for_limit
 from gateway.web.media import SMALL_OBJECT
 from plugins.storage_local.backend import META_XATTR
 from tests.conftest import MEDIA
@@ -164,6 +167,16 @@ async def test_hot_files_are_bounded_expire_and_are_closed(tmp_path):
     for fd in fds[1:]:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_hot_files_leave_most_descriptors_to_connections():
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = HOT_FILES if soft == resource.RLIM_INFINITY else min(HOT_FILES, soft // 8)
+    assert hot_files_for_limit() == HotFiles().count == expected
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit("
+            "resource.RLIMIT_NOFILE)[1])); from gateway.store import HotFiles; print(HotFiles().count)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "32"  # an eighth of a 256 limit
 
 
 async def test_hot_files_left_alone_are_closed_by_the_timer(tmp_path):
