@@ -174,8 +174,7 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
     if request.method != "HEAD" and (kept := hot.get(path)) is not None:
         length = max(0, min(end, len(kept) - 1) - start + 1)
         if 0 < length:
-            return await _send_bytes(request, record, status, headers,
-                                     kept if length == len(kept) else kept[start:start + length])
+            return await _send_bytes(request, record, status, headers, kept[start:start + length])
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
@@ -195,7 +194,7 @@ async def _send_file(request: web.Request, record: Mapping[str, Any], path: str,
             body = os.pread(fd, st.st_size, 0)
             if hot.keep(path, fd, st, body):
                 fd = -1
-            body = body[start:start + length] if length != len(body) else body
+            body = body[start:start + length]  # the whole of it: the same bytes object, no copy
         else:
             body = os.pread(fd, length, start)
     finally:
