@@ -14,7 +14,7 @@ import pytest
 
 from gateway.sdk.storage import InvalidKey, ObjectNotFound, StorageBackend, StorageError
 from plugins.storage_local import LocalStorage
-from plugins.storage_local.backend import META_XATTR, WRITE_BATCH
+from plugins.storage_local.backend import META_XATTR, WRITE_BATCH, WRITE_SLICE
 from tests.conftest import MANIFEST, MEDIA
 
 
@@ -278,7 +278,7 @@ async def test_a_cancelled_put_leaves_nothing_behind(storage, chunks):
     assert _files(storage.root) == []
 
 
-@pytest.mark.parametrize("chunk_size", [65536, 1024 * 1024 + 7])
+@pytest.mark.parametrize("chunk_size", [65536, 4 * WRITE_SLICE + 7])  # the latter: written in slices
 async def test_a_put_of_many_write_batches_stores_every_byte_in_order(storage, chunk_size):
     data = os.urandom(3 * WRITE_BATCH + 12345)
     metadata = {"sha256": ""}

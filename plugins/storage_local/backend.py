@@ -26,7 +26,12 @@ from gateway.sdk import (
     file_range,
 )
 
-WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to one write() in a thread
+WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to a worker thread at once
+WRITE_SLICE = 256 * 1024
+"""The most bytes one ``write(2)`` call gets. A larger chunk is written in slices: on this
+project's machine (ext4 on a virtio disk) 1 GiB written in 1 MiB calls, with write-back started
+every 4 MiB, took 1.2-1.3 s with its fsync, and in 256 KiB calls 0.45 s (4 MiB calls without
+early write-back: 2.5 s against 0.2 s). ``curl`` writes 16 KiB at a time."""
 
 
 READ_CHUNK = 256 * 1024
@@ -440,7 +445,13 @@ class _TempFile:
         if not batch:
             return
         try:
-            fh.writelines(batch)
+            for chunk in batch:
+                if len(chunk) <= WRITE_SLICE:
+                    fh.write(chunk)
+                else:
+                    view = memoryview(chunk)
+                    for offset in range(0, len(view), WRITE_SLICE):
+                        fh.write(view[offset:offset + WRITE_SLICE])
             if self.writeback:
                 fh.flush()
                 start, self.written = self.written, fh.tell()
