@@ -208,6 +208,29 @@ async def test_claim_respects_run_at_and_order(catalog):
     assert await catalog.next_run_at() is None
 
 
+async def test_list_jobs_pages_in_the_catalog_by_id(catalog):
+    for i in range(7):
+        assert await catalog.enqueue("deliver" if i % 2 else "ingest", f"k{i}", {"i": i})
+    await catalog.complete_job((await catalog.claim_job(now=time.time() + 60, kinds=["ingest"]))["id"])
+    everything = await catalog.list_jobs()
+    ids = [j["id"] for j in everything]
+    assert ids == sorted(ids) and [j["payload"]["i"] for j in everything] == list(range(7))
+    assert [j["id"] for j in await catalog.list_jobs(newest_first=True)] == ids[::-1]
+    assert [j["id"] for j in await catalog.list_jobs(limit=2)] == ids[:2]
+    assert [j["id"] for j in await catalog.list_jobs(newest_first=True, limit=3, before=ids[5])] == \
+        [ids[4], ids[3], ids[2]]
+    assert [j["payload"]["i"] for j in await catalog.list_jobs(kind="deliver", newest_first=True, limit=2)] == [5, 3]
+    assert [j["payload"]["i"] for j in await catalog.list_jobs(state="queued", kind="ingest")] == [2, 4, 6]
+    assert [j["state"] for j in await catalog.list_jobs(state="done", before=ids[-1])] == ["done"]
+    assert await catalog.list_jobs(state="", kind="", limit=100) == everything  # empty filters: none
+    assert await catalog.list_jobs(before=ids[0]) == [] and await catalog.list_jobs(limit=0) == []
+    pages, before = [], None  # newest first, a page at a time, as the API and the console read it
+    while page := await catalog.list_jobs(newest_first=True, limit=3, before=before):
+        pages.append([j["id"] for j in page])
+        before = page[-1]["id"]
+    assert pages == [ids[6:3:-1], ids[3:0:-1], ids[:1]]
+
+
 async def test_complete_job_with_followups_and_event_update(catalog):
     [eid], _, _ = await catalog.record_webhook("waha", b"a", [_event("a")], now=T0)
     job = await catalog.claim_job(now=T0)

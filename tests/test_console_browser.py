@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.keys import CATALOG
+from gateway.web.console import QUEUE_PAGE
 from tests.conftest import MANIFEST, MEDIA, waha_payload
 
 
@@ -305,20 +307,27 @@ async def job_state(gw, job_id: int, awaited: str) -> str:
     return state
 
 
-async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, screenshots):
+async def refusing_bot(start_gateway, aiohttp_server) -> tuple[Any, asyncio.Event, list[str]]:
+    """A gateway whose one target, ``strict``, answers 400 (so each delivery dies at once) until
+    the returned event is set, then 2xx: ``(gateway, event, Idempotency-Keys received)``."""
     accept = asyncio.Event()
-    received: list[bytes] = []
+    received: list[str] = []
 
     async def hook(request):
         if not accept.is_set():
             return web.json_response({"error": "not yet"}, status=400)
-        received.append(await request.read())
+        received.append(request.headers["Idempotency-Key"])
         return web.json_response({})
     target = web.Application()
     target.router.add_post("/hook", hook)
     server = await aiohttp_server(target, host="127.0.0.1")
     gw = await start_gateway(api={"keys": KEYS}, retention={"enabled": False},
                              targets=[{"name": "strict", "url": str(server.make_url("/hook"))}])
+    return gw, accept, received
+
+
+async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, screenshots):
+    gw, accept, received = await refusing_bot(start_gateway, aiohttp_server)
     for status in ("WORKING", "STOPPED"):
         await gw.post_waha({"event": "session.status", "session": "default", "payload": {"status": status}})
     for _ in range(200):
@@ -346,6 +355,36 @@ async def test_queue_retry_a_dead_job(browser, start_gateway, aiohttp_server, sc
     assert await job_state(gw, other["id"], "done") == "done" and len(received) == 2
     await page.reload()
     assert "empty" in await page.locator("section", has_text="Dead letter").inner_text()
+
+
+async def test_queue_pages_through_many_jobs_and_retries_every_dead_one(browser, start_gateway, aiohttp_server):
+    gw, accept, received = await refusing_bot(start_gateway, aiohttp_server)
+    count = QUEUE_PAGE + 5  # more dead jobs than a page shows, or a retry reads at once
+    for n in range(count):
+        await gw.post_waha({"event": "session.status", "session": "default", "payload": {"status": f"S{n}"}})
+    for _ in range(400):
+        dead = await gw.app[CATALOG].list_jobs(state="dead")
+        if len(dead) == count:
+            break
+        await asyncio.sleep(0.05)
+    assert len(dead) == count
+    ids = sorted((j["id"] for j in dead), reverse=True)
+    page = await sign_in(browser, gw, ADMIN)
+    await page.goto(f"{gw.url}/console/queue")
+    jobs = page.locator("section", has_text="Jobs").last.locator("tbody tr")
+    assert [int(t.split("\t")[0]) for t in await jobs.all_inner_texts()] == ids[:QUEUE_PAGE]
+    await page.click("text=Older jobs")
+    assert [int(t.split("\t")[0]) for t in await jobs.all_inner_texts()] == ids[QUEUE_PAGE:]
+    assert await page.locator("text=Older jobs").count() == 0
+    accept.set()
+    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await page.click(f"text=Retry all dead deliver jobs ({count})")
+    await page.wait_for_url(f"{gw.url}/console/queue")
+    for _ in range(400):
+        if len(set(received)) == count:
+            break
+        await asyncio.sleep(0.05)
+    assert len(set(received)) == count and await gw.app[CATALOG].list_jobs(state="dead") == []
 
 
 async def test_overview_chart_readiness_and_a_cleanup_dry_run(browser, gw, screenshots):

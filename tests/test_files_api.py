@@ -295,6 +295,30 @@ async def test_stats_and_categories(gw):
 
 # -- jobs ------------------------------------------------------------------------------------------
 
+async def test_jobs_are_listed_a_page_at_a_time_with_a_cursor(start_gateway):
+    gw = await start_gateway(api={"keys": KEYS})
+    catalog = gw.app[CATALOG]
+    for i in range(5):  # no such target: each ends dead at once; the listing's order is by id, whatever the state
+        await catalog.enqueue("deliver", f"deliver:ev_{i}:gone", {"event_id": f"ev_{i}", "target": "gone"})
+    every = [j["id"] for j in await catalog.list_jobs(newest_first=True)]
+    assert len(every) == 5
+    pages, cursor = [], None
+    while True:
+        status, page = await call(gw, "GET", "/jobs", ADMIN,
+                                  params={"limit": "2", **({"cursor": cursor} if cursor else {})})
+        assert status == 200
+        pages.append([j["id"] for j in page["items"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == [every[0:2], every[2:4], every[4:5]]
+    status, whole = await call(gw, "GET", "/jobs", ADMIN, params={"limit": "5"})
+    assert [j["id"] for j in whole["items"]] == every and whole["next_cursor"] is None  # no empty last page
+    for bad in ("abc", "-1", "1.5", str(2 ** 63), "9" * 40, "\u0661"):
+        status, answer = await call(gw, "GET", "/jobs", ADMIN, params={"cursor": bad})
+        assert status == 422 and answer["error"].startswith("cursor:"), bad
+
+
 async def test_jobs(start_gateway, waha, aiohttp_server):
     refusing = web.Application()
 

@@ -300,8 +300,13 @@ class CatalogContract(CatalogTuning, abc.ABC):
         """The job (``payload`` decoded), or None."""
 
     @abc.abstractmethod
-    async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
-        """Jobs filtered by ``state`` and ``kind`` (None: any), oldest (by id) first."""
+    async def list_jobs(self, state: str | None = None, kind: str | None = None, *, limit: int | None = None,
+                        newest_first: bool = False, before: int | None = None) -> list[JobRow]:
+        """Jobs filtered by ``state`` and ``kind`` (None: any), oldest (by id) first, or newest
+        first with ``newest_first``; at most ``limit`` (None: all); ``before``: only ids below it
+        (the last id of a newest-first page gives the next page). Done jobs are kept for days
+        (``retention.done_jobs_max_age_days``), millions at a high rate: a listing for people
+        gives a ``limit``, which the store applies, not the caller."""
 
     @abc.abstractmethod
     async def job_counts(self) -> dict[tuple[str, str], int]:

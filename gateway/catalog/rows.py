@@ -180,6 +180,28 @@ def to_column(value: Any) -> Any:
     return value
 
 
+def job_listing(select: str, placeholder: str, *, state: str | None, kind: str | None, before: int | None,
+                newest_first: bool, limit: int | None) -> tuple[str, dict[str, Any]]:
+    """``(SQL, named arguments)`` of :meth:`gateway.catalog.CatalogContract.list_jobs` for both
+    dialects: ``select`` (``SELECT ... FROM jobs``) with only the filters given (an empty
+    ``state`` or ``kind`` is none), so that the ``(state, kind, ...)`` indexes apply; ordered by
+    id, limited. ``placeholder``: the dialect's named parameter, ``{}`` for the name (``":{}"``,
+    ``"%({})s"``)."""
+    args: dict[str, Any] = {}
+    where: list[str] = []
+    for name, condition, value in (("state", "state =", state or None), ("kind", "kind =", kind or None),
+                                   ("before", "id <", before)):
+        if value is not None:
+            where.append(f"{condition} {placeholder.format(name)}")
+            args[name] = value
+    sql = select + (" WHERE " + " AND ".join(where) if where else "") + \
+        f" ORDER BY id {'DESC' if newest_first else 'ASC'}"
+    if limit is not None:
+        sql += f" LIMIT {placeholder.format('limit')}"
+        args["limit"] = limit
+    return sql, args
+
+
 class RandomPool:
     """Unpredictable bytes for ids, drawn from ``os.urandom`` ``size`` bytes at a time: one system
     call per a few hundred ids instead of one per id. ``os.urandom`` lets go of the GIL for its

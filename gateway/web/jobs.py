@@ -27,7 +27,9 @@ def job_view(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    """``GET /jobs?state=&kind=&limit=``: the durable queue, newest first (admin)."""
+    """``GET /jobs?state=&kind=&limit=&cursor=``: the durable queue, newest first (admin), a page
+    of at most ``limit`` jobs read as such from the catalog (done jobs are kept for days: millions
+    at a high rate); ``next_cursor`` (the last job's id, as text) gives the next page."""
     require_operator(request, JOBS_SPAN)
     state, kind = request.query.get("state"), request.query.get("kind")
     if state is not None and state not in JOB_STATES:
@@ -38,9 +40,16 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise ApiError(422, "expected a whole number", field="limit") from None
     if not 1 <= limit <= MAX_LIMIT:
         raise ApiError(422, f"between 1 and {MAX_LIMIT}", field="limit")
-    jobs = await request.app[CATALOG].list_jobs(state=state, kind=kind)
-    jobs = sorted(jobs, key=lambda j: j["id"], reverse=True)[:limit]
-    return web.json_response({"items": [job_view(j) for j in jobs]})
+    cursor = request.query.get("cursor")
+    before = int(cursor) if cursor is not None and cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 else None
+    if cursor is not None and (before is None or before >= 2 ** 63):  # a job id: SQLite INTEGER
+        raise ApiError(422, "not a cursor of this listing (pass next_cursor as it was)", field="cursor")
+    jobs = await request.app[CATALOG].list_jobs(state=state, kind=kind, limit=limit + 1, newest_first=True,
+                                                before=before)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return web.json_response({"items": [job_view(j) for j in jobs],
+                              "next_cursor": str(jobs[-1]["id"]) if more else None})
 
 
 async def _job(request: web.Request) -> JobRow:

@@ -235,6 +235,8 @@ class JobsQuery(BaseModel):
     state: JobState | None = None
     kind: str | None = None
     limit: int = Field(100, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(None, max_length=19, pattern=r"^[0-9]+$",
+                               description="`next_cursor` of the previous page")
 
 
 class LinkQuery(BaseModel):
@@ -370,6 +372,7 @@ class Job(Out):
 
 class JobList(Out):
     items: list[Job] = Field(max_length=MAX_LIMIT)
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null on the last")
 
 
 class SentMedia(Out):

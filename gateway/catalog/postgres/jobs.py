@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from gateway.catalog.postgres.connection import Conn, PostgresConnection
-from gateway.catalog.rows import to_column, ClaimedJob, JobRow
+from gateway.catalog.rows import to_column, ClaimedJob, JobRow, job_listing
 
 _COLUMNS = "id, kind, key, payload, state, attempts, run_at, created_at, updated_at, last_error, deadline"
 
@@ -178,11 +178,13 @@ class JobsMixin(PostgresConnection):
         rows = await self.fetch(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
         return _job(rows[0]) if rows else None
 
-    async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
-        """Jobs filtered by ``state`` and ``kind``, oldest first."""
-        rows = await self.fetch(f"SELECT {_COLUMNS} FROM jobs WHERE (%(state)s::text IS NULL OR state = %(state)s)"
-                                " AND (%(kind)s::text IS NULL OR kind = %(kind)s) ORDER BY id",
-                                {"state": state or None, "kind": kind or None})
+    async def list_jobs(self, state: str | None = None, kind: str | None = None, *, limit: int | None = None,
+                        newest_first: bool = False, before: int | None = None) -> list[JobRow]:
+        """Jobs filtered by ``state`` and ``kind``, oldest (or ``newest_first``) first, at most
+        ``limit``, ids below ``before`` (see :meth:`gateway.catalog.CatalogContract.list_jobs`)."""
+        sql, args = job_listing(f"SELECT {_COLUMNS} FROM jobs", "%({})s", state=state, kind=kind, before=before,
+                                newest_first=newest_first, limit=limit)
+        rows = await self.fetch(sql, args)
         return [_job(r) for r in rows]
 
     async def job_counts(self) -> dict[tuple[str, str], int]:

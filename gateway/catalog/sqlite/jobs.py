@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import sqlite_utils
 
-from gateway.catalog.rows import ClaimedJob, JobRow
+from gateway.catalog.rows import ClaimedJob, JobRow, job_listing
 from gateway.catalog.sqlite.connection import SQLiteConnection, to_sql, transaction
 
 
@@ -192,18 +192,17 @@ class JobsMixin(SQLiteConnection):
         """The job row (``payload`` decoded), or None."""
         return await self.read(job_row, job_id)
 
-    async def list_jobs(self, state: str | None = None, kind: str | None = None) -> list[JobRow]:
-        """Jobs filtered by ``state`` and ``kind``, oldest first."""
+    async def list_jobs(self, state: str | None = None, kind: str | None = None, *, limit: int | None = None,
+                        newest_first: bool = False, before: int | None = None) -> list[JobRow]:
+        """Jobs filtered by ``state`` and ``kind``, oldest (or ``newest_first``) first, at most
+        ``limit``, ids below ``before`` (see :meth:`gateway.catalog.CatalogContract.list_jobs`)."""
+        sql, args = job_listing("SELECT * FROM jobs", ":{}", state=state, kind=kind, before=before,
+                                newest_first=newest_first, limit=limit)
+
         def _list(db: sqlite_utils.Database) -> list[JobRow]:
-            where: list[str] = []
-            args: list[str] = []
-            if state:
-                where.append("state = ?")
-                args.append(state)
-            if kind:
-                where.append("kind = ?")
-                args.append(kind)
-            rows = list(db["jobs"].rows_where(" AND ".join(where) or None, args, order_by="id"))
+            cur = db.conn.execute(sql, args)
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, row)) for row in cur]
             for r in rows:
                 r["payload"] = json.loads(r["payload"])
             return cast(list[JobRow], rows)

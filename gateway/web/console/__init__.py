@@ -355,9 +355,22 @@ def _operator(principal: Principal) -> None:
         raise ApiError(403, "the queue spans every tenant: sign in with an admin key without a tenant")
 
 
+QUEUE_PAGE = 200
+"""Jobs the queue page lists at once (newest first), and dead jobs it shows."""
+
+
+def _job_cursor(value: str | None) -> int | None:
+    """``value`` (a form or query field) as a job id; None when absent or not one."""
+    if value and value.isascii() and value.isdigit() and len(value) <= 19 and int(value) < 2 ** 63:
+        return int(value)
+    return None
+
+
 @page
 async def queue(request: web.Request) -> web.Response:
-    """``GET /console/queue?state=&kind=``: jobs by state and kind, the dead letter, the oldest waiting job."""
+    """``GET /console/queue?state=&kind=&before=``: jobs by state and kind, newest first, a page at
+    a time (``before``: a job id, for older ones); the dead letter; the oldest waiting job. Every
+    listing is limited in the catalog: done jobs are kept for days, millions at a high rate."""
     principal, cookie = _who(request)
     _operator(principal)
     catalog = request.app[CATALOG]
@@ -366,13 +379,18 @@ async def queue(request: web.Request) -> web.Response:
     state = request.query.get("state") or None
     state = state if state in JOB_STATES else None
     kind = request.query.get("kind") or None
-    jobs = sorted(await catalog.list_jobs(state=state, kind=kind), key=lambda j: j["id"], reverse=True)
-    queued = await catalog.list_jobs(state="queued")
-    oldest = min((j["created_at"] for j in queued), default=None)
-    dead = sorted(await catalog.list_jobs(state="dead"), key=lambda j: j["id"], reverse=True)
+    jobs = await catalog.list_jobs(state=state, kind=kind, limit=QUEUE_PAGE + 1, newest_first=True,
+                                   before=_job_cursor(request.query.get("before")))
+    older = None
+    if len(jobs) > QUEUE_PAGE:
+        jobs = jobs[:QUEUE_PAGE]
+        older = "?" + urlencode({k: v for k, v in (("state", state), ("kind", kind)) if v} | {"before": jobs[-1]["id"]})
+    oldest = await catalog.list_jobs(state="queued", limit=1)  # ids grow with creation: the first waits longest
+    dead = await catalog.list_jobs(state="dead", limit=QUEUE_PAGE, newest_first=True)
     return _page(request, "queue.html", principal, cookie, counts=counts, kinds=kinds, states=JOB_STATES,
-                 jobs=[job_view(j) for j in jobs[:200]], dead=[job_view(j) for j in dead[:200]],
-                 state=state, kind=kind, oldest_age=None if oldest is None else max(0, time.time() - oldest))
+                 jobs=[job_view(j) for j in jobs], dead=[job_view(j) for j in dead], older=older,
+                 state=state, kind=kind,
+                 oldest_age=max(0, time.time() - oldest[0]["created_at"]) if oldest else None)
 
 
 @page
@@ -381,12 +399,18 @@ async def retry(request: web.Request) -> web.Response:
     principal, form = await _form(request, "admin")
     _operator(principal)
     catalog = request.app[CATALOG]
-    if form.get("id", "").isdigit():
-        ids = [int(form["id"])]
-    else:
-        ids = [j["id"] for j in await catalog.list_jobs(state="dead", kind=form.get("kind") or None)]
-    for job_id in ids:
+    if "id" in form:
+        job_id = _job_cursor(form["id"])
+        if job_id is None:
+            raise ApiError(422, "not a job id", field="id")
         await catalog.retry_dead_job(job_id)
+    else:
+        before = None
+        while page := await catalog.list_jobs(state="dead", kind=form.get("kind") or None, limit=QUEUE_PAGE,
+                                              newest_first=True, before=before):
+            for job in page:
+                await catalog.retry_dead_job(job["id"])
+            before = page[-1]["id"]
     request.app[QUEUE].notify()
     raise web.HTTPSeeOther("/console/queue")
 
