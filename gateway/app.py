@@ -24,6 +24,7 @@ from gateway.keys import (
     CATALOG,
     FETCHER,
     HTTP,
+    HTTP_METRICS,
     INGESTOR,
     LINKS,
     MEDIA_STORE,
@@ -40,7 +41,7 @@ from gateway.keys import (
     STORAGE,
 )
 from gateway.links import LinkSigner
-from gateway.metrics import MeteredStorage, Metrics
+from gateway.metrics import MeteredStorage, Metrics, ServingMetrics
 from gateway.outbound import Outbound
 from gateway.plugins import await_me_maybe, make_manager, offered, section_models
 from gateway.retention import Retention
@@ -104,6 +105,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[PROVIDERS] = providers
     app[STORAGE] = storage = MeteredStorage(storage, metrics)  # every operation counted and timed
     app[METRICS] = metrics
+    app[HTTP_METRICS] = metrics
     app[CATALOG] = catalog_from_settings(settings, exclusive=True)  # SQLite: one daemon per catalog
     metrics.replica_info.info({"replica": app[CATALOG].replica or "", "catalog": app[CATALOG].kind})
     app[CATALOG].on_commit = metrics.observe_commit
@@ -222,6 +224,7 @@ async def _serving_ctx(app: web.Application) -> AsyncIterator[None]:
 
     sock = app[SERVING_SOCKET] if SERVING_SOCKET in app else reserve(app[SETTINGS])
     workers = app[SERVING] = ServingWorkers(app[SETTINGS], sock)
+    app[METRICS].add_serving_workers(workers.metrics_dir)
     await workers.start()
     yield
     await workers.stop()
@@ -245,7 +248,7 @@ def create_serving_app(settings: Settings, pm: pluggy.PluginManager) -> web.Appl
     app[SETTINGS] = settings
     app[STORAGE] = storage
     app[CATALOG] = catalog
-    app[METRICS] = Metrics(gateway_version())  # the middleware counts into it; not exported
+    app[HTTP_METRICS] = ServingMetrics()  # the daemon's /metrics sums the workers' counts
     app[LINKS] = LinkSigner.from_settings(settings)
     app[MEDIA_STORE] = MediaStore(settings, catalog, storage, pm)  # for its rows: it changes nothing here
     add_routes(app, tag="media")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.ingest import Ingestor
     from gateway.jobs import JobQueue
     from gateway.links import LinkSigner
-    from gateway.metrics import Metrics
+    from gateway.metrics import HttpObserver, Metrics
     from gateway.outbound import Outbound
     from gateway.retention import Retention
     from gateway.safefetch import SafeFetcher
@@ -41,6 +41,9 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
 QUEUE: web.AppKey[JobQueue] = web.AppKey("queue")
 INGESTOR: web.AppKey[Ingestor] = web.AppKey("ingestor")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+#: What the error middleware counts each answered request into: the app's :class:`Metrics`, or a
+#: serving worker's :class:`gateway.metrics.ServingMetrics`.
+HTTP_METRICS: web.AppKey[HttpObserver] = web.AppKey("http_metrics")
 LINKS: web.AppKey[LinkSigner] = web.AppKey("links")
 API_KEYS: web.AppKey[ApiKeys] = web.AppKey("api_keys")
 RETENTION: web.AppKey[Retention] = web.AppKey("retention")

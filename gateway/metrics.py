@@ -18,6 +18,11 @@ replicas: ``sum without(instance) (rate(gateway_webhooks_total[5m]))``. The cata
 (jobs, oldest queued job, stored media, last cleanup) are the shared catalog's, the same on every
 replica: ``max without(instance)``, never a sum. ``gateway_replica_info{replica}`` names the
 replica id a target writes into the jobs it leases (``jobs.owner``).
+
+Serving workers (``[serving] workers``) are processes of their own: each counts its requests with
+:class:`ServingMetrics` in prometheus-client's multiprocess mode (values in files of a directory
+the daemon gives it), and the daemon's ``/metrics`` adds them up (:meth:`Metrics.add_serving_workers`)
+as ``gateway_serving_requests_total`` and ``gateway_serving_request_duration_seconds``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -40,6 +45,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.catalog import JOB_STATES, CatalogContract
 from gateway.media import CATEGORIES
@@ -64,6 +70,40 @@ MEDIA_OUTCOMES = ("stored", "duplicate", "skipped", "refused", "retry", "failed"
 """``gateway_media_ingested_total`` outcomes: stored (a new object), duplicate (the attachment was
 already stored: reused), skipped (the provider gave nothing to fetch), refused (too large or policy),
 retry (this attempt failed; the job retries), failed (given up: forwarded with the original link)."""
+
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""The environment variable that puts prometheus-client in multiprocess mode (read when it is
+imported): the daemon sets it for its serving workers only."""
+
+
+class HttpObserver(Protocol):
+    """What the error middleware counts an answered request into (:data:`gateway.keys.HTTP_METRICS`)."""
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration in seconds."""
+
+
+class RequestSeries:
+    """Counts answered requests into ``requests`` (a counter labelled route, method, status) and
+    their durations in seconds into ``duration`` (a histogram labelled route, method), looking the
+    labelled series up once per route, method and status (a bounded set: route templates, known
+    methods)."""
+
+    def __init__(self, requests: Counter, duration: Histogram):
+        self.requests = requests
+        self.duration = duration
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request answered with ``status`` after ``seconds``."""
+        key = (route, method, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (self.requests.labels(route, method, str(status)),
+                                          self.duration.labels(route, method))
+        series[0].inc()
+        series[1].observe(seconds)
 
 
 def http_method(method: str) -> str:
@@ -94,7 +134,7 @@ class Metrics:
         self.http_duration = Histogram(
             "gateway_http_request_duration_seconds", "Time to answer an HTTP request, by route template.",
             ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
-        self._http_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}  # see observe_http
+        self._http = RequestSeries(self.http_requests, self.http_duration)
         self.webhooks = Counter(
             "gateway_webhooks_received_total",
             "Webhook events received, by provider and outcome "
@@ -247,15 +287,13 @@ class Metrics:
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request (``gateway_http_requests_total``) and its duration in
-        seconds (``gateway_http_request_duration_seconds``). The labelled series are looked up once
-        per route, method and status (their number is bounded: route templates, known methods)."""
-        key = (route, method, status)
-        series = self._http_series.get(key)
-        if series is None:
-            series = self._http_series[key] = (self.http_requests.labels(route, method, str(status)),
-                                               self.http_duration.labels(route, method))
-        series[0].inc()
-        series[1].observe(seconds)
+        seconds (``gateway_http_request_duration_seconds``)."""
+        self._http.observe(route, method, status, seconds)
+
+    def add_serving_workers(self, path: str) -> None:
+        """Export the serving workers' metrics too: the sum over every worker, those that exited
+        included, of what each wrote to the directory ``path`` (:class:`ServingMetrics`)."""
+        MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
 
     def observe_commit(self, writes: int, durable: bool = True) -> None:
         """Count one group commit carrying ``writes`` writes, ``durable`` if it waited for the
@@ -315,6 +353,29 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format (version 0.0.4)."""
         return generate_latest(self.registry)
+
+
+class ServingMetrics:
+    """A serving worker's request counts (``gateway serve-media``): ``gateway_serving_requests_total``
+    by route template, method and status, and ``gateway_serving_request_duration_seconds`` by route
+    template and method (seconds). The daemon starts each worker with :data:`MULTIPROCESS_DIR_ENV`
+    set, so prometheus-client keeps the values in files of that directory (one per process and
+    type); the worker exports nothing itself, the daemon's ``/metrics`` sums the files
+    (:meth:`Metrics.add_serving_workers`): a worker that exits keeps its counts in the sum."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()  # never rendered: the daemon reads the files
+        self.requests = Counter(
+            "gateway_serving_requests_total", "Requests the serving workers answered, by route template, method and status.",
+            ["route", "method", "status"], registry=self.registry)
+        self.duration = Histogram(
+            "gateway_serving_request_duration_seconds", "Time the serving workers took to answer a request.",
+            ["route", "method"], buckets=_DURATION_BUCKETS, registry=self.registry)
+        self._series = RequestSeries(self.requests, self.duration)
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration (seconds)."""
+        self._series.observe(route, method, status, seconds)
 
 
 class MeteredStorage:

@@ -16,7 +16,12 @@ The daemon supervises them: a worker that exits is logged at WARNING and started
 backoff; on shutdown the workers get SIGTERM (as the daemon starts its own graceful shutdown) and
 are waited for. A worker also exits when the
 daemon dies: it watches the read end of a pipe whose write end only the daemon holds, and stops at
-its end of file. The workers' requests are not in the daemon's ``/metrics``.
+its end of file.
+
+The workers' requests are counted in the daemon's ``/metrics`` (``gateway_serving_requests_total``,
+``gateway_serving_request_duration_seconds``): each worker writes its counts to files of a
+temporary directory (prometheus-client's multiprocess mode, :class:`gateway.metrics.ServingMetrics`)
+that the daemon creates, reads at each scrape and removes when it stops.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.metrics import MULTIPROCESS_DIR_ENV
 
 log = logging.getLogger("gateway.serving")
 
@@ -42,6 +50,29 @@ STABLE_AFTER = 30.0
 STOP_MARGIN = 5.0
 """Seconds the workers get after SIGTERM beyond ``server.shutdown_grace`` (which each gives its
 requests in progress) before they are killed."""
+
+
+METRICS_DIR_PREFIX = "gateway-serving-metrics-"
+"""The name of a daemon's workers' metrics directory in the temporary directory, before the
+daemon's pid and a random part."""
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the workers' metrics directories that daemons of this user killed before they could
+    (their pid no longer runs)."""
+    root = tempfile.gettempdir()
+    for entry in os.scandir(root):
+        pid = entry.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if not (entry.name.startswith(METRICS_DIR_PREFIX) and pid.isdigit()):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False):
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # gone meanwhile, or a pid of another user's process: not ours to judge
+            continue
 
 
 def reserve(settings: Settings) -> socket.socket:
@@ -79,6 +110,9 @@ class ServingWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._alive_r, self._alive_w = -1, -1  # the pipe whose end of file tells a worker to exit
+        #: Where the workers write their metrics (:class:`gateway.metrics.ServingMetrics`); removed by :meth:`stop`.
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+        _remove_stale_metrics_dirs()
 
     @property
     def url(self) -> str:
@@ -111,7 +145,7 @@ class ServingWorkers:
         # its own session: a Ctrl-C in the terminal reaches the daemon only, which stops the workers
         return await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, pass_fds=(self._alive_r,),
-            start_new_session=True)
+            start_new_session=True, env={**os.environ, MULTIPROCESS_DIR_ENV: self.metrics_dir})
 
     async def _supervise(self, slot: int) -> None:
         backoff = RESTART_BACKOFF[0]
@@ -147,7 +181,8 @@ class ServingWorkers:
 
     async def stop(self) -> None:
         """:meth:`terminate`, then wait for every worker (SIGKILL after ``server.shutdown_grace``
-        + :data:`STOP_MARGIN` seconds); close the pipe and the socket. Idempotent."""
+        + :data:`STOP_MARGIN` seconds); close the pipe and the socket, remove the metrics directory.
+        Idempotent."""
         await self.terminate()
         procs = [p for p in self.procs if p is not None and p.returncode is None]
         timeout = self.settings.server.shutdown_grace + STOP_MARGIN
@@ -164,6 +199,7 @@ class ServingWorkers:
                 os.close(fd)
         self._alive_r = self._alive_w = -1
         self.sock.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 async def run_worker(app: web.Application, sock: socket.socket, alive_fd: int, shutdown_timeout: float) -> None:

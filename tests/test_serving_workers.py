@@ -8,18 +8,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.catalog import SCHEMA_VERSION, CatalogError, SQLiteCatalog
 from gateway.config import ConfigError, load_settings
 from gateway.links import LinkSigner
+from gateway.serving import METRICS_DIR_PREFIX, _remove_stale_metrics_dirs
 from gateway.web.media import SMALL_OBJECT
 from tests.conftest import base_config, deep_merge
 from tests.daemon import GatewayProcess, write_toml
@@ -147,6 +152,50 @@ async def test_workers_serve_signed_links_as_the_daemon_does(daemon, http, data)
     assert "ERROR" not in gw.log_tail(500)  # a stale row of a deleted object is not an error of ours
 
 
+def request_counts(text: str, family: str) -> dict[tuple[str, str, str], float]:
+    """``{(route, method, status): requests}`` of the counter ``family`` (``..._total``) in a scrape."""
+    return {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+            for f in text_string_to_metric_families(text) if f.name + "_total" == family
+            for s in f.samples if s.name == family}
+
+
+async def test_the_workers_requests_are_counted_in_the_daemons_metrics(daemon, http):
+    gw, serving_port = daemon
+    status, info = await upload(SimpleNamespace(url=gw.url, http=http), ADMIN, data=SMALL, filename="a.bin")
+    assert status == 201, info
+    link = info["links"]["content"]
+    assert await ready_body(http, link) == SMALL  # connection errors while a worker starts count nothing
+    for _ in range(5):
+        assert (await get(http, link))[0] == 200
+    for _ in range(2):
+        assert (await get(http, link.replace("sig=", "sig=A")))[0] == 403
+    route = "/media/{id}/{filename}"
+
+    async def scrape() -> str:
+        async with http.get(f"{gw.url}/metrics") as r:
+            assert r.status == 200
+            return await r.text()
+    text = await scrape()
+    counts = request_counts(text, "gateway_serving_requests_total")
+    assert counts[(route, "GET", "200")] == 6 and counts[(route, "GET", "403")] == 2, counts
+    durations = {s.labels["route"]: s.value for f in text_string_to_metric_families(text)
+                 for s in f.samples if s.name == "gateway_serving_request_duration_seconds_count"}
+    assert durations == {route: 8}
+    daemon_own = request_counts(text, "gateway_http_requests_total")
+    assert not any(k[0] == route for k in daemon_own)  # the daemon's own port served none of them
+    promtool = shutil.which("promtool")  # scripts/system-deps installs it; CI always has it
+    assert promtool or not os.environ.get("CI")
+    if promtool:
+        checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+        assert checked.returncode == 0 and checked.stdout.strip() == checked.stderr.strip() == b"", checked
+    victim = min(workers_of(gw.pid))  # a worker that exits keeps its counts in the sum
+    os.kill(victim, signal.SIGKILL)
+    await until(lambda: len(workers_of(gw.pid)) == 2 and victim not in workers_of(gw.pid), what="a new worker")
+    assert request_counts(await scrape(), "gateway_serving_requests_total") == counts
+    assert (await get(http, link))[0] == 200
+    assert request_counts(await scrape(), "gateway_serving_requests_total")[(route, "GET", "200")] == 7
+
+
 async def test_workers_make_and_serve_thumbnails(daemon, http):
     gw, serving_port = daemon
     status, info = await upload(SimpleNamespace(url=gw.url, http=http), ADMIN, name="photo.jpg")
@@ -248,3 +297,18 @@ async def test_a_read_only_catalog_reads_and_refuses_writes(tmp_path):
         await writer.close()
     with pytest.raises(CatalogError, match="only the daemon migrates it"):
         await SQLiteCatalog(path, read_only=True).open()
+
+
+def test_a_killed_daemons_metrics_directory_is_removed_by_the_next_one():
+    gone = subprocess.Popen(["true"])  # a pid that no longer runs (reused within the test: unlikely)
+    gone.wait()
+    stale = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{gone.pid}-"))
+    (stale / "counter_1.db").write_bytes(b"\0" * 8)
+    live = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
+    other = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}x-"))  # not one of ours: left alone
+    try:
+        _remove_stale_metrics_dirs()
+        assert not stale.exists() and live.is_dir() and other.is_dir()
+    finally:
+        for d in (stale, live, other):
+            shutil.rmtree(d, ignore_errors=True)

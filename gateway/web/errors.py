@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.keys import METRICS
+from gateway.keys import HTTP_METRICS
 from gateway.metrics import http_method
 
 log = logging.getLogger("gateway.http")
@@ -75,4 +75,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error in %s %s", request.method, route)
         return ApiError(500, "internal error").response()
     finally:
-        request.app[METRICS].observe_http(route, http_method(request.method), status, time.monotonic() - started)
+        request.app[HTTP_METRICS].observe_http(route, http_method(request.method), status, time.monotonic() - started)
