@@ -192,8 +192,11 @@ QUERY_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), m
 QUERY = st.dictionaries(st.sampled_from(QUERY_NAMES) | st.text(max_size=8), QUERY_TEXT, max_size=4)
 UPLOAD_FIELDS = ["metadata", "is_public", "category", "filename", "expires_at", "tags", "tenant", "retention",
                  "colour", *sorted(FORM_FIELDS)]
-FORM = st.lists(st.tuples(st.sampled_from(UPLOAD_FIELDS) | st.text(min_size=1, max_size=8), QUERY_TEXT),
-                max_size=5)
+# a field name goes into the part's Content-Disposition header, which aiohttp's client writes only
+# for printable ASCII (it refuses control characters, and a name it must encode as ``name*=``
+# trips its own assertion): other names never reach the server from this client
+SENDABLE_NAME = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=8)
+FORM = st.lists(st.tuples(st.sampled_from(UPLOAD_FIELDS) | SENDABLE_NAME, QUERY_TEXT), max_size=5)
 
 
 async def test_any_files_api_query_or_form_gets_below_500(start_gateway):
