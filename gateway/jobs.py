@@ -286,16 +286,25 @@ class JobQueue:
         self._renewer = asyncio.create_task(self._renew_leases(), name="job-leases")
 
     async def stop(self, grace: float) -> None:
-        """Take no new jobs; wait up to ``grace`` seconds for running ones; requeue the rest."""
+        """Take no new jobs; wait up to ``grace`` seconds for running ones, and for the jobs handed
+        to this process's workers (:meth:`hand`) that no worker took yet: those are claimed here
+        and their downloads may be under way (begun at their webhook's commit), so their workers
+        take them even now; requeue the rest."""
         self._stopping = True
         for waiters in self._idle_workers.values():
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-        running = list(self._running.values())
-        if running:
-            log.info("waiting up to %.0fs for %d running job(s)", grace, len(running))
-            await asyncio.wait(running, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._running or any(self._handed.values()):
+            log.info("waiting up to %.0fs for %d running job(s)", grace,
+                     len(self._running) + sum(len(h) for h in self._handed.values()))
+        while (self._running or any(self._handed.values())) and (left := deadline - loop.time()) > 0:
+            if self._running:  # a worker's task ends once it has no job left
+                await asyncio.wait(list(self._running.values()), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(min(left, 0.01))  # a woken worker is about to take a handed job
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -328,7 +337,7 @@ class JobQueue:
         kinds = self.lanes[lane][0]
         claim = True  # whether the catalog may have a job for this worker now
         look = True  # whether waiting asks the catalog when its next job is due
-        while not self._stopping:
+        while not self._stopping or self._handed[lane]:  # handed jobs are taken even while stopping
             handed = bool(self._handed[lane])  # each handed job woke a worker of its own
             if not handed and not claim:
                 woken = await self._idle(lane, kinds, look=look)

@@ -365,6 +365,58 @@ async def test_queue_takes_a_webhooks_jobs_from_its_commit_while_workers_are_idl
     assert q.reserve({"ingest": 1}).kinds == frozenset()  # stopped: nothing is handed any more
 
 
+async def test_stop_right_after_a_hand_lets_the_handed_job_run(tmp_path):
+    # SIGTERM just after a webhook's 200: its job was handed (its download may be under way,
+    # begun at the commit) but no worker had taken it yet. It runs to its end within the grace.
+    catalog = Catalog(tmp_path / "gateway.db")
+    await catalog.open()
+    finished: list[str] = []
+
+    async def ingest(job: Job) -> None:
+        await asyncio.sleep(0.3)  # the download
+        finished.append(job.payload["event_id"])
+
+    q = JobQueue(catalog, QueueSettings(**{**FAST, "poll_interval": 30.0, "fetch_workers": 2}), Metrics(),
+                 {"ingest": ingest})
+    try:
+        await q.start()
+        await asyncio.sleep(0.2)  # both workers idle
+        handoff = q.reserve({"ingest": 1})
+        [eid], _, claimed = await catalog.record_webhook("waha", b"{}", [_event("late")], claim=handoff.kinds)
+        q.hand(handoff, claimed)
+        await q.stop(grace=5.0)  # no turn of the loop in between: the woken worker has not run yet
+        assert finished == [eid]
+        assert [(j["state"], j["attempts"]) for j in await catalog.list_jobs(kind="ingest")] == [("done", 1)]
+    finally:
+        await catalog.close()
+
+
+async def test_stop_requeues_a_handed_job_still_waiting_when_the_grace_ends(tmp_path):
+    catalog = Catalog(tmp_path / "gateway.db")
+    await catalog.open()
+    started = asyncio.Event()
+
+    async def ingest(job: Job) -> None:
+        started.set()
+        await asyncio.sleep(30)  # longer than the grace
+
+    q = JobQueue(catalog, QueueSettings(**{**FAST, "poll_interval": 30.0, "fetch_workers": 1}), Metrics(),
+                 {"ingest": ingest})
+    try:
+        await q.start()
+        await asyncio.sleep(0.2)
+        handoff = q.reserve({"ingest": 1})
+        _, _, claimed = await catalog.record_webhook("waha", b"{}", [_event("slow")], claim=handoff.kinds)
+        q.hand(handoff, claimed)
+        await asyncio.wait_for(started.wait(), 5)
+        began = time.monotonic()
+        await q.stop(grace=0.3)
+        assert time.monotonic() - began < 2
+        assert [j["state"] for j in await catalog.list_jobs(kind="ingest")] == ["queued"]  # for the next start
+    finally:
+        await catalog.close()
+
+
 async def _all_done(catalog: Catalog) -> bool:
     return all(state == "done" for (_, state) in await catalog.job_counts())
 
