@@ -366,7 +366,8 @@ class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # never rendered: the daemon reads the files
         self.requests = Counter(
-            "gateway_serving_requests_total", "Requests the serving workers answered, by route template, method and status.",
+            "gateway_serving_requests_total",
+            "Requests the serving workers answered, by route template, method and status.",
             ["route", "method", "status"], registry=self.registry)
         self.duration = Histogram(
             "gateway_serving_request_duration_seconds", "Time the serving workers took to answer a request.",

@@ -60,19 +60,19 @@ daemon's pid and a random part."""
 def _remove_stale_metrics_dirs() -> None:
     """Remove the workers' metrics directories that daemons of this user killed before they could
     (their pid no longer runs)."""
-    root = tempfile.gettempdir()
-    for entry in os.scandir(root):
-        pid = entry.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
-        if not (entry.name.startswith(METRICS_DIR_PREFIX) and pid.isdigit()):
-            continue
-        try:
-            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False):
+    with os.scandir(tempfile.gettempdir()) as entries:
+        for entry in entries:
+            pid = entry.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+            if not (entry.name.startswith(METRICS_DIR_PREFIX) and pid.isdigit()):
                 continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        except OSError:  # gone meanwhile, or a pid of another user's process: not ours to judge
-            continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False):
+                    continue
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:  # gone meanwhile, or a pid of another user's process: not ours to judge
+                continue
 
 
 def reserve(settings: Settings) -> socket.socket:
