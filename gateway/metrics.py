@@ -135,6 +135,7 @@ class Metrics:
             "gateway_http_request_duration_seconds", "Time to answer an HTTP request, by route template.",
             ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
         self._http = RequestSeries(self.http_requests, self.http_duration)
+        self._webhook_series: dict[tuple[str, str], Counter] = {}  # see webhook_outcome
         self.webhooks = Counter(
             "gateway_webhooks_received_total",
             "Webhook events received, by provider and outcome "
@@ -289,6 +290,14 @@ class Metrics:
         """Count one answered request (``gateway_http_requests_total``) and its duration in
         seconds (``gateway_http_request_duration_seconds``)."""
         self._http.observe(route, method, status, seconds)
+
+    def webhook_outcome(self, provider: str, outcome: str, count: int = 1) -> None:
+        """Count ``count`` webhook events of ``provider`` with ``outcome``
+        (``gateway_webhooks_received_total``), the labelled series looked up once per pair."""
+        series = self._webhook_series.get((provider, outcome))
+        if series is None:
+            series = self._webhook_series[(provider, outcome)] = self.webhooks.labels(provider, outcome)
+        series.inc(count)
 
     def add_serving_workers(self, path: str) -> None:
         """Export the serving workers' metrics too: the sum over every worker, those that exited

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from gateway.keys import CATALOG
-from gateway.sdk.provider import MAX_JSON_DEPTH, MediaOutcome, WebhookEvent
+from gateway.sdk.provider import MAX_JSON_DEPTH, MediaOutcome, PayloadError, WebhookEvent, load_json
 from plugins.whatsapp_meta import MetaProvider, MetaSettings
 from plugins.whatsapp_waha import WahaProvider, WahaSettings
 from tests.conftest import MEDIA, waha_hmac, waha_payload
@@ -116,6 +116,16 @@ async def test_deep_nesting_is_refused_with_400(start_gateway, graph, depth):  #
     assert status == 400 and "nest" in answer["error"], answer
     assert (await gw.post_waha(_nested(depth).encode())).status == 400
     assert await gw.count("events") == 0
+
+
+def test_load_json_counts_levels_not_brackets():
+    assert load_json(_nested(MAX_JSON_DEPTH).encode()) is not None  # as many brackets as the limit
+    wide = json.dumps([{"a": [i]} for i in range(100)]).encode()  # 201 brackets, 3 levels
+    assert load_json(wide) == json.loads(wide)
+    assert load_json(b'{"s": "' + b"[" * 500 + b'"}') == {"s": "[" * 500}  # brackets in a string
+    for body in (_nested(MAX_JSON_DEPTH + 1), '{"a": ' + _nested(MAX_JSON_DEPTH) + "}"):
+        with pytest.raises(PayloadError, match="nested deeper"):
+            load_json(body.encode())
 
 
 async def test_nesting_up_to_the_limit_is_accepted_and_forwarded(gateway, sink):

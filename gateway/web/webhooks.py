@@ -37,30 +37,30 @@ async def webhook(request: web.Request) -> web.Response:
         raise ApiError(404, f"unknown provider {name!r}", providers=sorted(request.app[PROVIDERS].keys()))
     limit = request.app[SETTINGS].server.max_webhook_bytes
     if request.content_length is not None and request.content_length > limit:
-        metrics.webhooks.labels(name, "too_large").inc()
+        metrics.webhook_outcome(name, "too_large")
         raise ApiError(413, f"webhook body over the limit of {limit} bytes")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        metrics.webhooks.labels(name, "too_large").inc()
+        metrics.webhook_outcome(name, "too_large")
         raise ApiError(413, f"webhook body over the limit of {limit} bytes")
     try:
         provider.verify(request.headers, body)
     except SignatureError as exc:
-        metrics.webhooks.labels(name, "unauthorized").inc()
+        metrics.webhook_outcome(name, "unauthorized")
         log.warning("%s webhook refused: %s (from %s)", name, exc, request.remote,
                     extra={"provider": name})
         raise ApiError(401, str(exc))
     try:
         events = provider.parse(body)
     except PayloadError as exc:
-        metrics.webhooks.labels(name, "invalid").inc()
+        metrics.webhook_outcome(name, "invalid")
         log.warning("%s webhook invalid: %s", name, exc, extra={"provider": name})
         raise ApiError(400, str(exc))
     if any(ev.media for ev in events):
         retry_after = await request.app[QUEUE].admission.admit(name, sum(1 for ev in events if ev.media))
         if retry_after is not None:
-            metrics.webhooks.labels(name, "held_back").inc(len(events))
+            metrics.webhook_outcome(name, "held_back", len(events))
             raise ApiError(503, "the gateway is behind on storing media; retry later",
                            headers={"Retry-After": str(retry_after)}, retry_after=retry_after)
     event_ids = [new_event_id() for _ in events]
@@ -88,7 +88,7 @@ async def webhook(request: web.Request) -> web.Response:
         _settle(ingestor, begun, ())
         if not isinstance(exc, Exception):  # cancelled (shutdown)
             raise
-        metrics.webhooks.labels(name, "unavailable").inc()
+        metrics.webhook_outcome(name, "unavailable")
         log.exception("could not commit a %s webhook; answering 503 so the provider retries", name,
                       extra={"provider": name})
         raise ApiError(503, "catalog unavailable, retry later")
@@ -106,8 +106,8 @@ async def webhook(request: web.Request) -> web.Response:
         kinds |= {"ingest"} if handled is None else {kind for kind, _, _ in handled.followups}
     if kinds - handoff.kinds:
         queue.notify(kinds - handoff.kinds)
-    metrics.webhooks.labels(name, "accepted").inc(len(accepted))
-    metrics.webhooks.labels(name, "duplicate").inc(len(duplicates))
+    metrics.webhook_outcome(name, "accepted", len(accepted))
+    metrics.webhook_outcome(name, "duplicate", len(duplicates))
     for event_id in accepted:
         log.info("%s webhook accepted", name, extra={"provider": name, "event_id": event_id})
     return web.json_response({"accepted": len(accepted), "duplicates": len(duplicates),
