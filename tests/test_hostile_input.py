@@ -126,6 +126,9 @@ def test_load_json_counts_levels_not_brackets():
     for body in (_nested(MAX_JSON_DEPTH + 1), '{"a": ' + _nested(MAX_JSON_DEPTH) + "}"):
         with pytest.raises(PayloadError, match="nested deeper"):
             load_json(body.encode())
+        with pytest.raises(PayloadError, match="nested deeper"):  # a plugin may pass text, as json.loads takes
+            load_json(body)  # type: ignore[arg-type]
+    assert load_json(_nested(MAX_JSON_DEPTH)) == json.loads(_nested(MAX_JSON_DEPTH))  # type: ignore[arg-type]
 
 
 async def test_nesting_up_to_the_limit_is_accepted_and_forwarded(gateway, sink):

@@ -63,7 +63,8 @@ def load_json(body: bytes) -> Any:
         raise PayloadError(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(f"body is not JSON: {exc}") from None
-    if body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH:
+    opening = (b"{", b"[") if isinstance(body, (bytes, bytearray)) else ("{", "[")  # json.loads takes str too
+    if body.count(opening[0]) + body.count(opening[1]) <= MAX_JSON_DEPTH:
         return data  # each level opens one: so few cannot nest deeper (the common case, in C)
     stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
     while stack:  # iterative: a deep body cannot exhaust the stack here
