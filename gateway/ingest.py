@@ -7,6 +7,13 @@ retried job, a redelivered webhook or the same message in two events stores one 
 attempt at an attachment that no other recent event named skips that look-up; should a copy exist
 after all, stored before a restart or by another replica, the catalog's ``source_key`` conflict
 keeps that one and the new object is deleted.)
+
+The rows of the objects an ingest stored are inserted by its job's completion, in the commit that
+records the rewritten payload linking them and the deliveries (:attr:`gateway.jobs.JobResult.media`):
+one commit, one fsync, between the stored object and the forward. Until that commit, this process
+remembers each such row by its ``source_key`` (:attr:`Ingestor.unrecorded`), so that another event
+of the same attachment, or the job's next attempt, links the same object instead of fetching it
+again; both completions insert the same row, and the first one records it.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
-from gateway.catalog import CatalogContract, ReadyEvent
+from gateway.catalog import CatalogContract, MediaRow, MediaTaken, ReadyEvent
 from gateway.config import Settings
 from gateway.delivery import Forwards
 from gateway.jobs import Job, JobResult, PermanentError, RetryLater
@@ -85,6 +93,21 @@ class Arrivals:
         return None if kept is None else (kept[1], kept[2])
 
 
+UNRECORDED_TTL = 600.0
+"""Seconds :attr:`Ingestor.unrecorded` keeps the row of a stored object whose insert has not
+committed (its job failed meanwhile, and no retry or other event used it): far below the orphan
+scan's grace (``retention.orphan_grace_hours``), which then deletes an object nobody recorded."""
+
+
+@dataclass(slots=True)
+class Stored:
+    """What the ingest of one media reference gave: its ``outcome``, and ``row``, the catalog row
+    of the object it links when that row is not committed yet (the job's completion inserts it)."""
+
+    outcome: MediaOutcome
+    row: MediaRow | None = None
+
+
 class Ingestor:
     """Handler of ``ingest`` jobs (payload ``{"event_id": ...}``)."""
 
@@ -103,7 +126,10 @@ class Ingestor:
         self.metrics = metrics
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         #: event id -> the storing of its media, begun while its webhook's commit ran (:meth:`begin`)
-        self._begun: dict[str, asyncio.Task[list[MediaOutcome]]] = {}
+        self._begun: dict[str, asyncio.Task[list[Stored]]] = {}
+        #: source key -> the row of an object this process stored, until a job's completion
+        #: commits it (or finds a copy recorded first); at most :data:`UNRECORDED_TTL` seconds.
+        self.unrecorded: TTLCache[str, MediaRow] = TTLCache(maxsize=16384, ttl=UNRECORDED_TTL)
 
     @asynccontextmanager
     async def _locked(self, key: str) -> AsyncIterator[None]:
@@ -141,20 +167,64 @@ class Ingestor:
         if provider is None:
             raise PermanentError(f"provider {name!r} is not enabled")
         begun = self._begun.pop(event_id, None)
-        try:
-            outcomes = await (begun if begun is not None else  # begun as the webhook committed
-                              self._ingest_refs(provider, event, event_id, job.last_attempt, fresh))
-        except InvalidKey as exc:
-            raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
-        except StorageError as exc:
-            raise RetryLater(f"storage unavailable: {exc}") from exc
+        with _storage_errors():
+            stored = await (begun if begun is not None else  # begun as the webhook committed
+                            self._ingest_refs(provider, event, event_id, job.last_attempt, fresh))
+        return self._result(provider, event, event_id, stored, job.last_attempt)
+
+    def _result(self, provider: Provider, event: WebhookEvent, event_id: str, stored: list[Stored],
+                last_attempt: bool) -> JobResult:
+        """The job's result: the rewritten payload and deliveries, the rows to insert with them
+        (each once), the ``media_stored`` hooks once committed, and the revision should a copy
+        of one attachment have been recorded meanwhile (:meth:`_revise`)."""
+        outcomes = [s.outcome for s in stored]
         ready = self._ready(provider, event, event_id, outcomes)
         notes = [o.error for o in outcomes if o.error]
+        rows = list({s.row["id"]: s.row for s in stored if s.row is not None}.values())
+
+        async def recorded() -> None:  # the rows are committed: the first job to commit one announces it
+            for row in rows:
+                if self._forget_unrecorded(row):
+                    await self.media_store.stored(row)
+
+        async def taken(exc: MediaTaken) -> JobResult:
+            return await self._revise(provider, event, event_id, stored, exc, last_attempt)
+
         return JobResult(ready.followups, (event_id, {"forward": ready.forward, "state": "ingested",
-                                                      "notes": notes or None}))
+                                                      "notes": notes or None}),
+                         media=rows, after=recorded if rows else None, taken=taken if rows else None)
+
+    async def _revise(self, provider: Provider, event: WebhookEvent, event_id: str, stored: list[Stored],
+                      exc: MediaTaken, last_attempt: bool) -> JobResult:
+        """The result again after the completion found a stored row of another id for the source
+        keys ``exc`` names: the objects stored here for them are deleted, and those references are
+        ingested again, linking the recorded copy (or storing anew should it be gone meanwhile)."""
+        keys = set(exc.source_keys)
+        revised: list[Stored] = []
+        dropped: set[str] = set()
+        with _storage_errors():
+            for s in stored:
+                if s.row is None or s.row["source_key"] not in keys:
+                    revised.append(s)
+                    continue
+                if s.row["id"] not in dropped:
+                    self._forget_unrecorded(s.row)
+                    await self.media_store.drop(s.row)
+                    dropped.add(s.row["id"])
+                revised.append(await self._ingest_ref(provider, event, event_id, s.outcome.ref, last_attempt))
+        return self._result(provider, event, event_id, revised, last_attempt)
+
+    def _forget_unrecorded(self, row: MediaRow) -> bool:
+        """Forget ``row`` in :attr:`unrecorded` (committed, or refused): True if it was there."""
+        key = row["source_key"]
+        held = self.unrecorded.get(key) if key is not None else None
+        if key is None or held is None or held["id"] != row["id"]:
+            return False
+        del self.unrecorded[key]
+        return True
 
     async def _ingest_refs(self, provider: Provider, event: WebhookEvent, event_id: str, last_attempt: bool,
-                           fresh: bool, committed: asyncio.Future[bool] | None = None) -> list[MediaOutcome]:
+                           fresh: bool, committed: asyncio.Future[bool] | None = None) -> list[Stored]:
         """Store each media reference of ``event`` in turn (:meth:`_ingest_ref`); ``committed``: see
         :meth:`begin`."""
         return [await self._ingest_ref(provider, event, event_id, ref, last_attempt,
@@ -211,22 +281,28 @@ class Ingestor:
 
     async def _ingest_ref(self, provider: Provider, event: WebhookEvent, event_id: str,
                           ref: MediaRef, last_attempt: bool, new: bool = False,
-                          committed: asyncio.Future[bool] | None = None) -> MediaOutcome:
-        """Store one reference of ``event``, unless its ``source_key`` is in the catalog already.
-        ``new``: the first attempt at an attachment no other event named lately: it is not looked
-        up first (a copy stored meanwhile, by another replica or before a restart, still wins:
-        :meth:`MediaStore.store` then drops the new object and returns the stored row)."""
+                          committed: asyncio.Future[bool] | None = None) -> Stored:
+        """Store one reference of ``event``, unless its ``source_key`` is in the catalog already, or
+        in :attr:`unrecorded` (stored here, its row not committed yet: linked again, and inserted
+        by whichever completion commits first). ``new``: the first attempt at an attachment no
+        other event named lately: the catalog is not looked up first (a copy stored meanwhile, by
+        another replica or before a restart, still wins: the completion raises
+        :class:`MediaTaken`, and :meth:`_revise` drops the new object)."""
         extra = {"event_id": event_id, "provider": provider.name}
         declared_category = category_for(ref.mimetype)  # metrics label until the content is sniffed
         if ref.error:
             log.info("media at %s not fetched: %s", ref.path, ref.error, extra=extra)
             self.metrics.media_outcome(provider.name, declared_category, "skipped")
-            return MediaOutcome(ref, error=ref.error)
+            return Stored(MediaOutcome(ref, error=ref.error))
         async with self._locked(ref.source_key):
+            unrecorded = self.unrecorded.get(ref.source_key)
+            if unrecorded is not None:
+                self.metrics.media_outcome(provider.name, unrecorded["category"], "duplicate")
+                return Stored(self._outcome(ref, unrecorded), unrecorded)
             existing = None if new else await self.catalog.media_by_source(ref.source_key)
             if existing is not None:
                 self.metrics.media_outcome(provider.name, existing["category"], "duplicate")
-                return self._outcome(ref, existing)
+                return Stored(self._outcome(ref, existing))
             started = time.monotonic()
             try:
                 record = await self._store(provider, event, event_id, ref, committed)
@@ -236,7 +312,7 @@ class Ingestor:
                 self.metrics.media_outcome(provider.name, declared_category, "refused",
                                            seconds=time.monotonic() - started)
                 log.warning("media at %s not stored: %s", ref.path, exc, extra=extra)
-                return MediaOutcome(ref, error=str(exc))
+                return Stored(MediaOutcome(ref, error=str(exc)))
             except (FetchError, DigestMismatch) as exc:
                 reason = "digest_mismatch" if isinstance(exc, DigestMismatch) else exc.reason
                 self.metrics.media_failures.labels(provider.name, reason).inc()
@@ -246,9 +322,10 @@ class Ingestor:
                 if final:
                     log.error("media at %s given up: %s; forwarding with the original link",
                               ref.path, exc, extra=extra)
-                    return MediaOutcome(ref, error=str(exc))
+                    return Stored(MediaOutcome(ref, error=str(exc)))
                 raise
-            return self._outcome(ref, record)
+            self.unrecorded[ref.source_key] = record
+            return Stored(self._outcome(ref, record), record)
 
     def _with_thumbnails(self, forward: dict[str, Any], outcomes: list[MediaOutcome]) -> dict[str, Any]:
         """``forward`` with a signed ``thumbnail`` link added to the ``gateway`` object the provider's
@@ -268,8 +345,8 @@ class Ingestor:
         return MediaOutcome(ref, record=dict(record), link=self.links.link(record["id"], record["filename"]))
 
     async def _store(self, provider: Provider, event: WebhookEvent, event_id: str,
-                     ref: MediaRef, committed: asyncio.Future[bool] | None = None) -> dict[str, Any]:
-        """Fetch ``ref`` and stream it into storage; return the catalog row.
+                     ref: MediaRef, committed: asyncio.Future[bool] | None = None) -> MediaRow:
+        """Fetch ``ref`` and stream it into storage; return the catalog row, not inserted yet.
 
         Raises :class:`FetchError`, :class:`MediaTooLarge`, :class:`DigestMismatch`,
         :class:`MediaRefused`, or a storage error.
@@ -282,19 +359,27 @@ class Ingestor:
                 source_url=ref.url, declared_mimetype=ref.mimetype or src.mimetype,
                 declared_size=src.size, declared_sha256=ref.sha256 or src.sha256,
                 filename=ref.filename or src.filename)
-            # the row's commit need not wait for the disk: the job's completion, which records
-            # the rewritten payload that links to it, is durable and follows it in the log
-            record, created = await self.media_store.store(_body_errors_as_fetch_errors(src.chunks), origin,
-                                                           durable=False, committed=committed)
-        if created:
-            self.metrics.media_outcome(provider.name, record["category"], "stored",
-                                       seconds=time.monotonic() - started, size=record["size"])
-        else:
-            self.metrics.media_outcome(provider.name, record["category"], "duplicate")
-        return dict(record)
+            # the row goes in with the job's completion, which records the rewritten payload linking it
+            record = await self.media_store.put_object(_body_errors_as_fetch_errors(src.chunks), origin,
+                                                       committed=committed)
+        self.metrics.media_outcome(provider.name, record["category"], "stored",
+                                   seconds=time.monotonic() - started, size=record["size"])
+        return record
 
 
-def _log_abandoned(task: asyncio.Task[list[MediaOutcome]]) -> None:
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Storage trouble as the job queue takes it: an invalid object key (the settings' template)
+    is :class:`PermanentError`, an unavailable storage :class:`RetryLater`."""
+    try:
+        yield
+    except InvalidKey as exc:
+        raise PermanentError(f"media.key_template gave an invalid object key: {exc}") from exc
+    except StorageError as exc:
+        raise RetryLater(f"storage unavailable: {exc}") from exc
+
+
+def _log_abandoned(task: asyncio.Task[list[Stored]]) -> None:
     """Retrieve the outcome of an abandoned early ingest (:meth:`Ingestor.abandon`)."""
     if task.cancelled():
         return

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.admission import Admission
-from gateway.catalog import CatalogContract, ClaimedJob
+from gateway.catalog import CatalogContract, ClaimedJob, MediaRow, MediaTaken
 from gateway.config import QueueSettings
 from gateway.metrics import Metrics
 
@@ -79,12 +79,19 @@ class JobResult:
     retried: the job's effect has happened), so that nothing slow sits between the effect and
     the commit that records it. ``repeatable``: running the job again is harmless (a delivery,
     at least once), so its completion need not wait for the disk
-    (:meth:`CatalogContract.complete_job`'s ``durable=False``)."""
+    (:meth:`CatalogContract.complete_job`'s ``durable=False``).
+
+    ``media``: the rows of objects the job stored, inserted by that same commit (an ingest's: its
+    rewritten payload links them). ``taken``: when the commit refuses them, because a copy of one
+    of those attachments was recorded meanwhile (:class:`MediaTaken`), the handler's revised
+    result, committed instead; it raises as the handler would."""
 
     followups: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     event_update: tuple[str, dict[str, Any]] | None = None
     after: Callable[[], Awaitable[None]] | None = None
     repeatable: bool = False
+    media: list[MediaRow] = field(default_factory=list)
+    taken: Callable[[MediaTaken], Awaitable[JobResult]] | None = None
 
 
 Handler = Callable[[Job], Awaitable[JobResult | None]]
@@ -98,6 +105,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     return delay / 2 + (rng or random).uniform(0, delay / 2)
 
 
+MAX_REVISIONS = 3
+"""Revised results (:attr:`JobResult.taken`) a job's completion takes at most before the job is
+retried later."""
 FETCH_KINDS = ("ingest",)
 """The job kinds of the fetch lane; every other kind runs in the deliver lane."""
 DUE_TTL = 0.1
@@ -448,20 +458,56 @@ class JobQueue:
             self.metrics.jobs_processed.labels(job.kind, "dead").inc()
             return
         try:
-            result = await handler(job) or JobResult()
+            result = await self._attempt(job, handler(job))
+        finally:
+            self.metrics.job_duration.labels(job.kind).observe(time.monotonic() - started)
+        revisions = 0
+        while result is not None:
+            lane = self._handoff_lane(result.followups)
+            try:
+                claimed = await self.catalog.complete_job(job.id, result.followups, result.event_update,
+                                                          claim=lane is not None, durable=not result.repeatable,
+                                                          media=result.media)
+            except MediaTaken as exc:
+                revisions += 1
+                log.info("job %s: %s; revising its result", job.key, exc, extra={"job_id": job.id})
+                revised = (result.taken(exc) if result.taken is not None and revisions <= MAX_REVISIONS
+                           else _raise(RetryLater(str(exc))))
+                result = await self._attempt(job, revised)
+                continue
+            except Exception as exc:  # the catalog's trouble, not the job's: it runs again
+                result = await self._attempt(job, _raise(RetryLater(
+                    f"its completion was not recorded: {type(exc).__name__}: {exc}")))
+                continue
+            self._completed(job, result, lane, claimed)
+            if result.after is not None:
+                try:
+                    await result.after()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("job %s is done, but what runs after it failed", job.key,
+                                  extra={"job_id": job.id})
+            return
+
+    async def _attempt(self, job: Job, attempt: Awaitable[JobResult | None]) -> JobResult | None:
+        """Await the handler's ``attempt`` at ``job``: its result (none: an empty one), or None
+        when it raised, after recording the failure (dead, or queued again after a backoff)."""
+        try:
+            return await attempt or JobResult()
         except asyncio.CancelledError:
             raise
         except PermanentError as exc:
             log.error("job %s failed for good: %s", job.key, exc, extra={"job_id": job.id})
             await self.catalog.fail_job(job.id, str(exc), None)
             self.metrics.jobs_processed.labels(job.kind, "dead").inc()
-            return
+            return None
         except RetryLater as exc:
             delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
             log.warning("job %s deferred (%s); retry in %.1fs", job.key, exc, delay, extra={"job_id": job.id})
             await self._retry_at(job, f"deferred: {exc}", delay)
             self.metrics.jobs_processed.labels(job.kind, "retry").inc()
-            return
+            return None
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             if job.last_attempt:
@@ -475,12 +521,11 @@ class JobQueue:
                             error, delay, extra={"job_id": job.id})
                 await self._retry_at(job, error, delay)
                 self.metrics.jobs_processed.labels(job.kind, "retry").inc()
-            return
-        finally:
-            self.metrics.job_duration.labels(job.kind).observe(time.monotonic() - started)
-        lane = self._handoff_lane(result.followups)
-        claimed = await self.catalog.complete_job(job.id, result.followups, result.event_update,
-                                                  claim=lane is not None, durable=not result.repeatable)
+            return None
+
+    def _completed(self, job: Job, result: JobResult, lane: str | None, claimed: list[ClaimedJob]) -> None:
+        """Count a job whose completion committed and hand its claimed follow-ups to the workers
+        of ``lane`` (or announce its queued ones)."""
         self.metrics.jobs_processed.labels(job.kind, "done").inc()
         if job.kind in FETCH_KINDS:
             self.admission.finished()
@@ -490,11 +535,8 @@ class JobQueue:
                 self._wake_one(lane)
         elif result.followups:
             self.notify({kind for kind, _, _ in result.followups})
-        if result.after is not None:
-            try:
-                await result.after()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("job %s is done, but what runs after it failed", job.key,
-                              extra={"job_id": job.id})
+
+
+async def _raise(exc: Exception) -> JobResult:
+    """An attempt that fails with ``exc``."""
+    raise exc

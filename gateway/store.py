@@ -215,15 +215,30 @@ class MediaStore:
         #: The small local files served lately, kept open (the serving path's; closed at shutdown).
         self.files = HotFiles()
 
-    async def store(self, chunks: AsyncIterator[bytes], origin: Origin, durable: bool = True,
-                    committed: asyncio.Future[bool] | None = None) -> tuple[MediaRow, bool]:
-        """Store ``chunks``; return ``(catalog row, created)``. ``created`` is False when
-        ``origin.source_key`` was stored meanwhile by someone else: then that row is returned and
-        the new object deleted again. ``durable=False``: the row's commit need not wait for the
-        disk, for a caller whose own durable commit follows (:meth:`CatalogContract.insert_media`;
-        the ``media_stored`` hooks may then see a row a power loss takes back). ``committed``: the
-        object is stored while its webhook's commit runs, and the row waits for this future: on
-        False the object is deleted again and :class:`NotCommitted` raised.
+    async def store(self, chunks: AsyncIterator[bytes], origin: Origin) -> tuple[MediaRow, bool]:
+        """Store ``chunks`` (:meth:`put_object`) and insert its catalog row; return ``(catalog row,
+        created)``. ``created`` is False when ``origin.source_key`` was stored meanwhile by someone
+        else: then that row is returned and the new object deleted again. The ``media_stored``
+        hooks run for a created row (:meth:`stored`).
+
+        Raises as :meth:`put_object`.
+        """
+        ours = await self.put_object(chunks, origin)
+        record, inserted = await self.catalog.insert_media(ours)
+        if not inserted:  # another worker stored the same attachment first: keep one object
+            await self.drop(ours)
+            return record, False
+        await self.stored(record)
+        return record, True
+
+    async def put_object(self, chunks: AsyncIterator[bytes], origin: Origin,
+                         committed: asyncio.Future[bool] | None = None) -> MediaRow:
+        """Stream ``chunks`` into storage (hashed, counted, limited, sniffed, checked by the policy
+        hooks) and return the catalog row for the new object, not inserted: the caller inserts it
+        (:meth:`CatalogContract.insert_media`, or with its job's completion), then calls
+        :meth:`stored`, or calls :meth:`drop` for the object. ``committed``: the object is stored while
+        its webhook's commit runs, and the row waits for this future: on False the object is
+        deleted again and :class:`NotCommitted` raised.
 
         Raises :class:`gateway.media.MediaTooLarge`, :class:`gateway.media.DigestMismatch`
         (``declared_sha256`` hex differs), :class:`MediaRefused`, and storage errors.
@@ -278,14 +293,21 @@ class MediaStore:
         if committed is not None and not await committed:
             await self.storage.delete(key, bucket=put.bucket)
             raise NotCommitted(f"the webhook of event {origin.event_id} was not committed")
-        record, inserted = await self.catalog.insert_media(record, durable=durable)
-        if not inserted:  # another worker stored the same attachment first: keep one object
-            await self.storage.delete(key, bucket=put.bucket)
-            return record, False
-        log.info("stored %s (%s, %d bytes) at %s", media_id, decision.mimetype, stream.size, key,
-                 extra={"event_id": origin.event_id, "provider": origin.provider, "media_id": media_id})
+        return record
+
+    async def stored(self, record: MediaRow) -> None:
+        """Log the row inserted for a new object and run the ``media_stored`` hooks (once its
+        insert is committed)."""
+        log.info("stored %s (%s, %d bytes) at %s", record["id"], record["mimetype"], record["size"], record["key"],
+                 extra={"event_id": record.get("event_id"), "provider": record.get("provider"),
+                        "media_id": record["id"]})
         await notify(self.pm, "media_stored", record=record)
-        return record, True
+
+    async def drop(self, record: MediaRow) -> None:
+        """Delete the object of a row that was not inserted (a copy of an attachment already
+        recorded). Raises storage errors."""
+        await self.storage.delete(record["key"], bucket=record.get("bucket"))
+
 
     async def update(self, media_id: str, values: dict[str, Any]) -> MediaRow | None:
         """Change columns ``values`` of a media row (none: just read it); return the row as it is

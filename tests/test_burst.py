@@ -89,15 +89,15 @@ async def test_a_claim_commits_without_fsync_and_leaves_every_other_transaction_
     assert levels == [1, 2] and level == 2  # NORMAL for the claim-only group, FULL again after it
 
 
-async def test_a_media_row_before_its_completion_and_a_delivery_done_commit_without_fsync(catalog):
+async def test_an_ingest_commits_its_media_row_with_its_completion_and_a_delivery_done_without_fsync(catalog):
     [eid], _, [job] = await catalog.record_webhook("waha", b"{}", [_event("no-fsync")], claim={"ingest"})
     commits, durable = catalog.commits, catalog.durable_commits
-    await catalog.insert_media(_media(1), durable=False)  # the ingest's row: its completion follows
-    await catalog.complete_job(job["id"], [("deliver", f"deliver:{eid}:bot", {"event_id": eid})], claim=True)
+    await catalog.complete_job(job["id"], [("deliver", f"deliver:{eid}:bot", {"event_id": eid})], claim=True,
+                               media=[_media(1)])  # the ingest's row and its completion: one commit
     [delivery] = await catalog.list_jobs(kind="deliver")
     await catalog.complete_job(delivery["id"], durable=False)  # at least once: a repeat is allowed
-    assert (catalog.commits - commits, catalog.durable_commits - durable) == (3, 1)  # the completion's fsync
-    await catalog.insert_media(_media(2))  # the default: durable (the files API answers 201 after it)
+    assert (catalog.commits - commits, catalog.durable_commits - durable) == (2, 1)  # the completion's fsync
+    await catalog.insert_media(_media(2))  # durable (the files API answers 201 after it)
     assert catalog.durable_commits - durable == 2
     assert {j["state"] for j in await catalog.list_jobs()} == {"done"}
     assert await catalog.get_media(_media(1)["id"]) is not None

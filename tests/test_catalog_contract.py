@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, ReadyEvent, SQLiteCatalog
+from gateway.catalog import CatalogContract, ExpiryRule, MediaRow, MediaTaken, ReadyEvent, SQLiteCatalog
 from gateway.catalog.postgres import PostgresCatalog
 from gateway.config import RetentionSettings
 from gateway.media import CATEGORIES
@@ -182,12 +182,37 @@ async def test_record_webhook_can_claim_the_jobs_it_adds(catalog):
 async def test_writes_that_need_not_wait_for_the_disk_commit_all_the_same(catalog):
     # SQLite commits them without an fsync, PostgreSQL with synchronous_commit off: the same rows
     [eid], _, [job] = await catalog.record_webhook("waha", b"n", [_event("not-durable")], now=T0, claim={"ingest"})
-    assert await catalog.insert_media(_media(7), durable=False) == (_media(7), True)
-    assert (await catalog.insert_media(_media(8, source_key="src:7"), durable=False))[1] is False  # taken
-    await catalog.complete_job(job["id"], durable=False)
+    await catalog.complete_job(job["id"], durable=False, media=[_media(7)])
     assert (await catalog.get_job(job["id"]))["state"] == "done"
     assert (await catalog.get_media(_media(7)["id"]))["source_key"] == "src:7"
-    assert await catalog.get_media(_media(8)["id"]) is None
+
+
+async def test_a_completion_inserts_its_media_rows_or_nothing_when_a_copy_holds_their_source_key(catalog):
+    ids, _, jobs = await catalog.record_webhook("waha", b"m", [_event("a"), _event("b"), _event("c")], now=T0,
+                                                claim={"ingest"})
+    a, b, c = (job["id"] for job in jobs)
+    forward = {"forward": {"payload": {}}, "state": "ingested"}
+    claimed = await catalog.complete_job(a, [("deliver", f"deliver:{ids[0]}:bot", {"event_id": ids[0]})],
+                                         (ids[0], forward), claim=True, media=[_media(1), _media(2)])
+    assert [j["key"] for j in claimed] == [f"deliver:{ids[0]}:bot"]
+    assert {r["id"] for r in await catalog.list_media([], [], "created_at", False, None, 10)} == {
+        _media(1)["id"], _media(2)["id"]}
+    # another job of the same attachment links the same row: left as it is, the job done
+    await catalog.complete_job(b, media=[_media(2)])
+    assert (await catalog.get_job(b))["state"] == "done" and await catalog.count("media") == 2
+    # a copy of another id holds src:1: nothing of the call is committed
+    with pytest.raises(MediaTaken) as taken:
+        await catalog.complete_job(c, [("deliver", f"deliver:{ids[2]}:bot", {"event_id": ids[2]})],
+                                   (ids[2], forward), media=[_media(3), _media(4, source_key="src:1")])
+    assert taken.value.source_keys == ["src:1"]
+    job = await catalog.get_job(c)
+    assert job is not None and job["state"] == "running"
+    assert await catalog.get_media(_media(3)["id"]) is None and await catalog.get_media(_media(4)["id"]) is None
+    assert (await catalog.get_event(ids[2]))["state"] != "ingested"
+    assert await catalog.count("jobs", "kind = ?", ["deliver"]) == 1
+    # the revised result links the stored copy: committed
+    await catalog.complete_job(c, media=[_media(3)])
+    assert (await catalog.get_job(c))["state"] == "done" and await catalog.count("media") == 3
 
 
 async def test_get_event_unknown(catalog):

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError
+from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError, MediaTaken
 from gateway.config import QueueSettings
-from gateway.jobs import Job, JobQueue, JobResult, PermanentError, backoff_delay
+from gateway.jobs import MAX_REVISIONS, Job, JobQueue, JobResult, PermanentError, backoff_delay
 from gateway.metrics import Metrics
 from gateway.sdk.provider import MediaRef
-from tests.test_catalog_contract import T0, _event
+from tests.test_catalog_contract import T0, _event, _media
 
 @pytest.fixture
 async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
@@ -247,6 +247,41 @@ async def test_queue_permanent_error_is_dead_at_once(catalog, run_queue):
     assert row["attempts"] == 1 and calls == 1
     assert "media URL is gone for good" in row["last_error"]
     assert _processed(metrics, "ingest", "dead") == 1 and _processed(metrics, "ingest", "retry") == 0
+
+
+@pytest.mark.parametrize("revises", [True, False])
+async def test_a_completion_refused_for_a_recorded_copy_commits_the_revised_result_or_retries(
+        catalog, run_queue, revises):
+    job_id = await _one_job(catalog)
+    await catalog.insert_media(_media(1))  # a copy recorded meanwhile (another replica, or before a restart)
+    taken: list[list[str]] = []
+    calls = 0
+
+    async def handler(job: Job) -> JobResult:
+        nonlocal calls
+        calls += 1
+        ours = _media(2, source_key="src:1")
+
+        async def revise(exc: MediaTaken) -> JobResult:
+            taken.append(exc.source_keys)
+            return JobResult(media=[] if revises else [ours], taken=revise)
+
+        return JobResult(media=[ours], taken=revise)
+
+    _, metrics = await run_queue({"ingest": handler}, max_attempts=5, backoff_base=60, backoff_max=60)
+    if revises:
+        await _job_in_state(catalog, job_id, "done")
+        assert taken == [["src:1"]] and calls == 1
+    else:  # revised in vain, MAX_REVISIONS times: retried later, the attempt counted
+        async def deferred() -> bool:
+            row = await catalog.get_job(job_id)
+            return row["state"] == "queued" and row["attempts"] == 1
+        await _wait_for(deferred)
+        row = await catalog.get_job(job_id)
+        assert taken == [["src:1"]] * MAX_REVISIONS and calls == 1
+        assert row["last_error"].startswith("deferred: ") and "src:1" in row["last_error"]
+        assert _processed(metrics, "ingest", "retry") == 1
+    assert await catalog.get_media(_media(2)["id"]) is None and await catalog.count("media") == 1
 
 
 async def test_queue_unknown_kind_is_dead(catalog, run_queue):

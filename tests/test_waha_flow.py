@@ -172,6 +172,31 @@ async def test_an_attachment_stored_before_is_kept_once_when_its_look_up_is_skip
     assert len(gateway.object_files()) == 2  # the second copy of the clip was dropped
 
 
+async def test_a_completion_the_catalog_refused_is_retried_with_the_object_stored_before(gateway, waha, sink):
+    """The rows of an ingest's objects go in with its completion. A completion the catalog
+    refuses (here a trigger refuses to mark the event ingested) is retried like a failed attempt,
+    and the retry links the object stored the first time: not fetched again (WAHA may have deleted
+    the file by then), one object, one row, one forward."""
+    catalog = gateway.app[CATALOG]
+    await catalog.write(lambda db: db.conn.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE OF state ON events WHEN NEW.state = 'ingested'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+    url = waha.add_file(MEDIA / "screenshot.png")
+    assert (await gateway.post_waha(waha_payload(url, message_id="refused-completion",
+                                                 mimetype="image/png"))).status == 200
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await gateway.count("jobs", "kind = 'ingest' AND last_error LIKE '%refused by the test%'"):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert await gateway.count("media") == 0  # the row went with the refused completion
+    await catalog.write(lambda db: db.conn.execute("DROP TRIGGER refuse"))
+    [delivery] = await sink.wait_for(1)
+    assert waha.served("screenshot.png") == 1
+    assert await gateway.count("media") == 1 and len(gateway.object_files()) == 1
+    [row] = await catalog.list_media([], [], "created_at", False, None, 10)
+    assert delivery.json["payload"]["media"]["gateway"]["id"] == row["id"]
+
+
 async def test_file_gone_at_waha_is_forwarded_with_a_note_after_retries(gateway, waha, sink):
     url = f"{waha.base_url}/api/files/default/never-there.jpg"
     await gateway.post_waha(waha_payload(url, message_id="gone-1"))

@@ -16,6 +16,7 @@ from gateway.catalog.contract import (
     CatalogLocked,
     CatalogStats,
     ExpiryRule,
+    MediaTaken,
     exact_time,
 )
 from gateway.catalog.rows import (
@@ -59,6 +60,6 @@ READ_ONLY_POOL = 4
 __all__ = [
     "JOB_STATES", "MIGRATIONS", "SCHEMA_VERSION", "Catalog", "CatalogContract", "CatalogError", "CatalogLocked",
     "CatalogStats", "ClaimedJob", "CleanupRunRow", "DoomedMedia", "EventRow", "ExpiredMedia", "ExpiryRule",
-    "JobRow", "ListedObject", "MediaRow", "ReadyEvent", "SQLiteCatalog", "StatsGroup", "UnlistedMedia", "catalog_from_settings",
+    "JobRow", "ListedObject", "MediaRow", "MediaTaken", "ReadyEvent", "SQLiteCatalog", "StatsGroup", "UnlistedMedia", "catalog_from_settings",
     "exact_time",
 ]

@@ -71,6 +71,17 @@ class CatalogError(Exception):
     """The catalog could not be opened, is not open, or is from a newer gateway."""
 
 
+class MediaTaken(Exception):
+    """:meth:`CatalogContract.complete_job` inserts no media row of its ``media``, and commits
+    nothing, because a ``stored`` row of another id holds the ``source_key`` of one of them (a copy of
+    the same attachment was recorded meanwhile: by another replica, or before a restart).
+    ``source_keys``: those keys, in the order of ``media``."""
+
+    def __init__(self, source_keys: Sequence[str]):
+        super().__init__(f"a stored media row holds source key {', '.join(source_keys)}")
+        self.source_keys = list(source_keys)
+
+
 class CatalogLocked(CatalogError):
     """Another process holds the catalog's exclusive lock (a daemon already runs on it).
 
@@ -258,11 +269,18 @@ class CatalogContract(CatalogTuning, abc.ABC):
     @abc.abstractmethod
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None,
-                           claim: bool = False, durable: bool = True) -> list[ClaimedJob]:
+                           claim: bool = False, durable: bool = True,
+                           media: Sequence[MediaRow] = ()) -> list[ClaimedJob]:
         """Mark a job done (``last_error`` cleared), enqueue ``followups`` ``(kind, key, payload)``
         (idempotent by key, as :meth:`enqueue`) and apply ``event_update`` ``(event_id, {column:
         value})`` (dicts and lists stored as JSON), all in one transaction. Runs ahead of other
         waiting catalog work: the job's effect has happened, and a crash before the commit repeats it.
+
+        ``media``: rows of objects the job stored, inserted first in the same transaction (an
+        ingest's, whose rewritten payload links them: one commit records both). A row whose id is
+        in the catalog already, as the stored row of its ``source_key``, is left as it is (another
+        job of the same attachment recorded it). A row whose ``source_key`` a stored row of another
+        id holds raises :class:`MediaTaken`, and nothing of the call is committed.
 
         ``claim``: the follow-ups this call adds are created claimed by the caller, as
         :meth:`claim_job` would hand them (running, first attempt counted, under this replica's
@@ -328,16 +346,11 @@ class CatalogContract(CatalogTuning, abc.ABC):
         """The media row in any state, or None."""
 
     @abc.abstractmethod
-    async def insert_media(self, record: MediaRow, durable: bool = True) -> tuple[MediaRow, bool]:
+    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
         """Insert a media row, written after its object. If its ``source_key`` is taken by a stored
         row (a concurrent ingest stored the same attachment) nothing is inserted and the result is
-        ``(that row, False)``; else ``(record, True)``.
-
-        ``durable=False``: for a caller whose next commit is durable and records the row's use (an
-        ingest job's completion): the commit need not wait for the disk (SQLite: no fsync, as
-        :meth:`claim_job`'s; PostgreSQL: ``synchronous_commit = off``). Either log is written in
-        order, so the durable commit that follows makes the row durable too; a power loss before
-        it loses the row and repeats the job, leaving an object without a row for the cleanup."""
+        ``(that row, False)``; else ``(record, True)``. (An ingest's rows go in with its job's
+        completion instead: :meth:`complete_job`'s ``media``.)"""
 
     @abc.abstractmethod
     async def update_media(self, media_id: str, values: dict[str, Any]) -> bool:

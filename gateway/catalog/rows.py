@@ -180,6 +180,26 @@ def to_column(value: Any) -> Any:
     return value
 
 
+MEDIA_SOURCE_TAKEN = "ON CONFLICT (source_key) WHERE state = 'stored' DO NOTHING"
+"""A media insert's conflict clause: a stored row with the same ``source_key`` keeps its place
+(:meth:`gateway.catalog.CatalogContract.insert_media`)."""
+MEDIA_ANY_TAKEN = "ON CONFLICT DO NOTHING"
+"""A media insert's conflict clause for :meth:`gateway.catalog.CatalogContract.complete_job`: a
+row with the same id (recorded by another job of the same attachment) or ``source_key`` stays."""
+MEDIA_SOURCE_HOLDER = "SELECT id FROM media WHERE source_key = {} AND state = 'stored'"
+"""The id of the stored row of a ``source_key`` (``{}``: the dialect's placeholder)."""
+
+
+def media_insert(record: MediaRow, placeholder: str, conflict: str) -> tuple[str, list[Any]]:
+    """``(SQL, arguments)`` inserting ``record`` into ``media`` (values as :func:`to_column` makes
+    them) followed by the ``conflict`` clause, for both dialects: ``placeholder`` is ``?`` or
+    ``%s``."""
+    cols = list(record)
+    sql = (f"INSERT INTO media ({', '.join(cols)}) VALUES ({', '.join([placeholder] * len(cols))})"
+           f" {conflict}")
+    return sql, [to_column(record[c]) for c in cols]  # type: ignore[literal-required]
+
+
 def job_listing(select: str, placeholder: str, *, state: str | None, kind: str | None, before: int | None,
                 newest_first: bool, limit: int | None) -> tuple[str, dict[str, Any]]:
     """``(SQL, named arguments)`` of :meth:`gateway.catalog.CatalogContract.list_jobs` for both

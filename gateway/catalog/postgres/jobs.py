@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from gateway.catalog.postgres.connection import Conn, PostgresConnection
-from gateway.catalog.rows import to_column, ClaimedJob, JobRow, job_listing
+from gateway.catalog.contract import MediaTaken
+from gateway.catalog.rows import (MEDIA_ANY_TAKEN, MEDIA_SOURCE_HOLDER, ClaimedJob, JobRow, MediaRow,
+                                   job_listing, media_insert, to_column)
 
 _COLUMNS = "id, kind, key, payload, state, attempts, run_at, created_at, updated_at, last_error, deadline"
 
@@ -126,15 +128,27 @@ class JobsMixin(PostgresConnection):
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None,
-                           claim: bool = False, durable: bool = True) -> list[ClaimedJob]:
-        """Mark a job done, enqueue ``followups`` (``claim``: already claimed under this replica's
-        lease, and returned) and apply ``event_update``, in one transaction (``durable=False``:
-        with ``synchronous_commit = off``, see the contract)."""
+                           claim: bool = False, durable: bool = True,
+                           media: Sequence[MediaRow] = ()) -> list[ClaimedJob]:
+        """Insert the ``media`` rows (:class:`MediaTaken` if another stored row holds one's source
+        key), mark a job done, enqueue ``followups`` (``claim``: already claimed under this
+        replica's lease, and returned) and apply ``event_update``, in one transaction
+        (``durable=False``: with ``synchronous_commit = off``, see the contract)."""
         now = time.time()
         claimed: list[ClaimedJob] = []
+        holder = MEDIA_SOURCE_HOLDER.format("%s").encode()
         async with self.transaction() as conn:
             if not durable:
                 await conn.execute(b"SET LOCAL synchronous_commit = off")
+            taken: list[str] = []
+            for record in media:
+                sql, args = media_insert(record, "%s", MEDIA_ANY_TAKEN)
+                if not (await conn.execute(sql.encode(), args)).rowcount:
+                    held = await (await conn.execute(holder, (record["source_key"],))).fetchone()
+                    if held is None or held["id"] != record["id"]:
+                        taken.append(str(record["source_key"]))
+            if taken:
+                raise MediaTaken(taken)  # rolls the transaction back
             if event_update is not None:
                 event_id, values = event_update
                 cols = ", ".join(f"{c} = %s" for c in values)

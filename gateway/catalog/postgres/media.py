@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from gateway.catalog.postgres.connection import PostgresConnection, pg_condition
-from gateway.catalog.rows import to_column, MediaRow, StatsGroup
+from gateway.catalog.rows import MEDIA_SOURCE_TAKEN, to_column, MediaRow, StatsGroup, media_insert
 
 _STORED_BY_SOURCE = "SELECT * FROM media WHERE source_key = %s AND state = 'stored'"
 
@@ -23,18 +23,11 @@ class MediaMixin(PostgresConnection):
         rows = await self.fetch("SELECT * FROM media WHERE id = %s", (media_id,))
         return cast(MediaRow, rows[0]) if rows else None
 
-    async def insert_media(self, record: MediaRow, durable: bool = True) -> tuple[MediaRow, bool]:
-        """Insert a media row; ``(the stored row with its source_key, False)`` if one exists.
-        ``durable=False``: committed with ``synchronous_commit = off`` (see the contract)."""
-        values: dict[str, Any] = dict(record)
-        cols = list(values)
+    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
+        """Insert a media row; ``(the stored row with its source_key, False)`` if one exists."""
+        sql, args = media_insert(record, "%s", MEDIA_SOURCE_TAKEN)
         async with self.transaction() as conn:
-            if not durable:
-                await conn.execute(b"SET LOCAL synchronous_commit = off")
-            cur = await conn.execute(
-                f"INSERT INTO media ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
-                " ON CONFLICT (source_key) WHERE state = 'stored' DO NOTHING".encode(),
-                [to_column(values[c]) for c in cols])
+            cur = await conn.execute(sql.encode(), args)
             if cur.rowcount:
                 return record, True
             existing = await (await conn.execute(_STORED_BY_SOURCE, (record["source_key"],))).fetchone()

@@ -11,7 +11,9 @@ from typing import Any, cast
 
 import sqlite_utils
 
-from gateway.catalog.rows import ClaimedJob, JobRow, job_listing
+from gateway.catalog.contract import MediaTaken
+from gateway.catalog.rows import (MEDIA_ANY_TAKEN, MEDIA_SOURCE_HOLDER, ClaimedJob, JobRow, MediaRow,
+                                   job_listing, media_insert)
 from gateway.catalog.sqlite.connection import SQLiteConnection, to_sql, transaction
 
 
@@ -128,16 +130,25 @@ class JobsMixin(SQLiteConnection):
 
     async def complete_job(self, job_id: int, followups: Sequence[tuple[str, str, dict[str, Any]]] = (),
                            event_update: tuple[str, dict[str, Any]] | None = None,
-                           claim: bool = False, durable: bool = True) -> list[ClaimedJob]:
-        """Mark a job done, enqueue ``followups`` ``(kind, key, payload)`` (``claim``: already
+                           claim: bool = False, durable: bool = True,
+                           media: Sequence[MediaRow] = ()) -> list[ClaimedJob]:
+        """Insert the ``media`` rows (:class:`MediaTaken` if another stored row holds one's source
+        key), mark a job done, enqueue ``followups`` ``(kind, key, payload)`` (``claim``: already
         claimed, and returned) and apply ``event_update`` ``(event_id, {column: value})``, all in
         one transaction, ahead of other waiting catalog work (``durable=False``: without an fsync
         of its own, see the contract)."""
         now = time.time()
+        inserts = [media_insert(row, "?", MEDIA_ANY_TAKEN) for row in media]
+        holder = MEDIA_SOURCE_HOLDER.format("?")
 
         def _complete(db: sqlite_utils.Database) -> list[ClaimedJob]:
             claimed: list[ClaimedJob] = []
             with transaction(db) as conn:
+                taken = [str(row["source_key"]) for row, (sql, args) in zip(media, inserts)
+                         if not conn.execute(sql, args).rowcount
+                         and conn.execute(holder, (row["source_key"],)).fetchone() != (row["id"],)]
+                if taken:
+                    raise MediaTaken(taken)  # rolls the transaction back
                 if event_update is not None:
                     event_id, values = event_update
                     cols = ", ".join(f"{c} = ?" for c in values)

@@ -6,7 +6,7 @@ from typing import Any, cast
 
 import sqlite_utils
 
-from gateway.catalog.rows import MediaRow, StatsGroup
+from gateway.catalog.rows import MEDIA_SOURCE_TAKEN, MediaRow, StatsGroup, media_insert
 from gateway.catalog.sqlite.connection import (
     SQLiteConnection,
     fetch_dicts,
@@ -28,26 +28,20 @@ class MediaMixin(SQLiteConnection):
         """The media row, or None."""
         return await self.read(lambda db: next(db["media"].rows_where("id = ?", [media_id]), None))
 
-    async def insert_media(self, record: MediaRow, durable: bool = True) -> tuple[MediaRow, bool]:
+    async def insert_media(self, record: MediaRow) -> tuple[MediaRow, bool]:
         """Insert a media row written after its object. If its ``source_key`` is taken (a concurrent
-        ingest stored the same attachment), returns ``(existing row, False)``; else ``(record, True)``.
-        ``durable=False``: the group commit need not fsync (see the contract)."""
+        ingest stored the same attachment), returns ``(existing row, False)``; else ``(record, True)``."""
+        sql, args = media_insert(record, "?", MEDIA_SOURCE_TAKEN)
+
         def _insert(db: sqlite_utils.Database) -> tuple[MediaRow, bool]:
-            values: dict[str, Any] = dict(record)
-            cols = list(values)
             with transaction(db) as conn:
-                cur = conn.execute(
-                    f"INSERT INTO media ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                    " ON CONFLICT(source_key) WHERE state = 'stored' DO NOTHING",
-                    [to_sql(values[c]) for c in cols],
-                )
-                if cur.rowcount:
+                if conn.execute(sql, args).rowcount:
                     return record, True
             existing = next(db["media"].rows_where("source_key = ? AND state = 'stored'",
                                                    [record["source_key"]]))
             return cast(MediaRow, existing), False
 
-        return await self.write(_insert, durable=durable)  # shares a group commit with the writes waiting
+        return await self.write(_insert)  # shares a group commit with the writes waiting
 
     async def update_media(self, media_id: str, values: dict[str, Any]) -> bool:
         """Set columns of a media row; ``True`` if the row exists."""
