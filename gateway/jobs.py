@@ -158,6 +158,9 @@ class JobQueue:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[int, asyncio.Task[None]] = {}
+        #: Jobs whose outcome the catalog could not record (it failed meanwhile): still ``running``
+        #: there, released back to the queue by the monitor once the catalog answers again.
+        self._unreleased: set[int] = set()
         #: lane -> jobs claimed in the commit that added them (a parent's completion, a webhook),
         #: waiting for a worker here
         self._handed: dict[str, deque[ClaimedJob]] = {lane: deque() for lane in self.lanes}
@@ -273,8 +276,23 @@ class JobQueue:
         while not self._stopping and (row := await self.catalog.claim_job(exclude_kinds=known)) is not None:
             await self._run(self._job(row))
 
+    async def _release_unrecorded(self) -> None:
+        """Queue again the jobs whose outcome the catalog could not record (see :meth:`_worker`)."""
+        for job_id in sorted(self._unreleased):
+            if job_id in self._running:  # its lease ran out meanwhile, and a worker here took it again
+                self._unreleased.discard(job_id)
+                continue
+            await self.catalog.release_job(job_id)
+            self._unreleased.discard(job_id)
+            log.warning("job %s is back in the queue: the catalog answers again", job_id, extra={"job_id": job_id})
+
     async def _monitor(self) -> None:
         while not self._stopping:
+            if self._unreleased:
+                try:
+                    await self._release_unrecorded()
+                except Exception as exc:  # still down: the next round tries again
+                    log.info("%d job(s) wait for the catalog to take them back: %s", len(self._unreleased), exc)
             try:
                 await self._dead_letter_unknown()
                 await self.check_backlog()
@@ -382,6 +400,11 @@ class JobQueue:
                 await asyncio.shield(self.catalog.release_job(job.id))
                 log.info("job %s interrupted by shutdown; back in the queue", job.key)
                 raise
+            except Exception as exc:  # the catalog failed to record the outcome: an outage, not the job's fault
+                log.error("job %s: the catalog could not record its outcome (%s: %s); it goes back to the "
+                          "queue once the catalog answers", job.key, type(exc).__name__, exc,
+                          extra={"job_id": job.id})
+                self._unreleased.add(job.id)
             finally:
                 self._running.pop(job.id, None)
             # claim again only for an announced job: else wait, asking the catalog when the next

@@ -284,6 +284,33 @@ async def test_a_completion_refused_for_a_recorded_copy_commits_the_revised_resu
     assert await catalog.get_media(_media(2)["id"]) is None and await catalog.count("media") == 1
 
 
+async def test_a_job_whose_outcome_the_catalog_could_not_record_is_queued_again_once_it_answers(
+        catalog, run_queue, caplog):
+    """The catalog refuses to record any outcome (done, or queued again): the worker lives on, and
+    the job goes back to the queue once the catalog answers, then runs again."""
+    await catalog.write(lambda db: db.conn.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE OF state ON jobs WHEN NEW.state IN ('done', 'queued')"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+    job_id = await _one_job(catalog)
+    runs = 0
+
+    async def handler(job: Job) -> None:
+        nonlocal runs
+        runs += 1
+
+    await run_queue({"ingest": handler}, workers=1, max_attempts=5)
+    await _wait_for(lambda: _true(any("could not record its outcome" in r.message for r in caplog.records)))
+    assert runs == 1 and (await catalog.get_job(job_id))["state"] == "running"
+    await catalog.write(lambda db: db.conn.execute("DROP TRIGGER refuse"))
+    row = await _job_in_state(catalog, job_id, "done")
+    assert runs == 2 and row["attempts"] == 1  # released without counting the attempt, then run again
+    assert not [r for r in caplog.records if r.exc_info]  # an outage: no traceback in the log
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_queue_unknown_kind_is_dead(catalog, run_queue):
     job_id = await _one_job(catalog, kind="mystery")
     await run_queue({"ingest": lambda job: None})
