@@ -47,7 +47,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.catalog import JOB_STATES, CatalogContract
+from gateway.catalog import JOB_STATES, CatalogContract, CatalogStats
 from gateway.media import CATEGORIES
 from gateway.sdk.storage import (
     InvalidKey,
@@ -136,6 +136,8 @@ class Metrics:
             ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
         self._http = RequestSeries(self.http_requests, self.http_duration)
         self._webhook_series: dict[tuple[str, str], Counter] = {}  # see webhook_outcome
+        #: the catalog read of the scrape in flight, and its catalog (:meth:`refresh`)
+        self._stats: tuple[CatalogContract, asyncio.Future[CatalogStats]] | None = None
         self.webhooks = Counter(
             "gateway_webhooks_received_total",
             "Webhook events received, by provider and outcome "
@@ -318,9 +320,14 @@ class Metrics:
 
         All reads happen first, then every gauge is set without yielding to the event loop, so a
         concurrent scrape never sees half-updated values. Groups that vanished from the catalog
-        disappear from the output.
+        disappear from the output. Scrapes that overlap share one catalog read (it counts every
+        job and media row, seconds on a large catalog): a second Prometheus, or a scrape retried
+        after its timeout, waits for the read in flight rather than starting another.
         """
-        stats = await catalog.stats()
+        if self._stats is None or self._stats[0] is not catalog or self._stats[1].done():
+            self._stats = (catalog, asyncio.ensure_future(catalog.stats()))
+            self._stats[1].add_done_callback(_retrieve)  # a scrape that gave up leaves no unread error
+        stats = await asyncio.shield(self._stats[1])
         now = now if now is not None else time.time()
         all_kinds = sorted(set(kinds) | {k for k, _ in stats.jobs})
         for kind in all_kinds:
@@ -490,3 +497,9 @@ class MeteredStorage:
         """See :meth:`gateway.sdk.storage.LocalFiles.local_path`; ``None`` for a backend without
         local files. Not counted: it does no I/O (the web layer's sendfile reads the file)."""
         return self._local_path(key, bucket) if self._local_path is not None else None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark the outcome of ``future`` as read (its waiters, if any, got it already)."""
+    if not future.cancelled():
+        future.exception()

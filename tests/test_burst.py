@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.admission import Admission
+from gateway.catalog import SQLiteCatalog
 from gateway.config import QueueSettings
 from gateway.delivery import Deliverer, Forwards
 from gateway.ingest import Arrivals
@@ -119,6 +120,58 @@ async def test_reads_do_not_wait_behind_a_commit(catalog):
     finally:
         release.set()
         await write
+
+
+async def test_a_scan_over_every_row_holds_up_no_read(catalog):
+    """The metrics' counts scan every job and media row (seconds on a large catalog); readiness,
+    the media backlog and serving read on a thread of their own meanwhile."""
+    [event_id], _, _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")], claim={"ingest"})
+    started, release = threading.Event(), threading.Event()
+
+    def slow_scan(db):  # holds the scan thread until released
+        started.set()
+        release.wait(10)
+
+    scan = asyncio.create_task(catalog.scan(slow_scan))
+    assert await asyncio.to_thread(started.wait, 10)
+    stats = asyncio.create_task(catalog.stats())  # queued behind the slow scan
+    try:
+        assert await asyncio.wait_for(catalog.media_backlog(), 5) is None  # claimed: nothing waits
+        assert (await asyncio.wait_for(catalog.get_event(event_id), 5))["message_id"] == "read-me"
+        await asyncio.sleep(0.05)
+        assert not stats.done()
+    finally:
+        release.set()
+        await scan
+    assert (await stats).jobs == {("ingest", "running"): 1}
+
+
+async def test_overlapping_scrapes_share_one_catalog_read(tmp_path):
+    class CountingCatalog(SQLiteCatalog):  # the real catalog, its stats() counted and held
+        calls = 0
+        gate: asyncio.Event
+
+        async def stats(self):
+            type(self).calls += 1
+            await self.gate.wait()
+            return await super().stats()
+
+    catalog = CountingCatalog(tmp_path / "c.db")
+    catalog.gate = asyncio.Event()
+    await catalog.open()
+    try:
+        await catalog.record_webhook("waha", b"{}", [_event("queued")])
+        metrics = Metrics()
+        scrapes = [asyncio.create_task(metrics.refresh(catalog, ["ingest", "deliver"])) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        catalog.gate.set()
+        await asyncio.gather(*scrapes)
+        assert CountingCatalog.calls == 1
+        assert metrics.jobs.labels("ingest", "queued")._value.get() == 1
+        await metrics.refresh(catalog, ["ingest", "deliver"])  # the next scrape reads again
+        assert CountingCatalog.calls == 2
+    finally:
+        await catalog.close()
 
 
 async def test_a_delivery_missing_from_the_cache_reads_its_body_from_the_catalog(start_gateway, sink):

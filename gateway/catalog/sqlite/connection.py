@@ -198,6 +198,9 @@ class SQLiteConnection(CatalogTuning):
         #: The reader's own connection and thread (:meth:`read`): reads never wait behind a commit.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-read")
         self._read_db: sqlite_utils.Database | None = None
+        #: The scans' own connection and thread (:meth:`scan`): they never hold up the reads.
+        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-scan")
+        self._scan_db: sqlite_utils.Database | None = None
         self._lock_fd: int | None = None
         #: Group commits done, and the writes they carried (read by the metrics).
         self.commits = 0
@@ -257,14 +260,36 @@ class SQLiteConnection(CatalogTuning):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, lambda: fn(self._reader_db(), *args))
 
+    async def scan(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the read-only ``fn(db, *args)`` on the scan thread, over a connection of its own
+        (``query_only``): for aggregates over every job or media row (the metrics, the counts of
+        the console and the files API), which take seconds on a catalog of millions of rows and
+        must not hold up the short reads of :meth:`read` (readiness, the media backlog, serving).
+        Sees the last commit, as :meth:`read`. Raises :class:`CatalogError` when the catalog is not
+        open."""
+        self._require()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._scanner, lambda: fn(self._scanner_db(), *args))
+
     def _reader_db(self) -> sqlite_utils.Database:
         """The reader thread's connection, opened on its first use."""
         self._require()
         if self._read_db is None:
-            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
-            conn.execute("PRAGMA query_only=ON")
-            self._read_db = sqlite_utils.Database(conn)
+            self._read_db = self._query_only()
         return self._read_db
+
+    def _scanner_db(self) -> sqlite_utils.Database:
+        """The scan thread's connection, opened on its first use."""
+        self._require()
+        if self._scan_db is None:
+            self._scan_db = self._query_only()
+        return self._scan_db
+
+    def _query_only(self) -> sqlite_utils.Database:
+        """A new ``query_only`` connection to the catalog, for a thread of its own."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA query_only=ON")
+        return sqlite_utils.Database(conn)
 
     async def write(self, fn: Callable[..., T], *args: Any, first: bool = False, durable: bool = True) -> T:
         """Run ``fn(db, *args)`` on the catalog thread inside a group commit: with the other writes
@@ -418,10 +443,14 @@ class SQLiteConnection(CatalogTuning):
         if self._read_db is not None:
             read_db, self._read_db = self._read_db, None
             await loop.run_in_executor(self._reader, read_db.conn.close)
+        if self._scan_db is not None:
+            scan_db, self._scan_db = self._scan_db, None
+            await loop.run_in_executor(self._scanner, scan_db.conn.close)
         if self._db is not None:
             db, self._db = self._db, None
             await loop.run_in_executor(self._executor, db.conn.close)
         self._reader.shutdown(wait=True)
+        self._scanner.shutdown(wait=True)
         self._executor.shutdown(wait=True)
         self._unlock()
 

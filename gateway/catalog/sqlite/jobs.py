@@ -221,12 +221,12 @@ class JobsMixin(SQLiteConnection):
         return await self.read(_list)
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
-        """``{(kind, state): count}`` for the metrics."""
+        """``{(kind, state): count}`` (every job: on the scan thread)."""
         def _counts(db: sqlite_utils.Database) -> dict[tuple[str, str], int]:
             rows = db.conn.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")
             return {(k, s): n for k, s, n in rows}
 
-        return await self.read(_counts)
+        return await self.scan(_counts)
 
     async def retry_dead_job(self, job_id: int) -> JobRow | None:
         """Queue a dead job again (attempts reset). The row as queued again (read in the same

@@ -89,7 +89,7 @@ class MediaMixin(SQLiteConnection):
                 f"SELECT COALESCE({col}, ''), COUNT(*), COALESCE(SUM(size), 0) FROM media WHERE {where}"
                 f" GROUP BY 1 ORDER BY 1", args)] for col in ("category", "provider", "backend")}
 
-        return await self.read(_stats)
+        return await self.scan(_stats)  # every media row: on the scan thread
 
     async def claim_media_for_delete(self, media_id: str, now: float) -> MediaRow | None:
         """Mark a visible media row ``deleting`` (so neither ingest nor a cleanup uses it meanwhile)

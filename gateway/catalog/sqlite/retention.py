@@ -265,7 +265,8 @@ class RetentionMixin(SQLiteConnection):
         return await self.read(_runs)
 
     async def stats(self) -> CatalogStats:
-        """Everything ``/metrics`` reads from the catalog, in one trip to the catalog thread."""
+        """Everything ``/metrics`` reads from the catalog, in one trip to the scan thread (it counts
+        every job and media row: see :meth:`scan`)."""
         def _stats(db: sqlite_utils.Database) -> CatalogStats:
             conn = db.conn
             jobs = {(k, s): n for k, s, n in conn.execute(
@@ -278,4 +279,4 @@ class RetentionMixin(SQLiteConnection):
             last = conn.execute("SELECT MAX(finished_at) FROM cleanup_runs WHERE ok = 1").fetchone()[0]
             return CatalogStats(jobs, oldest, media, last)
 
-        return await self.read(_stats)
+        return await self.scan(_stats)
