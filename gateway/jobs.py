@@ -480,8 +480,14 @@ class JobQueue:
             await self.catalog.fail_job(job.id, f"no handler for job kind {job.kind!r}", None)
             self.metrics.jobs_processed.labels(job.kind, "dead").inc()
             return
+        result: JobResult | None
         try:
-            result = await self._attempt(job, handler(job))
+            result = await handler(job) or JobResult()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed(job, exc)
+            result = None
         finally:
             self.metrics.job_duration.labels(job.kind).observe(time.monotonic() - started)
         revisions = 0
@@ -494,13 +500,20 @@ class JobQueue:
             except MediaTaken as exc:
                 revisions += 1
                 log.info("job %s: %s; revising its result", job.key, exc, extra={"job_id": job.id})
-                revised = (result.taken(exc) if result.taken is not None and revisions <= MAX_REVISIONS
-                           else _raise(RetryLater(str(exc))))
-                result = await self._attempt(job, revised)
+                try:
+                    if result.taken is None or revisions > MAX_REVISIONS:
+                        raise RetryLater(str(exc)) from None
+                    result = await result.taken(exc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as failure:
+                    await self._failed(job, failure)
+                    result = None
                 continue
             except Exception as exc:  # the catalog's trouble, not the job's: it runs again
-                result = await self._attempt(job, _raise(RetryLater(
-                    f"its completion was not recorded: {type(exc).__name__}: {exc}")))
+                await self._failed(job, RetryLater(
+                    f"its completion was not recorded: {type(exc).__name__}: {exc}"))
+                result = None
                 continue
             self._completed(job, result, lane, claimed)
             if result.after is not None:
@@ -513,38 +526,33 @@ class JobQueue:
                                   extra={"job_id": job.id})
             return
 
-    async def _attempt(self, job: Job, attempt: Awaitable[JobResult | None]) -> JobResult | None:
-        """Await the handler's ``attempt`` at ``job``: its result (none: an empty one), or None
-        when it raised, after recording the failure (dead, or queued again after a backoff)."""
-        try:
-            return await attempt or JobResult()
-        except asyncio.CancelledError:
-            raise
-        except PermanentError as exc:
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        """Record that an attempt at ``job`` raised ``exc``: dead at once (:class:`PermanentError`),
+        queued again after a backoff (:class:`RetryLater`: always; anything else: until the last
+        attempt, then dead)."""
+        if isinstance(exc, PermanentError):
             log.error("job %s failed for good: %s", job.key, exc, extra={"job_id": job.id})
             await self.catalog.fail_job(job.id, str(exc), None)
             self.metrics.jobs_processed.labels(job.kind, "dead").inc()
-            return None
-        except RetryLater as exc:
+            return
+        if isinstance(exc, RetryLater):
             delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
             log.warning("job %s deferred (%s); retry in %.1fs", job.key, exc, delay, extra={"job_id": job.id})
             await self._retry_at(job, f"deferred: {exc}", delay)
             self.metrics.jobs_processed.labels(job.kind, "retry").inc()
-            return None
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if job.last_attempt:
-                log.error("job %s dead after %d attempts: %s", job.key, job.attempts, error,
-                          extra={"job_id": job.id})
-                await self.catalog.fail_job(job.id, error, None)
-                self.metrics.jobs_processed.labels(job.kind, "dead").inc()
-            else:
-                delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
-                log.warning("job %s attempt %d failed (%s); retry in %.1fs", job.key, job.attempts,
-                            error, delay, extra={"job_id": job.id})
-                await self._retry_at(job, error, delay)
-                self.metrics.jobs_processed.labels(job.kind, "retry").inc()
-            return None
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        if job.last_attempt:
+            log.error("job %s dead after %d attempts: %s", job.key, job.attempts, error,
+                      extra={"job_id": job.id})
+            await self.catalog.fail_job(job.id, error, None)
+            self.metrics.jobs_processed.labels(job.kind, "dead").inc()
+        else:
+            delay = backoff_delay(job.attempts, self.settings.backoff_base, self.settings.backoff_max)
+            log.warning("job %s attempt %d failed (%s); retry in %.1fs", job.key, job.attempts,
+                        error, delay, extra={"job_id": job.id})
+            await self._retry_at(job, error, delay)
+            self.metrics.jobs_processed.labels(job.kind, "retry").inc()
 
     def _completed(self, job: Job, result: JobResult, lane: str | None, claimed: list[ClaimedJob]) -> None:
         """Count a job whose completion committed and hand its claimed follow-ups to the workers
@@ -559,7 +567,3 @@ class JobQueue:
         elif result.followups:
             self.notify({kind for kind, _, _ in result.followups})
 
-
-async def _raise(exc: Exception) -> JobResult:
-    """An attempt that fails with ``exc``."""
-    raise exc

@@ -17,6 +17,7 @@ from gateway.catalog.contract import MediaTaken
 from gateway.catalog.rows import (MEDIA_ANY_TAKEN, MEDIA_SOURCE_HOLDER, ClaimedJob, JobRow, MediaRow,
                                    job_listing, media_insert, to_column)
 
+_SOURCE_HOLDER = MEDIA_SOURCE_HOLDER.format("%s").encode()
 _COLUMNS = "id, kind, key, payload, state, attempts, run_at, created_at, updated_at, last_error, deadline"
 
 
@@ -136,7 +137,6 @@ class JobsMixin(PostgresConnection):
         (``durable=False``: with ``synchronous_commit = off``, see the contract)."""
         now = time.time()
         claimed: list[ClaimedJob] = []
-        holder = MEDIA_SOURCE_HOLDER.format("%s").encode()
         async with self.transaction() as conn:
             if not durable:
                 await conn.execute(b"SET LOCAL synchronous_commit = off")
@@ -144,7 +144,7 @@ class JobsMixin(PostgresConnection):
             for record in media:
                 sql, args = media_insert(record, "%s", MEDIA_ANY_TAKEN)
                 if not (await conn.execute(sql.encode(), args)).rowcount:
-                    held = await (await conn.execute(holder, (record["source_key"],))).fetchone()
+                    held = await (await conn.execute(_SOURCE_HOLDER, (record["source_key"],))).fetchone()
                     if held is None or held["id"] != record["id"]:
                         taken.append(str(record["source_key"]))
             if taken:

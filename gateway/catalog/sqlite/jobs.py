@@ -17,6 +17,9 @@ from gateway.catalog.rows import (MEDIA_ANY_TAKEN, MEDIA_SOURCE_HOLDER, ClaimedJ
 from gateway.catalog.sqlite.connection import SQLiteConnection, to_sql, transaction
 
 
+_SOURCE_HOLDER = MEDIA_SOURCE_HOLDER.format("?")
+
+
 def insert_job(conn: sqlite3.Connection, kind: str, key: str, payload: dict[str, Any],
                 now: float, run_at: float | None = None, deadline: float | None = None) -> bool:
     """Queue a job unless one with ``key`` (its idempotency key) exists; ``True`` if added. Inside the
@@ -139,16 +142,16 @@ class JobsMixin(SQLiteConnection):
         of its own, see the contract)."""
         now = time.time()
         inserts = [media_insert(row, "?", MEDIA_ANY_TAKEN) for row in media]
-        holder = MEDIA_SOURCE_HOLDER.format("?")
 
         def _complete(db: sqlite_utils.Database) -> list[ClaimedJob]:
             claimed: list[ClaimedJob] = []
             with transaction(db) as conn:
-                taken = [str(row["source_key"]) for row, (sql, args) in zip(media, inserts)
-                         if not conn.execute(sql, args).rowcount
-                         and conn.execute(holder, (row["source_key"],)).fetchone() != (row["id"],)]
-                if taken:
-                    raise MediaTaken(taken)  # rolls the transaction back
+                if media:
+                    taken = [str(row["source_key"]) for row, (sql, args) in zip(media, inserts)
+                             if not conn.execute(sql, args).rowcount
+                             and conn.execute(_SOURCE_HOLDER, (row["source_key"],)).fetchone() != (row["id"],)]
+                    if taken:
+                        raise MediaTaken(taken)  # rolls the transaction back
                 if event_update is not None:
                     event_id, values = event_update
                     cols = ", ".join(f"{c} = ?" for c in values)
