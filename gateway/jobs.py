@@ -566,4 +566,3 @@ class JobQueue:
                 self._wake_one(lane)
         elif result.followups:
             self.notify({kind for kind, _, _ in result.followups})
-

@@ -291,7 +291,7 @@ class MediaStore:
             "extra": _extra(decision, origin.declared_category if category_mismatch else None, origin.metadata),
         }
         if committed is not None and not await committed:
-            await self.storage.delete(key, bucket=put.bucket)
+            await self.drop(record)
             raise NotCommitted(f"the webhook of event {origin.event_id} was not committed")
         return record
 
@@ -307,7 +307,6 @@ class MediaStore:
         """Delete the object of a row that was not inserted (a copy of an attachment already
         recorded). Raises storage errors."""
         await self.storage.delete(record["key"], bucket=record.get("bucket"))
-
 
     async def update(self, media_id: str, values: dict[str, Any]) -> MediaRow | None:
         """Change columns ``values`` of a media row (none: just read it); return the row as it is
