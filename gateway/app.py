@@ -174,7 +174,8 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         download=DownloadPolicy(idle_timeout=s.media.fetch_idle_timeout,
                                 connect_timeout=s.media.fetch_connect_timeout,
                                 base_timeout=s.media.fetch_timeout, min_rate=s.media.fetch_min_rate,
-                                max_bytes=s.media.max_bytes, max_resumes=s.media.fetch_resumes),
+                                max_bytes=s.media.max_bytes, max_resumes=s.media.fetch_resumes,
+                                thread_min_bytes=s.media.fetch_thread_min_bytes),
     )
     for provider in app[PROVIDERS].values():
         await provider.start(ctx)

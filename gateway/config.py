@@ -186,6 +186,10 @@ class MediaSettings(_Section):
     fetch_resumes: int = Field(
         3, ge=0, le=100, description="Range requests that resume a broken download, per attempt")
     fetch_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to a provider")
+    fetch_thread_min_bytes: int = Field(
+        8 * 1024 * 1024, ge=0,
+        description="a download declaring at least this many bytes (plain HTTP, no content coding) is "
+                    "read by a thread of its own instead of the event loop (0: never)")
 
     @field_validator("key_template")
     @classmethod

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -26,14 +28,14 @@ from gateway.app import create_app
 from gateway.keys import CATALOG
 from gateway.config import ConfigError, Settings, load_settings, plugin_settings
 from gateway.plugins import make_manager
-from gateway.sdk.download import RECV_BYTES, DownloadPolicy, resumable_body
-from gateway.sdk.provider import MediaRef, MediaSource
+from gateway.sdk.download import CHUNK, RECV_BYTES, DownloadPolicy, resumable_body
+from gateway.sdk.provider import FetchError, MediaRef, MediaSource
 from gateway.sdk.storage import StorageError
 from plugins.storage_local import LocalSettings, LocalStorage
 from plugins.whatsapp_waha import WahaProvider, WahaSettings
 from tests.conftest import MANIFEST, MEDIA, REPO, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
-from tests.emulators.faults import BodyFault
+from tests.emulators.faults import BodyFault, serve_media
 from tests.emulators.graph import GraphEmulator
 from tests.emulators.sink import Delivery
 from tests.test_crash_safety import _daemon, _db_rows
@@ -99,17 +101,22 @@ async def test_a_body_that_breaks_part_way_is_retried_then_forwarded_with_a_note
     assert _objects(tmp_path / "var" / "media") == []  # nothing half-written left behind
 
 
+@pytest.mark.parametrize("reader", ["event loop", "thread"])
 @pytest.mark.parametrize("mode", ["drop", "stall"])
 async def test_a_broken_download_resumes_with_range_and_keeps_the_digest(
-        mode, tmp_path, waha, sink, unused_tcp_port):
+        mode, reader, tmp_path, waha, sink, unused_tcp_port):
     """The body breaks (or stalls past the idle timeout) after N bytes: the next request asks for
-    ``Range: bytes=N-`` and the stored object is whole (SHA-256 as in the manifest)."""
+    ``Range: bytes=N-`` and the stored object is whole (SHA-256 as in the manifest), whether the
+    event loop or a reader thread (``media.fetch_thread_min_bytes``) reads the body."""
     name, at = "screenshot.png", 100_000
     waha.body_fault = BodyFault(mode=mode, at=at, times=1, stall=5)
-    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={"fetch_idle_timeout": 0.5})
+    daemon = _daemon(tmp_path, unused_tcp_port, waha, sink, media={
+        "fetch_idle_timeout": 0.5, "fetch_thread_min_bytes": 1 if reader == "thread" else 0})
     d = await _forward_one(daemon, waha, sink, name, "resume-1")
     first, second = [h for p, h in waha.requests if p.endswith("/" + name)]
     assert "Range" not in first and 0 < _range_start(second["Range"]) <= at
+    if reader == "thread":  # it passes on every byte it got before the break
+        assert _range_start(second["Range"]) == at
     assert d.json["gateway"]["notes"] == []
     media = d.json["payload"]["media"]["gateway"]
     assert media["sha256"] == MANIFEST[name]["sha256_hex"] and media["size"] == MANIFEST[name]["size"]
@@ -170,16 +177,20 @@ def _large_mp4(path: Path, size: int) -> tuple[str, str]:
     return digest.hexdigest(), base64.b64encode(digest.digest()).decode()
 
 
+@pytest.mark.parametrize("reader", ["event loop", "thread"])
 async def test_a_large_meta_download_broken_mid_way_resumes_and_is_checked_against_its_digest(
-        tmp_path, graph: GraphEmulator, sink, unused_tcp_port):
+        reader, tmp_path, graph: GraphEmulator, sink, unused_tcp_port):
     """A body several MiB long (hashed in a worker thread past its first bytes) breaks after 3 MiB:
     the resumed download is stored whole with the declared digest; declared with another digest,
-    the same resumed download is refused (forwarded with a note, nothing stored)."""
+    the same resumed download is refused (forwarded with a note, nothing stored). Read by the
+    event loop (6 MiB is under the default ``fetch_thread_min_bytes``) or by a reader thread."""
     path = tmp_path / "large.mp4"
     sha_hex, sha_b64 = _large_mp4(path, 6 * MiB + 4321)
     at = 3 * MiB + 17
     data = deep_merge(base_config(tmp_path, unused_tcp_port, None, sink),
                       {"providers": {"meta": meta_settings(graph)}})
+    if reader == "thread":
+        data = deep_merge(data, {"media": {"fetch_thread_min_bytes": MiB}})
     daemon = GatewayProcess(write_toml(tmp_path / "gateway.toml", data), unused_tcp_port, tmp_path / "daemon.log")
 
     def video(media_id: str, wamid: str, sha256: str) -> dict:
@@ -206,6 +217,8 @@ async def test_a_large_meta_download_broken_mid_way_resumes_and_is_checked_again
     good, bad = sink.deliveries
     ranges = [h.get("Range") for m, p, h in graph.requests if p == "/whatsapp_business/attachments/"]
     assert ranges[0] is None and 0 < _range_start(ranges[1]) <= at
+    if reader == "thread":
+        assert _range_start(ranges[1]) == at
     assert good.json["gateway"]["notes"] == []
     assert (media_of(good)["gateway"]["sha256"], media_of(good)["gateway"]["size"]) == (sha_hex, 6 * MiB + 4321)
     [obj] = _objects(tmp_path / "var" / "media")
@@ -213,6 +226,14 @@ async def test_a_large_meta_download_broken_mid_way_resumes_and_is_checked_again
     [note] = bad.json["gateway"]["notes"]
     assert "sha256" in note["error"]
     assert _db_rows(tmp_path / "var" / "gateway.db", "SELECT COUNT(*) FROM jobs WHERE state='dead'") == [(0,)]
+
+
+async def _server(aiohttp_server, handler, *paths: str):
+    """A real aiohttp server on 127.0.0.1 answering ``GET`` on each of ``paths`` with ``handler``."""
+    app = web.Application()
+    for path in paths:
+        app.router.add_get(path, handler)
+    return await aiohttp_server(app, host="127.0.0.1")
 
 
 async def test_a_download_reads_in_large_pieces_and_gives_its_pooled_connection_back_as_it_was(
@@ -224,9 +245,7 @@ async def test_a_download_reads_in_large_pieces_and_gives_its_pooled_connection_
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=data)
 
-    app = web.Application()
-    app.router.add_get("/f", serve)
-    server = await aiohttp_server(app, host="127.0.0.1")
+    server = await _server(aiohttp_server, serve, "/f")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
         url = server.make_url("/f")
         async with http.get(url) as resp:
@@ -240,6 +259,136 @@ async def test_a_download_reads_in_large_pieces_and_gives_its_pooled_connection_
         async with http.get(url) as again:  # the same kept-alive connection
             assert again.connection.transport is transport and transport.max_size == default
             assert await again.read() == data
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "gateway-download"]
+
+
+async def _no_reader_thread(timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while _reader_threads():
+        assert asyncio.get_running_loop().time() < deadline, "the reader thread did not end"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_large_download_is_read_by_a_thread_of_its_own_then_its_connection_closed(
+        aiohttp_server):
+    """A body declaring ``thread_min_bytes`` or more is read by a thread of its own: whole and in
+    order, with pieces of CHUNK bytes; the thread ends with the body, and the connection, whose
+    aiohttp parser never saw the rest, is closed rather than pooled. A smaller body on the same
+    session keeps the event loop's reads and its kept-alive connection."""
+    data, small = os.urandom(5 * MiB + 7), os.urandom(MiB - 1)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data if request.path == "/big" else small)
+
+    server = await _server(aiohttp_server, serve, "/big", "/small")
+    policy = DownloadPolicy(thread_min_bytes=MiB)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        for _ in range(2):  # the small body's connection is reused
+            url = server.make_url("/small")
+            async with http.get(url) as resp:
+                transport = resp.connection.transport
+                assert b"".join([c async for c in resumable_body(http, resp, url, {}, policy)]) == small
+                assert not _reader_threads()
+        url = server.make_url("/big")
+        async with http.get(url) as resp:
+            assert resp.connection.transport is transport
+            chunks, threads = [], set()
+            async for chunk in resumable_body(http, resp, url, {}, policy):
+                chunks.append(chunk)
+                threads.update(_reader_threads())
+        assert b"".join(chunks) == data and len(threads) == 1
+        assert max(map(len, chunks)) == CHUNK and sum(len(c) == CHUNK for c in chunks) >= 4
+        assert transport.is_closing()
+        await _no_reader_thread()
+        async with http.get(server.make_url("/small")) as again:  # a new connection
+            assert again.connection.transport is not transport and await again.read() == small
+
+
+async def test_a_threaded_download_abandoned_part_way_stops_its_thread_and_closes_the_connection(
+        aiohttp_server):
+    """The consumer stops after two pieces (a size limit, a cancelled job): the reader thread ends
+    and the provider sees the connection closed, though it still had bytes to send."""
+    closed = asyncio.Event()
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 256 * MiB
+        await resp.prepare(request)
+        piece = os.urandom(256 * KiB)
+        try:
+            for _ in range(1024):
+                await resp.write(piece)
+        except (ConnectionError, asyncio.CancelledError):
+            closed.set()
+            raise
+        return resp
+
+    server = await _server(aiohttp_server, serve, "/endless")
+    async with aiohttp.ClientSession() as http:
+        url = server.make_url("/endless")
+        async with http.get(url) as resp:
+            body = resumable_body(http, resp, url, {}, DownloadPolicy(thread_min_bytes=1))
+            assert len(await anext(body)) > 0 and len(await anext(body)) > 0
+            assert _reader_threads()
+            await body.aclose()
+        await _no_reader_thread()
+        await asyncio.wait_for(closed.wait(), 5)
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_a_threaded_download_that_breaks_resumes_with_range(mode, aiohttp_server, tmp_path):
+    """On the thread's path too, a body that is cut (the connection closed) or stalls past the idle
+    timeout after N bytes is resumed with ``Range: bytes=N-`` (N: exactly the bytes passed on),
+    and the whole is right; with no resume left, it is a FetchError named for what happened."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(3 * MiB + 11))
+    fault, ranges = BodyFault(mode=mode, at=2 * MiB + 5, times=1, stall=3), []
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        ranges.append(request.headers.get("Range"))
+        return await serve_media(request, path, {"Content-Type": "application/octet-stream"}, fault)
+
+    server = await _server(aiohttp_server, serve, "/f")
+    policy = DownloadPolicy(thread_min_bytes=1, idle_timeout=0.3)
+    async with aiohttp.ClientSession() as http:
+        url = server.make_url("/f")
+        async with http.get(url) as resp:
+            got = b"".join([c async for c in resumable_body(http, resp, url, {}, policy)])
+        assert got == path.read_bytes()
+        assert ranges[0] is None and ranges[1] == f"bytes={2 * MiB + 5}-" and len(ranges) == 2
+
+        fault.times = 1
+        async with http.get(url) as resp:
+            with pytest.raises(FetchError) as failed:
+                async for _ in resumable_body(http, resp, url, {}, DownloadPolicy(
+                        thread_min_bytes=1, idle_timeout=0.3, max_resumes=0)):
+                    pass
+        assert failed.value.reason == ("stalled" if mode == "stall" else "interrupted")
+        assert f"after {2 * MiB + 5} bytes" in str(failed.value)
+        await _no_reader_thread()
+
+
+async def test_a_body_with_a_content_coding_is_never_read_by_the_thread(aiohttp_server):
+    """A gzip body declaring its Content-Length is decoded by aiohttp, not read raw by the thread."""
+    data = os.urandom(MiB) * 3
+    packed = gzip.compress(data, compresslevel=1)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=packed, headers={"Content-Encoding": "gzip"})
+
+    server = await _server(aiohttp_server, serve, "/z")
+    async with aiohttp.ClientSession() as http:
+        url = server.make_url("/z")
+        async with http.get(url) as resp:
+            assert resp.content_length == len(packed)
+            chunks, threads = [], set()
+            async for chunk in resumable_body(http, resp, url, {}, DownloadPolicy(thread_min_bytes=1)):
+                chunks.append(chunk)
+                threads.update(_reader_threads())
+        assert b"".join(chunks) == data and not threads
 
 
 # -- item 7: a full disk ----------------------------------------------------------------------------

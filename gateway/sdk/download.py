@@ -13,6 +13,14 @@ resume of an interrupted download, shared by every provider plugin.
   bytes already yielded stay yielded, so the consumer's hash (``gateway.media.MediaStream``) goes
   on over the whole object and the declared digest is still checked.
 
+- **A reader thread for large bodies** (``media.fetch_thread_min_bytes``): a body that declares
+  at least that many bytes, over plain HTTP and without a content coding, is read by a thread of
+  its own with blocking ``recv(MSG_WAITALL)`` calls on the connection's socket, once aiohttp has
+  parsed the headers and the bytes that came with them. The event loop then only passes on whole
+  :data:`CHUNK`-byte pieces: no per-``recv`` wake-up, parse, copy and flow-control switch. With
+  TLS, a content coding or no ``Content-Length`` aiohttp reads the body as before. The connection
+  is closed afterwards (aiohttp's parser is left part-way), never given back to the pool.
+
 Every failure while reading the body is a :class:`gateway.sdk.provider.FetchError` (retryable), so the
 ingest treats it as any other failed download: retried, then forwarded with a note.
 """
@@ -21,8 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+import socket
+import struct
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -37,6 +49,9 @@ RECV_BYTES = 1024 * 1024
 """Bytes asyncio's socket transport may take in one ``recv`` while a body is read (its default is
 256 KiB): fewer, larger reads take about a third less of the event loop's CPU per byte
 (bench/stream_1gib.py)."""
+THREAD_CHUNKS = 8
+"""Pieces of :data:`CHUNK` bytes a reader thread may have received ahead of the consumer; then it
+waits, so memory stays bounded and backpressure reaches the socket."""
 BODY_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
 """What aiohttp raises when a body breaks (payload incomplete, connection reset) or stalls."""
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -48,7 +63,9 @@ class DownloadPolicy:
 
     ``idle_timeout``, ``connect_timeout``, ``base_timeout``: seconds; ``min_rate``: bytes per
     second the total timeout allows for; ``max_bytes``: the size assumed when none is declared;
-    ``max_resumes``: ``Range`` requests per attempt after a broken body (0: no resume).
+    ``max_resumes``: ``Range`` requests per attempt after a broken body (0: no resume);
+    ``thread_min_bytes``: a body declaring at least this many bytes (plain HTTP, no content
+    coding) is read by a thread of its own (0: never; see the module docstring).
     """
 
     idle_timeout: float = 30.0
@@ -57,6 +74,7 @@ class DownloadPolicy:
     min_rate: int = 100 * 1024
     max_bytes: int = 100 * 1024 * 1024
     max_resumes: int = 3
+    thread_min_bytes: int = 8 * 1024 * 1024
 
     @property
     def timeout(self) -> aiohttp.ClientTimeout:
@@ -108,8 +126,9 @@ async def resumable_body(http: aiohttp.ClientSession, resp: aiohttp.ClientRespon
     current = resp
     try:
         while True:
-            restore = _widen_reads(current)
-            chunks = current.content.iter_chunked(CHUNK)
+            body = _threaded_body(current, policy) if _threadable(current, policy) else None
+            restore = _widen_reads(current) if body is None else (lambda: None)
+            chunks: AsyncIterator[bytes] = body if body is not None else current.content.iter_chunked(CHUNK)
             try:
                 while True:
                     async with asyncio.timeout_at(deadline):
@@ -139,9 +158,134 @@ async def resumable_body(http: aiohttp.ClientSession, resp: aiohttp.ClientRespon
                 current = nxt
             finally:
                 restore()  # before a pooled connection serves anything else
+                if body is not None:
+                    await body.aclose()  # its thread stops and the connection is closed
     finally:
         if current is not resp:
             current.release()
+
+
+def _threadable(resp: aiohttp.ClientResponse, policy: DownloadPolicy) -> bool:
+    """Whether :func:`_threaded_body` may read ``resp``'s body: ``policy.thread_min_bytes`` or more
+    declared, no content coding or chunked transfer, and a plain socket under it (not TLS)."""
+    length = resp.content_length
+    if policy.thread_min_bytes <= 0 or length is None or length < policy.thread_min_bytes:
+        return False
+    if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return False
+    if "Transfer-Encoding" in resp.headers or resp.connection is None:
+        return False
+    transport = resp.connection.transport
+    return (transport is not None and resp.connection.protocol is not None
+            and transport.get_extra_info("sslcontext") is None
+            and transport.get_extra_info("socket") is not None)
+
+
+async def _threaded_body(resp: aiohttp.ClientResponse, policy: DownloadPolicy) -> AsyncGenerator[bytes, None]:
+    """Yield ``resp``'s body (see :func:`_threadable`), read by a thread of its own.
+
+    First the bytes aiohttp already parsed are taken from ``resp.content`` (without waiting), and
+    reading is paused on the connection's protocol, which also stops aiohttp's ``sock_read`` timer.
+    Then a thread reads the rest of the declared length from a duplicate of the socket's file
+    descriptor in pieces of :data:`CHUNK` bytes (``recv`` with ``MSG_WAITALL``; ``SO_RCVTIMEO`` is
+    ``policy.idle_timeout``), at most :data:`THREAD_CHUNKS` ahead of the consumer. Raises
+    ``TimeoutError`` when no byte comes for ``policy.idle_timeout`` seconds and
+    ``aiohttp.ClientPayloadError`` when the connection breaks or ends early (both in
+    :data:`BODY_ERRORS`, so :func:`resumable_body` resumes). The response is closed at the end,
+    and the thread stops when the consumer stops or the response is released by its owner.
+    """
+    content = resp.content
+    while True:  # each read may let the parser feed what it held back while paused
+        head = content.read_nowait(-1)
+        if not head:
+            break
+        yield head
+    got, length = content.total_bytes, resp.content_length or 0
+    if content.is_eof() or got >= length:
+        return
+    connection, loop = resp.connection, asyncio.get_running_loop()
+    assert connection is not None and connection.transport is not None and connection.protocol is not None
+    connection.protocol.pause_reading()  # no other reader of the socket from here on
+    sock = socket.socket(fileno=os.dup(connection.transport.get_extra_info("socket").fileno()))
+    reader = _SocketReader(sock, length - got, policy.idle_timeout, loop)
+    connection.add_callback(reader.stop)  # released or closed by its owner: the thread stops too
+    try:
+        while True:
+            chunk = await reader.next()
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        reader.stop()
+        resp.close()
+
+
+class _SocketReader:
+    """The thread of :func:`_threaded_body`: reads ``length`` bytes from ``sock`` (which it owns
+    and closes) and hands them to ``loop`` in order, then ``None``, or the error that ended it."""
+
+    def __init__(self, sock: socket.socket, length: int, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop):
+        self._sock, self._left, self._idle, self._loop = sock, length, idle_timeout, loop
+        self._ready: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self._slots = threading.Semaphore(THREAD_CHUNKS)
+        self._stopped = threading.Event()
+        sock.settimeout(None)  # blocking; the idle timeout is the kernel's (SO_RCVTIMEO)
+        seconds = max(idle_timeout, 0.001)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("@ll", int(seconds), int(seconds % 1 * 1_000_000)))
+        threading.Thread(target=self._run, name="gateway-download", daemon=True).start()
+
+    async def next(self) -> bytes | None:
+        """The next piece (``None``: the whole length was read). Raises what ended the thread."""
+        item = await self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            self._slots.release()
+        return item
+
+    def stop(self) -> None:
+        """End the thread soon (a blocked ``recv`` returns at once); idempotent."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._slots.release()
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the thread, or the peer
+                pass
+
+    def _hand(self, item: bytes | BaseException | None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._ready.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            self._stopped.set()
+
+    def _run(self) -> None:
+        try:
+            while self._left > 0:
+                self._slots.acquire()  # stop() releases one too
+                if self._stopped.is_set():
+                    return
+                try:
+                    piece = self._sock.recv(min(CHUNK, self._left), socket.MSG_WAITALL)
+                except BlockingIOError:  # SO_RCVTIMEO passed without a byte
+                    raise TimeoutError(f"no bytes for {self._idle:g}s") from None
+                if not piece:
+                    raise aiohttp.ClientPayloadError(
+                        f"the connection ended with {self._left} bytes of the body still to come")
+                self._left -= len(piece)
+                self._hand(piece)
+            self._hand(None)
+        except OSError as exc:
+            if not self._stopped.is_set():
+                self._hand(exc if isinstance(exc, TimeoutError)
+                           else aiohttp.ClientPayloadError(f"{type(exc).__name__}: {exc}"))
+        except aiohttp.ClientPayloadError as exc:
+            if not self._stopped.is_set():
+                self._hand(exc)
+        finally:
+            self._sock.close()
 
 
 def _widen_reads(resp: aiohttp.ClientResponse) -> Callable[[], None]:
