@@ -12,14 +12,17 @@ resume of an interrupted download, shared by every provider plugin.
   ``Content-Range`` starts at ``N`` continues the stream; anything else ends the attempt. The
   bytes already yielded stay yielded, so the consumer's hash (``gateway.media.MediaStream``) goes
   on over the whole object and the declared digest is still checked.
-
 - **A reader thread for large bodies** (``media.fetch_thread_min_bytes``): a body that declares
   at least that many bytes, over plain HTTP and without a content coding, is read by a thread of
   its own with blocking ``recv(MSG_WAITALL)`` calls on the connection's socket, once aiohttp has
   parsed the headers and the bytes that came with them. The event loop then only passes on whole
   :data:`CHUNK`-byte pieces: no per-``recv`` wake-up, parse, copy and flow-control switch. With
   TLS, a content coding or no ``Content-Length`` aiohttp reads the body as before. The connection
-  is closed afterwards (aiohttp's parser is left part-way), never given back to the pool.
+  is closed afterwards (aiohttp's parser is left part-way), never given back to the pool. The
+  idle timeout is the kernel's (``SO_RCVTIMEO``), which bounds one whole ``recv``: a stall is
+  noticed after one to two idle timeouts, then resumed as above. Measured with
+  ``bench/stream_1gib.py`` (1 GiB from a local server): the event loop's CPU went from 0.8 to
+  0.2 s and the daemon's from 2.2 to 1.6-1.8 s.
 
 Every failure while reading the body is a :class:`gateway.sdk.provider.FetchError` (retryable), so the
 ingest treats it as any other failed download: retried, then forwarded with a note.
@@ -230,7 +233,9 @@ class _SocketReader:
         self._ready: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self._slots = threading.Semaphore(THREAD_CHUNKS)
         self._stopped = threading.Event()
-        sock.settimeout(None)  # blocking; the idle timeout is the kernel's (SO_RCVTIMEO)
+        # blocking (the flag is shared with aiohttp's descriptor, which reads no more and is
+        # closed after); the idle timeout is the kernel's
+        sock.settimeout(None)
         seconds = max(idle_timeout, 0.001)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                         struct.pack("@ll", int(seconds), int(seconds % 1 * 1_000_000)))
