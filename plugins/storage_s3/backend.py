@@ -200,18 +200,21 @@ class S3Storage:
 
     async def _abort_loop(self) -> None:
         """Retry :attr:`unaborted` with exponential backoff (1 s doubling up to
-        :data:`ABORT_RETRY_MAX`), at once when a put or a readiness check reaches S3."""
+        :data:`ABORT_RETRY_MAX`), at once when a put or a readiness check got an answer from S3.
+        Such a wake-up also starts the backoff again at 1 s: an abort that fails just as S3 comes
+        back (a restarted server not quite ready) is tried again soon, not a minute later."""
         delay = 1.0
         while self.unaborted:
             try:
                 await asyncio.wait_for(self._abort_wake.wait(), delay)
+                answered = True
             except TimeoutError:
-                pass
+                answered = False
             # cleared before the retry, not before the wait: a wake-up that comes while a retry is
             # under way (S3 back during a slow failing abort) starts the next retry at once
             self._abort_wake.clear()
             await self._retry_aborts()
-            delay = min(delay * 2, ABORT_RETRY_MAX)
+            delay = 1.0 if answered else min(delay * 2, ABORT_RETRY_MAX)
 
     async def incomplete_uploads(self, prefix: str = "") -> AsyncIterator[IncompleteUpload]:
         """ListMultipartUploads (paginated) over every bucket, under ``prefix``: every multipart
@@ -260,7 +263,6 @@ class S3Storage:
         """
         s3_key = self._key(key)
         bucket = self.bucket_for(category)
-        self._abort_wake.set()
         try:
             await self._ensure_buckets()
             it = stream.__aiter__()
@@ -273,6 +275,7 @@ class S3Storage:
                     checksum = {"ChecksumSHA256": base64.b64encode(bytes.fromhex(metadata["sha256"])).decode()}
                 resp = await self._client.put_object(Bucket=bucket, Key=s3_key, Body=first, **checksum,
                                                      **self._object_args(content_type, metadata))
+                self._abort_wake.set()  # S3 answers: retry failed aborts now
                 return PutResult(key=key, size=size, etag=resp.get("ETag"), bucket=bucket)
             pending = [first]  # handed over, so that this frame keeps no reference to part 1
             del first
@@ -293,6 +296,7 @@ class S3Storage:
         created = await self._client.create_multipart_upload(
             Bucket=bucket, Key=s3_key, ChecksumAlgorithm="CRC32", **self._object_args(content_type, metadata))
         upload_id = created["UploadId"]
+        self._abort_wake.set()  # S3 answers: retry failed aborts now
         parts: dict[int, dict[str, Any]] = {}
         slots = asyncio.Semaphore(self.settings.max_concurrency)
         tasks: set[asyncio.Task[None]] = set()
