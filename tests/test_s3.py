@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -128,6 +129,87 @@ async def test_failed_multipart_upload_leaves_no_parts(s3_server):
     assert uploads(s3_server, storage.settings.bucket) == []
     assert boto3_client(s3_server.url).list_objects_v2(Bucket=storage.settings.bucket).get("KeyCount") == 0
     assert storage.unaborted == {}
+    await storage.close()
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of a real S3 server (SeaweedFS) that can fail on purpose: with
+    ``down`` every request gets a ``503 ServiceUnavailable``; the next ``fail_aborts``
+    ``AbortMultipartUpload`` requests (``DELETE ...?uploadId=``) get a ``500 InternalError``, as from
+    a restarted server not quite ready. Everything else is passed on as it is (the ``Host`` header
+    too, so that the client's SigV4 signature still holds)."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.down = False
+        self.fail_aborts = 0
+        self.aborts = 0  # AbortMultipartUpload requests seen
+        self.app = web.Application(client_max_size=64 * MiB)
+        self.app.router.add_route("*", "/{path:.*}", self.forward)
+
+    @staticmethod
+    def _error(status: int, code: str) -> web.Response:
+        return web.Response(status=status, content_type="application/xml",
+                            text=f"<Error><Code>{code}</Code><Message>{code}</Message></Error>")
+
+    async def forward(self, request: web.Request) -> web.Response:
+        aborting = request.method == "DELETE" and "uploadId" in request.query
+        self.aborts += aborting
+        if self.down:
+            return self._error(503, "ServiceUnavailable")
+        if aborting and self.fail_aborts > 0:
+            self.fail_aborts -= 1
+            return self._error(500, "InternalError")
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length",)}
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            async with http.request(request.method, self.upstream + request.path_qs, data=body,
+                                    headers=headers, allow_redirects=False) as resp:
+                payload = await resp.read()
+                kept = {k: v for k, v in resp.headers.items()
+                        if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+                return web.Response(status=resp.status, body=payload, headers=kept)
+
+
+async def test_a_failed_abort_is_retried_soon_after_s3_answers_again(aiohttp_server, s3_server):
+    """A multipart upload whose abort failed stays recorded through an outage of S3 (many failing
+    puts meanwhile); when S3 answers a put again, the abort is retried at once, and when that try
+    fails too (a server not quite ready) the next one comes within seconds, not after the backoff
+    the outage built up."""
+    proxy = FaultyS3Proxy(s3_server.url)
+    server = await aiohttp_server(proxy.app, host="127.0.0.1")
+    cfg = s3_config(s3_server, part_size=5 * MiB, multipart_threshold=5 * MiB)
+    storage = S3Storage(S3Settings(**{**cfg, "endpoint_url": str(server.make_url("")).rstrip("/")}))
+    await storage.start()
+
+    async def breaks_after_a_part():
+        for _ in range(6):
+            yield b"\0" * MiB
+        raise ConnectionResetError("provider went away")
+
+    async def small():
+        yield b"hello"
+
+    proxy.fail_aborts = 1
+    with pytest.raises(ConnectionResetError):
+        await storage.put("x/broken", breaks_after_a_part(), "video/mp4", {})
+    [pending] = uploads(s3_server, storage.settings.bucket)
+    assert list(storage.unaborted) == [pending["UploadId"]]
+
+    proxy.down = True  # an outage: every put fails, the abort's retries too
+    for n in range(8):
+        with pytest.raises(StorageError):
+            await storage.put(f"x/during-{n}", small(), "text/plain", {})
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)
+    assert list(storage.unaborted) == [pending["UploadId"]]
+
+    proxy.down, proxy.fail_aborts = False, 1  # back, but the first abort it sees fails
+    seen = proxy.aborts
+    await storage.put("x/after", small(), "text/plain", {})
+    await until(lambda: proxy.aborts > seen, timeout=2, what="an abort right after S3 answered")
+    await until(lambda: not storage.unaborted and not uploads(s3_server, storage.settings.bucket),
+                timeout=5, what="the upload aborted on a try soon after")
     await storage.close()
 
 
