@@ -282,13 +282,10 @@ class _SocketReader:
                 self._left -= len(piece)
                 self._hand(piece)
             self._hand(None)
-        except OSError as exc:
-            if not self._stopped.is_set():
-                self._hand(exc if isinstance(exc, TimeoutError)
-                           else aiohttp.ClientPayloadError(f"{type(exc).__name__}: {exc}"))
-        except aiohttp.ClientPayloadError as exc:
-            if not self._stopped.is_set():
-                self._hand(exc)
+        except (OSError, aiohttp.ClientPayloadError) as exc:
+            if not self._stopped.is_set():  # after stop(), nobody waits for the outcome
+                broken = isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+                self._hand(aiohttp.ClientPayloadError(f"{type(exc).__name__}: {exc}") if broken else exc)
         finally:
             self._sock.close()
 
