@@ -3,7 +3,9 @@ the same run, with the load average.
 
 - **B1** acks/s: ``wrk`` (32 connections) posting WAHA text webhooks (unique message ids) to the
   gateway daemon (no bot target), and to :mod:`bench.bare_sqlite_server` (a bare aiohttp server
-  doing one SQLite ``INSERT`` + ``COMMIT`` per request, WAL, ``synchronous=FULL``): the ratio.
+  doing one SQLite ``INSERT`` + ``COMMIT`` per request, WAL, ``synchronous=FULL``), in turn, in
+  ``--slices`` alternating slices (default 3) of ``--seconds`` / slices each: the ratio of the
+  summed rates, and each slice's.
   Then the gateway's p99 latency at a fixed 500 webhooks/s (an open-loop aiohttp client).
 - **B2** text webhooks forwarded end to end: ``wrk`` as fast as the gateway acknowledges, a bot
   sink counting what arrives; acknowledged/s, forwarded/s and the backlog (acknowledged, not yet
@@ -118,32 +120,44 @@ def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[di
     return gateway_daemon(tmp, name, providers, targets, code=CODE)
 
 
-async def b1(tmp: Path, seconds: int, connections: int) -> None:
-    print(f"\n== B1 webhook acks/s, {connections} connections, {seconds} s each; load {loadavg()}", flush=True)
+async def b1(tmp: Path, seconds: int, connections: int, slices: int = 3) -> None:
+    """B1: ``wrk`` on the bare server and on the gateway in turn, ``slices`` times each
+    (``seconds`` in all for each, split evenly), so that both meet the same moments of a shared
+    machine; each rate is its requests over its seconds, summed over its slices. Every slice
+    posts message ids of its own (the gateway would drop a repeated one as a duplicate)."""
+    per = max(1, round(seconds / slices))
+    print(f"\n== B1 webhook acks/s, {connections} connections, {slices} alternating slices of {per} s each; "
+          f"load {loadavg()}", flush=True)
     body = _body(None)
     bare = subprocess.Popen([sys.executable, "-m", "bench.bare_sqlite_server", "--db", str(tmp / "bare.db")],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
+    gw = _daemon(tmp, "b1", {"waha": {"base_url": "http://127.0.0.1:9", "api_key": "k"}}, [])
     try:
         assert bare.stdout is not None
         port = int(bare.stdout.readline().split()[1])
+        await gw.start()
         await asyncio.sleep(0.3)
-        base = wrk(f"http://127.0.0.1:{port}/webhooks/waha", _lua(tmp, body, "bare"), seconds, connections)
+        runs: dict[str, list[dict[str, float]]] = {"bare": [], "gw": []}
+        for i in range(slices):
+            for name, url in (("bare", f"http://127.0.0.1:{port}/webhooks/waha"), ("gw", f"{gw.url}/webhooks/waha")):
+                runs[name].append(wrk(url, _lua(tmp, body, f"{name}{i}"), per, connections))
+            print(f"  slice {i + 1}/{slices}: bare {runs['bare'][-1]['rate']:.0f}/s, "
+                  f"gateway {runs['gw'][-1]['rate']:.0f}/s; load {loadavg()}", flush=True)
+        base, res = (_summed(runs[name]) for name in ("bare", "gw"))
+        print(f"bare aiohttp + INSERT/COMMIT: {base['rate']:.0f}/s, p99 {base['p99_ms']:.1f} ms (worst slice), "
+              f"non-2xx {base['non2xx']:.0f}", flush=True)
+        commits = await metric(gw.url, "gateway_catalog_commits_total")
+        accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
+        print(f"gateway: {res['rate']:.0f}/s, p99 {res['p99_ms']:.1f} ms (worst slice), non-2xx {res['non2xx']:.0f} "
+              f"{res['errors']}; {accepted:.0f} accepted in {commits:.0f} commits "
+              f"({accepted / max(commits, 1):.1f} webhooks/commit, job claims and completions included)")
+        by_slice = ", ".join(f"{g['rate'] / b['rate']:.2f}" for b, g in zip(runs["bare"], runs["gw"]))
+        print(f"B1 ratio gateway / bare: {res['rate'] / base['rate']:.2f} (target >= 1.5; by slice: {by_slice}); "
+              f"load {loadavg()}", flush=True)
     finally:
         bare.terminate()
         bare.wait()
-    print(f"bare aiohttp + INSERT/COMMIT: {base['rate']:.0f}/s, p99 {base['p99_ms']:.1f} ms, "
-          f"non-2xx {base['non2xx']}; load {loadavg()}", flush=True)
-    gw = _daemon(tmp, "b1", {"waha": {"base_url": "http://127.0.0.1:9", "api_key": "k"}}, [])
-    await gw.start()
     try:
-        res = wrk(f"{gw.url}/webhooks/waha", _lua(tmp, body, "gw"), seconds, connections)
-        commits = await metric(gw.url, "gateway_catalog_commits_total")
-        accepted = await metric(gw.url, "gateway_webhooks_received_total", 'outcome="accepted"')
-        print(f"gateway: {res['rate']:.0f}/s, p99 {res['p99_ms']:.1f} ms, non-2xx {res['non2xx']} "
-              f"{res['errors']}; {accepted:.0f} accepted in {commits:.0f} commits "
-              f"({accepted / max(commits, 1):.1f} webhooks/commit, job claims and completions included)")
-        print(f"B1 ratio gateway / bare: {res['rate'] / base['rate']:.2f} (target >= 1.5); load {loadavg()}",
-              flush=True)
         drain_t0 = time.monotonic()
         while await metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
             await asyncio.sleep(0.5)
@@ -154,6 +168,14 @@ async def b1(tmp: Path, seconds: int, connections: int) -> None:
               f"(target <= 25), failures {fixed['failures']:.0f}; load {loadavg()}", flush=True)
     finally:
         await gw.terminate()
+
+
+def _summed(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The slices of one side of B1 as one run: its requests over its seconds (each slice's as
+    ``wrk`` timed it), the worst slice's p99, the non-2xx answers and socket errors of all."""
+    return {"rate": sum(r["total"] for r in runs) / sum(r["total"] / r["rate"] for r in runs),
+            "p99_ms": max(r["p99_ms"] for r in runs), "non2xx": sum(r["non2xx"] for r in runs),
+            "errors": "; ".join(str(r["errors"]) for r in runs if r["errors"])}  # type: ignore[dict-item]
 
 
 async def _end_to_end(tmp: Path, name: str, seconds: int, url: str | None,
@@ -231,6 +253,8 @@ async def main() -> int:
     parser.add_argument("--only", choices=["b1", "b2", "b3"], action="append")
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--slices", type=int, default=3,
+                        help="B1: alternating slices of the bare server and the gateway (default 3)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--rate", type=float, help="B2/B3: webhooks/s offered (default 1000 and 300)")
     parser.add_argument("--send", metavar="URL", help=argparse.SUPPRESS)  # the sender process
@@ -253,7 +277,7 @@ async def main() -> int:
     try:
         for name in args.only or ["b1", "b2", "b3"]:
             if name == "b1":
-                await b1(tmp, args.seconds, args.connections)
+                await b1(tmp, args.seconds, args.connections, args.slices)
             else:
                 bench = b2 if name == "b2" else b3
                 await (bench(tmp, args.seconds, args.connections, args.rate) if args.rate
