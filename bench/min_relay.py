@@ -8,6 +8,11 @@ COMMITs (WAL, ``synchronous=FULL``, one commit per webhook), answers 200, then, 
 URL with ``payload.media.stored = {path, sha256, size}``. No job table, no retries: a failure is
 printed and the message dropped.
 
+``--record-stored``: before the forward, it also records what it stored in the message's row
+(``UPDATE`` + ``COMMIT``, durable): the one commit a relay that keeps a catalog of its stored media
+cannot skip, since the forwarded link must still resolve after a power loss. Not the issue's
+baseline; a reference for what that commit costs.
+
 The SQLite work runs on one dedicated thread, not on the event loop: a COMMIT waits for an fsync
 (milliseconds), and inline it would stall every download and forward in flight, which would make
 the baseline slower than a minimal relay needs to be. Hashing and writing the (small) chunks run
@@ -39,7 +44,8 @@ class Relay:
     """The relay's state: the SQLite connection (used on :attr:`db_thread` only), the storage
     directory, the bot URL, the WAHA API key and the tasks in flight."""
 
-    def __init__(self, db: Path, storage: Path, bot_url: str, api_key: str):
+    def __init__(self, db: Path, storage: Path, bot_url: str, api_key: str, record_stored: bool = False):
+        self.record_stored = record_stored
         self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="relay-db")
         self.conn = self.db_thread.submit(self._open, db).result()
         self.storage = storage
@@ -53,7 +59,7 @@ class Relay:
         conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, raw BLOB NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, raw BLOB NOT NULL, stored TEXT)")
         return conn
 
     def _insert(self, body: bytes) -> int:
@@ -62,6 +68,12 @@ class Relay:
         self.conn.execute("COMMIT")
         assert row is not None
         return row
+
+    def _stored(self, row: int, stored: str) -> None:
+        """On :attr:`db_thread`: record what message ``row``'s relay stored (``--record-stored``)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("UPDATE messages SET stored = ? WHERE id = ?", (stored, row))
+        self.conn.execute("COMMIT")
 
     async def receive(self, request: web.Request) -> web.Response:
         """Commit the webhook, start its relay task, answer 200; 400 for a body that is not JSON."""
@@ -95,6 +107,9 @@ class Relay:
                     await asyncio.to_thread(os.fsync, fh.fileno())
             await asyncio.to_thread(_fsync_dir, self.storage)
             message["payload"]["media"]["stored"] = {"path": str(path), "sha256": digest.hexdigest(), "size": size}
+            if self.record_stored:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.db_thread, self._stored, row, json.dumps(message["payload"]["media"]["stored"]))
             async with self.http.post(self.bot_url, json=message) as r:
                 await r.read()
                 r.raise_for_status()
@@ -117,9 +132,11 @@ def main() -> None:
     parser.add_argument("--storage", type=Path, required=True, help="directory for the media files")
     parser.add_argument("--bot-url", required=True)
     parser.add_argument("--api-key", default="waha-key", help="WAHA's X-Api-Key")
+    parser.add_argument("--record-stored", action="store_true",
+                        help="commit what was stored (durable) before the forward")
     args = parser.parse_args()
     args.storage.mkdir(parents=True, exist_ok=True)
-    relay = Relay(args.db, args.storage, args.bot_url, args.api_key)
+    relay = Relay(args.db, args.storage, args.bot_url, args.api_key, args.record_stored)
 
     async def session(app: web.Application) -> Any:
         relay.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
