@@ -133,6 +133,16 @@ async def b1(tmp: Path, seconds: int, connections: int, slices: int = 3) -> None
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
     gw = _daemon(tmp, "b1", {"waha": {"base_url": "http://127.0.0.1:9", "api_key": "k"}}, [])
     try:
+        await _b1_slices(tmp, seconds, connections, slices, per, body, bare, gw)
+    finally:
+        await gw.terminate()
+
+
+async def _b1_slices(tmp: Path, seconds: int, connections: int, slices: int, per: int, body: str,
+                     bare: subprocess.Popen[str], gw: GatewayProcess) -> None:
+    """:func:`b1`'s runs once both servers are started: the alternating slices (the bare server
+    stops after them), then the fixed rate on the gateway."""
+    try:
         assert bare.stdout is not None
         port = int(bare.stdout.readline().split()[1])
         await gw.start()
@@ -157,17 +167,14 @@ async def b1(tmp: Path, seconds: int, connections: int, slices: int = 3) -> None
     finally:
         bare.terminate()
         bare.wait()
-    try:
-        drain_t0 = time.monotonic()
-        while await metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
-            await asyncio.sleep(0.5)
-        print(f"(the flood's jobs ran in {time.monotonic() - drain_t0:.1f} s more; the fixed rate starts "
-              f"on an empty queue)", flush=True)
-        fixed = await fixed_rate(f"{gw.url}/webhooks/waha", body, 500, min(seconds, 10))
-        print(f"B1 fixed 500/s for {min(seconds, 10)} s: p50 {fixed['p50_ms']:.1f} ms, p99 {fixed['p99_ms']:.1f} ms "
-              f"(target <= 25), failures {fixed['failures']:.0f}; load {loadavg()}", flush=True)
-    finally:
-        await gw.terminate()
+    drain_t0 = time.monotonic()
+    while await metric(gw.url, "gateway_jobs", 'state="queued"') > 0 and time.monotonic() - drain_t0 < 300:
+        await asyncio.sleep(0.5)
+    print(f"(the flood's jobs ran in {time.monotonic() - drain_t0:.1f} s more; the fixed rate starts "
+          f"on an empty queue)", flush=True)
+    fixed = await fixed_rate(f"{gw.url}/webhooks/waha", body, 500, min(seconds, 10))
+    print(f"B1 fixed 500/s for {min(seconds, 10)} s: p50 {fixed['p50_ms']:.1f} ms, p99 {fixed['p99_ms']:.1f} ms "
+          f"(target <= 25), failures {fixed['failures']:.0f}; load {loadavg()}", flush=True)
 
 
 def _summed(runs: list[dict[str, float]]) -> dict[str, float]:
