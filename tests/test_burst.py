@@ -4,12 +4,15 @@ lanes, the fetch lane's deadline order, and the media backlog's metric, readines
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,7 +29,7 @@ from gateway.metrics import Metrics
 from tests.conftest import MEDIA, base_config, deep_merge, waha_payload
 from tests.daemon import GatewayProcess, write_toml
 from tests.emulators.waha import WahaEmulator
-from tests.test_catalog_contract import _event, _media
+from tests.test_catalog_contract import T0, _event, _media, _rule
 from tests.test_catalog_jobs import catalog  # noqa: F401  (the fixture: a real SQLite catalog)
 
 FAST = dict(backoff_base=0.01, backoff_max=0.02, poll_interval=0.05)
@@ -104,46 +107,64 @@ async def test_an_ingest_commits_its_media_row_with_its_completion_and_a_deliver
     assert await catalog.get_media(_media(1)["id"]) is not None
 
 
-async def test_reads_do_not_wait_behind_a_commit(catalog):
-    [event_id], _, _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")])
+@contextlib.asynccontextmanager
+async def holding(run: Callable[[Callable[[Any], None]], Awaitable[None]]) -> AsyncIterator[asyncio.Task[None]]:
+    """Hold the catalog thread that ``run`` (``catalog.write``, ``catalog.scan``) uses, with a call
+    that waits until the block ends; yields that call's task."""
     started, release = threading.Event(), threading.Event()
 
-    def slow_write(db):  # holds the catalog thread (and its transaction) until released
+    def hold(db: Any) -> None:
         started.set()
         release.wait(10)
 
-    write = asyncio.create_task(catalog.write(slow_write))
+    task = asyncio.create_task(run(hold))
     assert await asyncio.to_thread(started.wait, 10)
     try:
-        row = await asyncio.wait_for(catalog.get_event(event_id), 5)
-        assert row is not None and row["message_id"] == "read-me" and not write.done()
+        yield task
     finally:
         release.set()
-        await write
+        await task
+
+
+async def test_reads_do_not_wait_behind_a_commit(catalog):
+    [event_id], _, _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")])
+    async with holding(catalog.write) as write:  # the catalog thread, inside its transaction
+        row = await asyncio.wait_for(catalog.get_event(event_id), 5)
+        assert row is not None and row["message_id"] == "read-me" and not write.done()
 
 
 async def test_a_scan_over_every_row_holds_up_no_read(catalog):
     """The metrics' counts scan every job and media row (seconds on a large catalog); readiness,
     the media backlog and serving read on a thread of their own meanwhile."""
     [event_id], _, _ = await catalog.record_webhook("waha", b"{}", [_event("read-me")], claim={"ingest"})
-    started, release = threading.Event(), threading.Event()
-
-    def slow_scan(db):  # holds the scan thread until released
-        started.set()
-        release.wait(10)
-
-    scan = asyncio.create_task(catalog.scan(slow_scan))
-    assert await asyncio.to_thread(started.wait, 10)
-    stats = asyncio.create_task(catalog.stats())  # queued behind the slow scan
-    try:
+    async with holding(catalog.scan):
+        stats = asyncio.create_task(catalog.stats())  # queued behind the held scan
         assert await asyncio.wait_for(catalog.media_backlog(), 5) is None  # claimed: nothing waits
         assert (await asyncio.wait_for(catalog.get_event(event_id), 5))["message_id"] == "read-me"
         await asyncio.sleep(0.05)
         assert not stats.done()
-    finally:
-        release.set()
-        await scan
     assert (await stats).jobs == {("ingest", "running"): 1}
+
+
+async def test_a_cleanup_runs_counts_hold_up_no_commit(catalog):
+    """A cleanup run counts every expired media row and (dry run) every prunable event first: on a
+    catalog of a million rows that reads for most of a second, which the webhooks' commits must
+    not wait behind. So the counts, a dry run's selection and the totals answer while the catalog
+    thread is held; the claim, whose check must share the transaction, waits for it."""
+    await catalog.insert_media(_media(1))
+    [event_id], _, _ = await catalog.record_webhook("waha", b"{}", [_event("kept")], now=T0)
+    rule = _rule()
+    async with holding(catalog.write) as write:
+        claim = asyncio.create_task(catalog.expired_media(rule, "", 10, claim=True))
+        assert await asyncio.wait_for(catalog.count_expired_media(rule), 5) == (1, 0, 100)
+        [row] = await asyncio.wait_for(catalog.expired_media(rule, "", 10, claim=False), 5)
+        assert row["id"] == _media(1)["id"] and row["reason"] == "age" and not row["in_use"]
+        assert await asyncio.wait_for(catalog.count_prunable(T0 + 1, None), 5) == (0, 0)  # its job is queued
+        assert await asyncio.wait_for(catalog.media_totals(), 5) == [("local", "waha", "image", 1, 100)]
+        assert not write.done() and not claim.done()
+    assert [r["id"] for r in await claim] == [_media(1)["id"]]
+    assert (await catalog.get_media(_media(1)["id"]))["state"] == "deleting"
+    assert (await catalog.get_event(event_id)) is not None
 
 
 async def test_overlapping_scrapes_share_one_catalog_read(tmp_path):

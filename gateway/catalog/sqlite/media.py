@@ -106,7 +106,8 @@ class MediaMixin(SQLiteConnection):
         return await self.run(_claim)
 
     async def media_totals(self) -> list[tuple[str, str, str, int, int]]:
-        """``(backend, provider, category, count, bytes)`` for every stored group."""
-        return await self.run(lambda db: list(db.conn.execute(
+        """``(backend, provider, category, count, bytes)`` for every stored group (every media
+        row: on the scan thread)."""
+        return await self.scan(lambda db: list(db.conn.execute(
             "SELECT backend, COALESCE(provider, ''), category, COUNT(*), COALESCE(SUM(size), 0)"
             " FROM media GROUP BY 1, 2, 3")))
