@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from gateway.admission import Admission
 from gateway.catalog import SQLiteCatalog
+from gateway.catalog.sqlite.connection import CHECKPOINT_INTERVAL
 from gateway.config import QueueSettings
 from gateway.delivery import Deliverer, Forwards
 from gateway.ingest import Arrivals
@@ -165,6 +166,38 @@ async def test_a_cleanup_runs_counts_hold_up_no_commit(catalog):
     assert [r["id"] for r in await claim] == [_media(1)["id"]]
     assert (await catalog.get_media(_media(1)["id"]))["state"] == "deleting"
     assert (await catalog.get_event(event_id)) is not None
+
+
+async def test_the_catalog_thread_checkpoints_the_wal_when_it_is_idle(catalog):
+    """SQLite's own checkpoint (every 1,000 WAL pages) runs inside a commit that webhooks wait for;
+    the catalog thread copies the WAL into the database file when it has nothing else to do
+    instead. Read without the WAL (``immutable=1``), the file has a commit only after that."""
+    def in_file(message_id: str) -> int:
+        conn = sqlite3.connect(f"file:{catalog.path}?immutable=1", uri=True)
+        try:
+            return conn.execute("SELECT count(*) FROM events WHERE message_id = ?", (message_id,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    async def checkpointed(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while catalog.checkpoints < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    await catalog.record_webhook("waha", b"{}", [_event("first")])
+    await checkpointed(1)
+    assert await asyncio.to_thread(in_file, "first") == 1
+    before = catalog.checkpoints
+    async with holding(catalog.run):  # queued together: the webhook's commit, then a read right after it
+        webhook = asyncio.create_task(catalog.record_webhook("waha", b"{}", [_event("ckpt")]))
+        right_after = asyncio.create_task(catalog.run(lambda db: in_file("ckpt")))
+        await asyncio.sleep(0.05)
+    assert len((await webhook)[0]) == 1
+    assert await right_after == 0  # durable in the WAL, not yet in the file
+    await checkpointed(before + 1)
+    assert catalog.checkpoints == before + 1 and await asyncio.to_thread(in_file, "ckpt") == 1
+    await asyncio.sleep(2 * CHECKPOINT_INTERVAL)
+    assert catalog.checkpoints == before + 1  # nothing written since: nothing to checkpoint
 
 
 async def test_overlapping_scrapes_share_one_catalog_read(tmp_path):

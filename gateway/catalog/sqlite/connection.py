@@ -6,6 +6,11 @@ Group commit (DESIGN §6): writes submitted with :meth:`SQLiteConnection.write` 
 catalog thread together (webhooks, job claims and completions arriving while a commit is in
 flight) run in one transaction and share one ``COMMIT`` (one fsync); none of their callers hears
 back before that commit returned.
+
+Checkpoints when idle: when the catalog thread has nothing to do and commits were made since the
+last checkpoint (at most one every :data:`CHECKPOINT_INTERVAL` seconds), it copies the WAL back
+into the database (``PRAGMA wal_checkpoint(PASSIVE)``), so that SQLite's own checkpoint (at 1,000
+WAL pages) seldom runs inside a commit a webhook is waiting for.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import itertools
+import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,9 +40,13 @@ from gateway.catalog.contract import CatalogTuning
 
 T = TypeVar("T")
 
+log = logging.getLogger("gateway.catalog.sqlite")
 
 #: Most writes one group commit takes from the queue: bounds the time the first waits.
 MAX_BATCH = 256
+
+#: Seconds, at least, between two idle-time checkpoints of the WAL (:meth:`SQLiteConnection.checkpoint_when_idle`).
+CHECKPOINT_INTERVAL = 0.5
 
 
 @contextmanager
@@ -101,15 +112,20 @@ class _CatalogThread(Executor):
 
     Writes (``write=True``) waiting together, up to :data:`MAX_BATCH`, run as one group commit
     through ``group(calls)``, which resolves their futures once it committed.
+
+    ``idle()`` runs whenever the queue is empty, before the thread waits for the next call: it
+    returns the seconds after which it wants to run again if nothing arrives, or ``None``.
     """
 
-    def __init__(self, group: Callable[[list[_Call]], None] | None = None) -> None:
+    def __init__(self, group: Callable[[list[_Call]], None] | None = None,
+                 idle: Callable[[], float | None] | None = None) -> None:
         self._queue: queue.PriorityQueue[tuple[int, int, _Call | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._shutdown = False
         self._group = group
+        self._idle = idle
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` after the calls already waiting."""
@@ -138,10 +154,29 @@ class _CatalogThread(Executor):
             self._queue.put((priority, next(self._seq), call))
         return call.future
 
+    def _next(self) -> tuple[int, int, _Call | None]:
+        """The next call from the queue; when there is none, ``idle()`` first."""
+        if self._idle is None:
+            return self._queue.get()
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        while True:
+            try:
+                wait = self._idle()
+            except Exception:  # idle work is best effort: the calls still run
+                log.exception("catalog: idle work failed")
+                wait = None
+            try:
+                return self._queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+
     def _work(self) -> None:
         held: tuple[int, int, _Call | None] | None = None
         while True:
-            entry, held = (held, None) if held is not None else (self._queue.get(), None)
+            entry, held = (held, None) if held is not None else (self._next(), None)
             call = entry[2]
             if call is None:
                 return
@@ -193,7 +228,7 @@ class SQLiteConnection(CatalogTuning):
         self.path = Path(path)
         self.exclusive = exclusive
         self.read_only = read_only
-        self._executor = _CatalogThread(self._group_commit)
+        self._executor = _CatalogThread(self._group_commit, self.checkpoint_when_idle)
         self._db: sqlite_utils.Database | None = None
         #: The reader's own connection and thread (:meth:`read`): reads never wait behind a commit.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-read")
@@ -207,6 +242,12 @@ class SQLiteConnection(CatalogTuning):
         #: Of those, the ones that waited for the disk (``synchronous=FULL``: an fsync).
         self.durable_commits = 0
         self.committed_writes = 0
+        #: Idle-time checkpoints done (:meth:`checkpoint_when_idle`), and the writer's
+        #: ``total_changes`` (rows written) at the last.
+        self.checkpoints = 0
+        self._checkpointed_changes = 0
+        self._checkpointed_at = 0.0
+        self._checkpoint_failing = False
 
     # -- the daemon's lock ----------------------------------------------------------------
     @property
@@ -361,6 +402,40 @@ class SQLiteConnection(CatalogTuning):
             except Exception:  # metrics never fail a commit
                 pass
         return results
+
+    def checkpoint_when_idle(self) -> float | None:
+        """On the catalog thread, when it has nothing else to do: if rows were written on the
+        writer's connection since the last checkpoint (in a group commit or not), ``PRAGMA
+        wal_checkpoint(PASSIVE)``: copy the committed WAL frames into the database file and fsync
+        it; it never waits for readers, and leaves the frames a reader still needs. At most one
+        every :data:`CHECKPOINT_INTERVAL` seconds: returns the seconds until the next may run, or
+        ``None`` when there is nothing to checkpoint. SQLite's automatic checkpoint (1,000 WAL
+        pages, inside a commit) stays as the backstop while the thread is never idle. A failed
+        checkpoint is logged (one line until one succeeds again) and tried again after the
+        interval; the commits are durable in the WAL either way
+        (https://www.sqlite.org/wal.html#ckpt)."""
+        db = self._db
+        if db is None or self.read_only or db.conn.total_changes == self._checkpointed_changes:
+            return None
+        wait = self._checkpointed_at + CHECKPOINT_INTERVAL - time.monotonic()
+        if wait > 0:
+            return wait
+        changes = db.conn.total_changes
+        self._checkpointed_at = time.monotonic()
+        try:
+            db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            if not self._checkpoint_failing:  # one line per outage, not one per half second
+                log.warning("catalog %s: idle-time WAL checkpoint failed (tried again every %.1f s): %s",
+                            self.path, CHECKPOINT_INTERVAL, exc)
+            self._checkpoint_failing = True
+            return CHECKPOINT_INTERVAL
+        if self._checkpoint_failing:
+            log.info("catalog %s: idle-time WAL checkpoints work again", self.path)
+        self._checkpoint_failing = False
+        self._checkpointed_changes = changes
+        self.checkpoints += 1
+        return None
 
     @staticmethod
     def _resolve(calls: list[_Call], outcome: list[Any] | BaseException) -> None:
