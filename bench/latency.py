@@ -22,6 +22,8 @@ fsync, forward; no job table), under the same open-loop load in the same run.
   and the time the catalog thread ran the statement), plus the emulator's and the sink's stamps,
   the median and p99 of each phase, and their mean over the slowest 1% of messages; and how full
   the fetch lane was while those waited for a fetch worker.
+- ``--wal-pages``: the WAL frames the gateway's catalog wrote during its slices, per message and
+  by table and index (:mod:`bench.wal_pages`).
 
 From the repository root::
 
@@ -60,6 +62,7 @@ from bench.harness import (
     percentile,
 )
 from bench.stream_1gib import cpu_seconds
+from bench.wal_pages import WalRecorder, WalWrites
 from tests.conftest import MEDIA, deep_merge, waha_payload
 from tests.daemon import REPO
 
@@ -410,6 +413,10 @@ async def main() -> int:
     parser.add_argument("--relay-records", action="store_true",
                         help="the relay also commits what it stored before each forward (min_relay "
                              "--record-stored): a reference, not B7's baseline")
+    parser.add_argument("--wal-pages", action="store_true",
+                        help="hold a read snapshot on the gateway's catalog during its slices and print the WAL "
+                             "frames its commits wrote, by table and index (bench.wal_pages; the WAL grows "
+                             "meanwhile, so this run's latencies are not the normal ones)")
     parser.add_argument("--code", type=Path, default=REPO,
                         help="run the daemon of this source tree (e.g. an earlier commit from git archive)")
     args = parser.parse_args()
@@ -428,6 +435,7 @@ async def main() -> int:
     used = {"relay": [0.0, 0.0], "gateway": [0.0, 0.0]}  # CPU seconds, catalog commits
     slice_seconds = args.seconds / args.slices
     per_slice = int(args.rate * slice_seconds)
+    wal: WalWrites | None = None
     try:
         with WahaProcess(make_image(tmp / "image.jpg"), 2 * per_slice * args.slices, API_KEY) as waha:
             systems: list[Relay | Gateway] = [Relay(tmp, sink, args.relay_records), Gateway(tmp, code, overrides, waha, sink)]
@@ -435,6 +443,9 @@ async def main() -> int:
                 for system in systems:
                     await system.start()
                 await asyncio.sleep(0.3)
+                recorder = WalRecorder(systems[1].db) if isinstance(systems[1], Gateway) and args.wal_pages else None
+                if recorder is not None:
+                    recorder.start()
                 offset = 0
                 for k in range(args.slices):
                     for system in systems:
@@ -446,6 +457,7 @@ async def main() -> int:
                         offset += per_slice
                         print(f"  {system.name} slice {k + 1}/{args.slices} done; load {loadavg()}", flush=True)
                 assert isinstance(systems[1], Gateway)
+                wal = await asyncio.to_thread(recorder.stop) if recorder is not None else None
                 await systems[1].marks(trips["gateway"])
                 fsync_after = await asyncio.to_thread(fsync_latency, tmp)
             finally:
@@ -474,6 +486,9 @@ async def main() -> int:
     print("\nthe gateway's phases (catalog times; each percentile on its own, so they do not add up):")
     print("\n".join(phase_table(list(gateway.values()), GATEWAY_PHASES)))
     print(busy_fetch_lane(list(gateway.values()), fetch_workers(code, overrides)))
+    if wal is not None:
+        print("\nthe gateway's catalog writes during its slices (bench_job_marks is this bench's own trigger's table):")
+        print(wal.table(len(gateway)))
     ratio50, ratio99 = g["p50"] / r["p50"], g["p99"] / r["p99"]
     if args.relay_records:  # not the issue's baseline: no verdict
         print(f"\ngateway / relay recording what it stored (not B7's baseline): p50 {ratio50:.2f}x, "

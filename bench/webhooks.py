@@ -20,6 +20,7 @@ Installs ``wrk`` with ``scripts/system-deps --bench`` (Debian, as root). From th
 
     .venv/bin/python -m bench.webhooks                 # B1, B2, B3, 20 s each
     .venv/bin/python -m bench.webhooks --only b1 --seconds 10
+    .venv/bin/python -m bench.webhooks --only b1 --wal-pages   # what the gateway's commits write, by table and index
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from bench.harness import (
     percentile,
 )
 from bench.stream_1gib import cpu_seconds
+from bench.wal_pages import WalRecorder
 from tests.conftest import MEDIA, waha_payload
 from tests.daemon import REPO, GatewayProcess
 
@@ -120,7 +122,7 @@ def _daemon(tmp: Path, name: str, providers: dict[str, object], targets: list[di
     return gateway_daemon(tmp, name, providers, targets, code=CODE)
 
 
-async def b1(tmp: Path, seconds: int, connections: int, slices: int = 3) -> None:
+async def b1(tmp: Path, seconds: int, connections: int, slices: int = 3, wal_pages: bool = False) -> None:
     """B1: ``wrk`` on the bare server and on the gateway in turn, ``slices`` times each
     (``seconds`` in all for each, split evenly), so that both meet the same moments of a shared
     machine; each rate is its requests over its seconds, summed over its slices. Every slice
@@ -133,20 +135,24 @@ async def b1(tmp: Path, seconds: int, connections: int, slices: int = 3) -> None
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
     gw = _daemon(tmp, "b1", {"waha": {"base_url": "http://127.0.0.1:9", "api_key": "k"}}, [])
     try:
-        await _b1_slices(tmp, seconds, connections, slices, per, body, bare, gw)
+        await _b1_slices(tmp, seconds, connections, slices, per, body, bare, gw, wal_pages)
     finally:
         await gw.terminate()
 
 
 async def _b1_slices(tmp: Path, seconds: int, connections: int, slices: int, per: int, body: str,
-                     bare: subprocess.Popen[str], gw: GatewayProcess) -> None:
+                     bare: subprocess.Popen[str], gw: GatewayProcess, wal_pages: bool = False) -> None:
     """:func:`b1`'s runs once both servers are started: the alternating slices (the bare server
-    stops after them), then the fixed rate on the gateway."""
+    stops after them), then the fixed rate on the gateway. ``wal_pages``: the WAL frames the
+    gateway's catalog wrote during the slices, by table and index (:mod:`bench.wal_pages`)."""
     try:
         assert bare.stdout is not None
         port = int(bare.stdout.readline().split()[1])
         await gw.start()
         await asyncio.sleep(0.3)
+        recorder = WalRecorder(gw.config.parent / "var" / "gateway.db") if wal_pages else None
+        if recorder is not None:
+            recorder.start()
         runs: dict[str, list[dict[str, float]]] = {"bare": [], "gw": []}
         for i in range(slices):
             for name, url in (("bare", f"http://127.0.0.1:{port}/webhooks/waha"), ("gw", f"{gw.url}/webhooks/waha")):
@@ -164,6 +170,9 @@ async def _b1_slices(tmp: Path, seconds: int, connections: int, slices: int, per
         by_slice = ", ".join(f"{g['rate'] / b['rate']:.2f}" for b, g in zip(runs["bare"], runs["gw"]))
         print(f"B1 ratio gateway / bare: {res['rate'] / base['rate']:.2f} (target >= 1.5; by slice: {by_slice}); "
               f"load {loadavg()}", flush=True)
+        if recorder is not None:
+            print("the gateway's catalog writes during its slices:")
+            print((await asyncio.to_thread(recorder.stop)).table(int(accepted), "webhook"))
     finally:
         bare.terminate()
         bare.wait()
@@ -263,6 +272,9 @@ async def main() -> int:
     parser.add_argument("--slices", type=int, default=3,
                         help="B1: alternating slices of the bare server and the gateway (default 3)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--wal-pages", action="store_true",
+                        help="B1: print the WAL frames the gateway's catalog wrote during its slices, by table and "
+                             "index (bench.wal_pages; it holds a read snapshot, so the WAL grows meanwhile)")
     parser.add_argument("--rate", type=float, help="B2/B3: webhooks/s offered (default 1000 and 300)")
     parser.add_argument("--send", metavar="URL", help=argparse.SUPPRESS)  # the sender process
     parser.add_argument("--tag", default="fixed", help=argparse.SUPPRESS)
@@ -284,7 +296,7 @@ async def main() -> int:
     try:
         for name in args.only or ["b1", "b2", "b3"]:
             if name == "b1":
-                await b1(tmp, args.seconds, args.connections, args.slices)
+                await b1(tmp, args.seconds, args.connections, args.slices, args.wal_pages)
             else:
                 bench = b2 if name == "b2" else b3
                 await (bench(tmp, args.seconds, args.connections, args.rate) if args.rate
