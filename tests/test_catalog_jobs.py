@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlite_utils
 
 from gateway.catalog import SCHEMA_VERSION, Catalog, CatalogError, MediaTaken
+from gateway.catalog.sqlite.migrations import MIGRATIONS
 from gateway.config import QueueSettings
 from gateway.jobs import MAX_REVISIONS, Job, JobQueue, JobResult, PermanentError, backoff_delay
 from gateway.metrics import Metrics
@@ -70,6 +72,32 @@ async def test_catalog_reopens_with_its_data(tmp_path):
         assert await c2.count("jobs") == 1
     finally:
         await c2.close()
+
+
+async def test_a_catalog_of_schema_4_loses_the_redundant_job_index_and_keeps_its_jobs(tmp_path):
+    """Migration 5 drops ``idx_jobs_state_run_at``, which every claim and completion rewrote and
+    no query needs (the lane indexes serve them); the jobs and the other indexes stay."""
+    path = tmp_path / "gateway.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    for number, migration in enumerate(MIGRATIONS[:4]):
+        migration(db)
+        conn.execute(f"PRAGMA user_version={number + 1}")
+    conn.execute("INSERT INTO jobs (kind, key, payload, state, attempts, run_at, created_at, updated_at)"
+                 " VALUES ('deliver', 'deliver:old', '{}', 'queued', 0, 0, 0, 0)")
+    conn.close()
+    assert ("idx_jobs_state_run_at",) in _sql(path, "SELECT name FROM sqlite_master WHERE type = 'index'")
+    c = Catalog(path)
+    await c.open()
+    try:
+        assert await c.schema_version() == SCHEMA_VERSION >= 5
+        assert (await c.claim_job(kinds=["deliver"]))["key"] == "deliver:old"
+    finally:
+        await c.close()
+    indexes = {name for (name,) in _sql(path, "SELECT name FROM sqlite_master WHERE type = 'index'"
+                                              " AND tbl_name = 'jobs'")}
+    assert "idx_jobs_state_run_at" not in indexes
+    assert {"idx_jobs_key", "idx_jobs_event_id", "idx_jobs_lane", "idx_jobs_kind_run_at"} <= indexes
 
 
 async def test_catalog_from_a_newer_gateway_is_refused(tmp_path):
