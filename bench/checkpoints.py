@@ -71,8 +71,10 @@ async def _measure(seconds: float) -> dict[str, Any]:
                 await asyncio.sleep(max(0.0, start + n / RATE - time.perf_counter()))
                 tasks.append(asyncio.create_task(message(n)))
             await asyncio.gather(*tasks)
-        result = {"times": times, "idle_checkpoints": getattr(catalog, "checkpoints", None)}
-        await catalog.close()
+            result = {"times": times, "idle_checkpoints": getattr(catalog, "checkpoints", None)}
+            # closed before the -shm: closing a descriptor of it drops this process's POSIX locks
+            # on it, the catalog's own included (fcntl(2))
+            await catalog.close()
     return result
 
 

@@ -7,7 +7,7 @@ catalog thread together (webhooks, job claims and completions arriving while a c
 flight) run in one transaction and share one ``COMMIT`` (one fsync); none of their callers hears
 back before that commit returned.
 
-Checkpoints when idle: when the catalog thread has nothing to do and commits were made since the
+Checkpoints when idle: when the catalog thread has nothing to do and rows were written since the
 last checkpoint (at most one every :data:`CHECKPOINT_INTERVAL` seconds), it copies the WAL back
 into the database (``PRAGMA wal_checkpoint(PASSIVE)``), so that SQLite's own checkpoint (at 1,000
 WAL pages) seldom runs inside a commit a webhook is waiting for.
