@@ -28,8 +28,11 @@ as ``gateway_serving_requests_total`` and ``gateway_serving_request_duration_sec
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -45,6 +48,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.catalog import JOB_STATES, CatalogContract, CatalogStats
@@ -59,6 +63,8 @@ from gateway.sdk.storage import (
     StorageBackend,
     StorageError,
 )
+
+log = logging.getLogger("gateway.metrics")
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double the output and nobody alerts on them
 
@@ -304,7 +310,7 @@ class Metrics:
     def add_serving_workers(self, path: str) -> None:
         """Export the serving workers' metrics too: the sum over every worker, those that exited
         included, of what each wrote to the directory ``path`` (:class:`ServingMetrics`)."""
-        MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+        self.registry.register(ServingWorkersCollector(path))
 
     def observe_commit(self, writes: int, durable: bool = True) -> None:
         """Count one group commit carrying ``writes`` writes, ``durable`` if it waited for the
@@ -393,6 +399,61 @@ class ServingMetrics:
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration (seconds)."""
         self._series.observe(route, method, status, seconds)
+
+
+class ServingWorkersCollector:
+    """The serving workers' series for the daemon's registry: prometheus-client's
+    :meth:`MultiProcessCollector.merge <prometheus_client.multiprocess.MultiProcessCollector.merge>`
+    over the ``*.db`` files of the directory ``path`` (one per worker process and metric type, see
+    :class:`ServingMetrics`), with two conditions that must not fail the whole scrape:
+
+    - a file of size 0 is a worker's that has opened it and not yet sized it (prometheus-client
+      creates it at the worker's first request, then truncates it to its initial size). It holds no
+      value yet and is left out; prometheus-client's own collector would raise ``struct.error``
+      there, and ``/metrics`` answered 500 while a new worker took its first request;
+    - a file that cannot be read (a truncated or foreign file) is left out with one WARNING naming
+      it, repeated only if it is read again after it was readable.
+
+    The directory gone (the daemon stopping) yields nothing."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._unreadable: set[str] = set()  # already warned about
+
+    def describe(self) -> list[Metric]:
+        """Nothing: the names are only known from the files (the registry checks no collisions)."""
+        return []
+
+    def _files(self) -> list[str]:
+        try:
+            with os.scandir(self.path) as entries:
+                return sorted(e.path for e in entries if e.name.endswith(".db") and e.stat().st_size > 0)
+        except FileNotFoundError:
+            return []
+
+    def collect(self) -> Iterable[Metric]:
+        """The merged series, as :class:`prometheus_client.metrics_core.Metric` objects."""
+        files = self._files()
+        try:
+            merged: Iterable[Metric] = MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+            self._unreadable.clear()
+        except (OSError, struct.error, ValueError, RuntimeError):
+            readable = []  # find the culprits: each file alone
+            for path in files:
+                try:
+                    MultiProcessCollector.merge([path])  # type: ignore[no-untyped-call]
+                except FileNotFoundError:
+                    continue
+                except (OSError, struct.error, ValueError, RuntimeError) as exc:
+                    if path not in self._unreadable:
+                        self._unreadable.add(path)
+                        log.warning("serving workers' metrics: cannot read %s (%s: %s); its counts are left out "
+                                    "of /metrics", path, type(exc).__name__, exc)
+                    continue
+                self._unreadable.discard(path)
+                readable.append(path)
+            merged = MultiProcessCollector.merge(readable)  # type: ignore[no-untyped-call]
+        return merged
 
 
 class MeteredStorage:
