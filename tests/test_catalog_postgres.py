@@ -14,7 +14,8 @@ import psycopg
 import pytest
 
 from gateway.catalog import CatalogError
-from gateway.catalog.postgres import SCHEMA_VERSION, PostgresCatalog
+from gateway.catalog.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresCatalog
+from gateway.catalog.postgres.jobs import claim_sql
 from gateway.sdk.provider import WebhookEvent
 from tests.postgres import PostgresServer
 
@@ -57,6 +58,37 @@ async def test_replicas_claim_disjoint_jobs(replica):
     claimed = [i for ids in got for i in ids]
     assert len(claimed) == 40 and len(set(claimed)) == 40  # every job once, none twice
     assert await a.count("jobs", "state = ? AND attempts = ?", ["running", 1]) == 40
+
+
+def _rows_read(plan: dict, relation: str = "jobs") -> int:
+    """The rows the scans of ``relation`` in an ``EXPLAIN (ANALYZE, FORMAT JSON)`` plan returned."""
+    own = plan["Actual Rows"] * plan.get("Actual Loops", 1) if plan.get("Relation Name") == relation else 0
+    return own + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+async def test_a_claim_reads_its_lanes_first_job_not_the_backlog(replica):
+    """Each claim took the lane's first job in index order, not every due job sorted: with the
+    expired leases OR-ed into one condition and the kind as ``= ANY(array)`` it read all 2,000."""
+    a, dead = await replica(), await replica(lease=10)
+    await a.record_webhook("waha", b"x", [_event(f"k{i}") for i in range(2000)], now=1.0)
+    await a.record_webhook("waha", b"x", [_event("other")], now=1.0, claim={"ingest"})  # running, a's lease
+    await a.enqueue("deliver", "deliver:late", {"event_id": "e"})  # another lane's job, due
+    await a.execute("ANALYZE jobs")
+    first = await dead.claim_job(now=2.0, kinds=["ingest"])  # its replica dies: the lease ends at 12
+    sql, params = claim_sql(["ingest"])
+    with psycopg.connect(a.url) as conn:  # EXPLAIN ANALYZE runs the claim: rolled back
+        plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql,
+                            {"now": 3.0, "owner": a.owner, "until": 33.0, **params}).fetchone()[0][0]["Plan"]
+        conn.rollback()
+    assert _rows_read(plan) <= 5, plan  # the queued job taken, the row updated, no expired one yet
+    second = await a.claim_job(now=3.0, kinds=["ingest"])
+    assert second["id"] == first["id"] + 1  # the same deadline and run_at: the next id
+    again = await a.claim_job(now=13.0, kinds=["ingest"])  # the expired lease comes before the queued jobs
+    assert again["id"] == first["id"] and again["attempts"] == 2
+    third = await a.claim_job(now=13.0, kinds=["ingest"])
+    assert third["id"] == second["id"] + 1
+    assert await a.claim_job(now=13.0, kinds=["deliver"]) is None  # enqueued now: not due at 13
+    assert (await a.claim_job(kinds=["deliver"]))["key"] == "deliver:late"
 
 
 async def test_an_idempotency_key_is_accepted_once_across_replicas(replica):
@@ -118,6 +150,29 @@ async def test_migrations_are_numbered_and_a_newer_schema_is_refused(replica, po
     await b.execute("UPDATE gateway_schema SET version = %s", (SCHEMA_VERSION + 1,))
     with pytest.raises(CatalogError, match="schema version"):
         await replica()
+
+
+async def test_a_schema_2_catalog_gets_the_lane_index_by_id_and_keeps_its_jobs(postgres_server):
+    url = postgres_server.create_database()
+    with psycopg.connect(url, autocommit=True) as conn:  # what a gateway of schema 2 made
+        conn.execute("CREATE TABLE gateway_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO gateway_schema VALUES (2)")
+        for sql in MIGRATIONS[:2]:
+            conn.execute(sql)
+        conn.execute("INSERT INTO jobs (kind, key, payload, state, run_at, created_at, updated_at, deadline)"
+                     " VALUES ('ingest', 'ingest:e1', '{\"event_id\": \"e1\"}', 'queued', 1, 1, 1, 200)")
+    catalog = PostgresCatalog(url)
+    await catalog.open()
+    try:
+        assert await catalog.schema_version() == SCHEMA_VERSION >= 3
+        indexes = {r["indexname"]: r["indexdef"] for r in await catalog.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'jobs'")}
+        assert "jobs_state_run_at" not in indexes and "jobs_lane_by_id" not in indexes
+        assert indexes["jobs_lane"].endswith("(state, kind, deadline NULLS FIRST, run_at, id)"), indexes
+        job = await catalog.claim_job(now=2.0, kinds=["ingest"])
+        assert job is not None and job["key"] == "ingest:e1"
+    finally:
+        await catalog.close()
 
 
 async def test_an_unreachable_database_is_a_catalog_error():
