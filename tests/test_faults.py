@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -265,6 +266,27 @@ def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "gateway-download"]
 
 
+@contextmanager
+def _reader_threads_started() -> Iterator[list[str]]:
+    """The reader threads started in the block, by name, however short their lives: each thread
+    started meanwhile calls :func:`threading.setprofile`'s hook first. (Sampling
+    :func:`threading.enumerate` missed a thread that read a whole body ahead of the consumer and
+    ended before the first sample.)"""
+    names: list[str] = []
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        name = threading.current_thread().name
+        if name == "gateway-download":
+            names.append(name)
+        sys.setprofile(None)  # this thread is known: no more calls
+
+    threading.setprofile(hook)
+    try:
+        yield names
+    finally:
+        threading.setprofile(None)
+
+
 async def _no_reader_thread(timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while _reader_threads():
@@ -295,10 +317,10 @@ async def test_a_large_download_is_read_by_a_thread_of_its_own_then_its_connecti
         url = server.make_url("/big")
         async with http.get(url) as resp:
             assert resp.connection.transport is transport
-            chunks, threads = [], set()
-            async for chunk in resumable_body(http, resp, url, {}, policy):
-                chunks.append(chunk)
-                threads.update(_reader_threads())
+            chunks = []
+            with _reader_threads_started() as threads:
+                async for chunk in resumable_body(http, resp, url, {}, policy):
+                    chunks.append(chunk)
         assert b"".join(chunks) == data and len(threads) == 1
         assert sum(len(c) == CHUNK for c in chunks) >= 4  # the thread's pieces, after aiohttp's bytes
         assert transport.is_closing()
@@ -391,19 +413,10 @@ async def test_a_threaded_download_past_its_total_time_is_too_slow_and_its_threa
     async with aiohttp.ClientSession() as http:
         url = server.make_url("/f")
         started = asyncio.get_running_loop().time()
-        threads: set[threading.Thread] = set()
-
-        async def watch() -> None:  # the consumer may be waiting for the thread's first piece
-            while True:
-                threads.update(_reader_threads())
-                await asyncio.sleep(0.01)
-
-        watcher = asyncio.create_task(watch())
         async with http.get(url) as resp:
-            with pytest.raises(FetchError) as failed:
+            with pytest.raises(FetchError) as failed, _reader_threads_started() as threads:
                 async for _ in resumable_body(http, resp, url, {}, policy):
                     pass
-        watcher.cancel()
         assert failed.value.reason == "too_slow" and len(threads) == 1
         assert asyncio.get_running_loop().time() - started < 3
         await _no_reader_thread(timeout=2)
@@ -422,10 +435,10 @@ async def test_a_body_with_a_content_coding_is_never_read_by_the_thread(aiohttp_
         url = server.make_url("/z")
         async with http.get(url) as resp:
             assert resp.content_length == len(packed)
-            chunks, threads = [], set()
-            async for chunk in resumable_body(http, resp, url, {}, DownloadPolicy(thread_min_bytes=1)):
-                chunks.append(chunk)
-                threads.update(_reader_threads())
+            chunks = []
+            with _reader_threads_started() as threads:
+                async for chunk in resumable_body(http, resp, url, {}, DownloadPolicy(thread_min_bytes=1)):
+                    chunks.append(chunk)
         assert b"".join(chunks) == data and not threads
 
 
