@@ -147,14 +147,18 @@ def _listen(address: str, bind: Callable[[], socket.socket]) -> socket.socket:
 @main.command("serve-media", hidden=True)
 @CONFIG_OPTION
 @click.option("--alive-fd", type=int, required=True, help="A pipe's read end: exit at its end of file.")
-def serve_media(config_path: Path | None, alive_fd: int) -> None:
+@click.option("--slot", type=int, default=None, help="The worker's slot: its metrics files are the slot's.")
+def serve_media(config_path: Path | None, alive_fd: int, slot: int | None) -> None:
     """A serving worker (started by the daemon with ``[serving] workers``, see
     :mod:`gateway.serving`): serve ``/media`` and ``/public`` on the serving address."""
     from gateway.catalog import CatalogError
     from gateway.logs import setup_logging
     from gateway.app import create_serving_app
+    from gateway.metrics import count_as_worker_slot
     from gateway.serving import listen, run_worker
 
+    if slot is not None:
+        count_as_worker_slot(slot)
     settings = _settings(config_path)
     setup_logging(settings.log)
     pm = _or_exit(make_manager)

@@ -48,6 +48,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client import values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -377,13 +378,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def count_as_worker_slot(slot: int) -> None:
+    """Make this process's multiprocess-mode metrics (:class:`ServingMetrics`) keep their values in
+    the files of serving worker slot ``slot`` (``counter_slot<N>.db``, ``histogram_slot<N>.db``)
+    instead of files named by its pid. Call it before the first metric is created. The daemon
+    starts a slot's next worker only after the last one exited, so a slot has one process at a time
+    (prometheus-client's rule for the identifier), and the next worker continues from the counts
+    its predecessor left: the directory holds two files per slot however often workers restart,
+    where files by pid piled up and each scrape read them all (2.1 ms with two workers, 37 ms
+    after 200 restarts, on the daemon's event loop)."""
+    values.ValueClass = values.MultiProcessValue(lambda: f"slot{slot}")  # type: ignore[no-untyped-call]
+
+
 class ServingMetrics:
     """A serving worker's request counts (``gateway serve-media``): ``gateway_serving_requests_total``
     by route template, method and status, and ``gateway_serving_request_duration_seconds`` by route
     template and method (seconds). The daemon starts each worker with :data:`MULTIPROCESS_DIR_ENV`
-    set, so prometheus-client keeps the values in files of that directory (one per process and
-    type); the worker exports nothing itself, the daemon's ``/metrics`` sums the files
-    (:meth:`Metrics.add_serving_workers`): a worker that exits keeps its counts in the sum."""
+    set, so prometheus-client keeps the values in files of that directory (one per worker slot and
+    type, :func:`count_as_worker_slot`); the worker exports nothing itself, the daemon's
+    ``/metrics`` sums the files (:meth:`Metrics.add_serving_workers`): a worker that exits keeps
+    its counts in the sum, and the next worker of its slot counts on from them."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # never rendered: the daemon reads the files

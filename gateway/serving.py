@@ -21,7 +21,8 @@ its end of file.
 The workers' requests are counted in the daemon's ``/metrics`` (``gateway_serving_requests_total``,
 ``gateway_serving_request_duration_seconds``): each worker writes its counts to files of a
 temporary directory (prometheus-client's multiprocess mode, :class:`gateway.metrics.ServingMetrics`)
-that the daemon creates, reads at each scrape and removes when it stops.
+that the daemon creates, reads at each scrape and removes when it stops; a worker started again
+in a slot counts on in the files of the slot (:func:`gateway.metrics.count_as_worker_slot`).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class ServingWorkers:
         if not self.running():
             raise RuntimeError(f"no serving worker runs (of {len(self.procs)})")
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        cmd = [sys.executable, "-m", "gateway", "serve-media", "--alive-fd", str(self._alive_r)]
+    async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
+        cmd = [sys.executable, "-m", "gateway", "serve-media", "--alive-fd", str(self._alive_r), "--slot", str(slot)]
         if self.settings.config_file is not None:
             cmd += ["--config", str(self.settings.config_file)]
         # its own session: a Ctrl-C in the terminal reaches the daemon only, which stops the workers
@@ -152,7 +153,7 @@ class ServingWorkers:
         while not self._stopping:
             started = time.monotonic()
             try:
-                proc = self.procs[slot] = await self._spawn()
+                proc = self.procs[slot] = await self._spawn(slot)
             except OSError as exc:
                 log.warning("cannot start serving worker %d: %s; trying again in %.1f s", slot, exc, backoff)
             else:

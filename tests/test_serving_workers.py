@@ -9,6 +9,7 @@ import asyncio
 import inspect
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,6 +207,10 @@ async def test_the_workers_requests_are_counted_in_the_daemons_metrics(daemon, h
         return recounted.get((route, "GET", "200")) == 7
     await until(counted, what="the new worker's request counted")
     assert recounted[(route, "GET", "403")] == 2, recounted
+    # the new worker counts on in its slot's files: two per slot, however often workers restart
+    [directory] = Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}{gw.pid}-*")
+    files = sorted(p.name for p in directory.glob("*.db"))
+    assert files and all(re.fullmatch(r"(counter|histogram)_slot[01]\.db", f) for f in files), files
 
 
 async def test_a_scrape_leaves_out_a_workers_unsized_file_and_an_unreadable_one(daemon, http):
