@@ -418,8 +418,8 @@ class ServingMetrics:
 class ServingWorkersCollector:
     """The serving workers' series for the daemon's registry: prometheus-client's
     :meth:`MultiProcessCollector.merge <prometheus_client.multiprocess.MultiProcessCollector.merge>`
-    over the ``*.db`` files of the directory ``path`` (one per worker process and metric type, see
-    :class:`ServingMetrics`), with two conditions that must not fail the whole scrape:
+    over the ``*.db`` files of the directory ``path`` (one per worker slot and metric type, see
+    :func:`count_as_worker_slot`), with two conditions that must not fail the whole scrape:
 
     - a file of size 0 is a worker's that has opened it and not yet sized it (prometheus-client
       creates it at the worker's first request, then truncates it to its initial size). It holds no
